@@ -1,0 +1,19 @@
+"""sageflash: 8-bit quantized attention (SageAttention's SM89 path) for PyTorch, in pure Python.
+
+INT8 Q·Kᵀ and FP8 P·V, with Triton kernels for NVIDIA Ada/Hopper GPUs and an exact CPU reference.
+"""
+
+from .op import quantize_qk, quantize_v, sage_attn_sm89_fp16
+from .params import PVAccum, QKGranularity, SageParams, resolve_params
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PVAccum",
+    "QKGranularity",
+    "SageParams",
+    "quantize_qk",
+    "quantize_v",
+    "resolve_params",
+    "sage_attn_sm89_fp16",
+]

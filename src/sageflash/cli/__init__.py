@@ -1,0 +1,35 @@
+"""The ``sageflash`` command: ``run`` (the test-sageflash tool, the default), ``dump``, ``compare``, ``bench``.
+
+Each subcommand module has ``register(subparsers)``, which adds its parser and sets ``func``
+(called with the parsed namespace, returning the exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import run
+
+SUBCOMMANDS = [run]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sageflash", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in SUBCOMMANDS:
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["run", *argv]  # bare `sageflash [flags]` is `sageflash run [flags]`
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""The dump format (SPEC §9): ``<prefix>.meta`` (``key value`` lines) plus ``<prefix>.<tag>.bin``.
+
+One reader and one writer for every tool: the CLI's ``--load``, ``GGML_SAGE_DUMP``, the compare
+scripts and the tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+
+import numpy as np
+import torch
+
+from . import groups
+from .params import PVAccum, QKGranularity, SageParams
+
+LEGACY_WARNING = ("warning: {prefix} missing .sage_quant.bin; converting legacy layout "
+                  "(expect ~0.39 RMS vs float refs if not regenerated)")
+
+_REQUIRED_KEYS = ("head_dim", "seq_q", "seq_k", "num_q_heads", "num_k_heads", "batch",
+                  "is_causal", "smooth_k", "smooth_v", "pv_accum", "granularity")
+_OPTIONAL_KEYS = ("dtype", "softmax_scale", "seed", "distribution", "source")
+_DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16}
+
+
+class DumpError(ValueError):
+    """A dump that cannot be read: missing file, wrong size, unknown key."""
+
+
+@dataclasses.dataclass
+class DumpMeta:
+    """The ``.meta`` of a dump: shapes, knobs and provenance."""
+
+    head_dim: int
+    seq_q: int
+    seq_k: int
+    num_q_heads: int
+    num_k_heads: int
+    batch: int
+    is_causal: bool = False
+    smooth_k: bool = True
+    smooth_v: bool = False
+    pv_accum: str = "fp32+fp16"
+    granularity: str = "per_warp"
+    dtype: str = "f16"
+    softmax_scale: float | None = None
+    seed: int | None = None
+    distribution: str | None = None
+    source: str | None = None
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def params(self) -> SageParams:
+        scale = self.softmax_scale if self.softmax_scale is not None else self.head_dim ** -0.5
+        return SageParams(scale, self.is_causal, self.smooth_k, self.smooth_v,
+                          PVAccum.parse(self.pv_accum, "pv_accum"),
+                          QKGranularity.parse(self.granularity, "granularity"))
+
+    def tag_layout(self, tag: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """(dtype, C-order shape) of ``<prefix>.<tag>.bin``."""
+        b, hq, hk, sq, sk, d0 = (self.batch, self.num_q_heads, self.num_k_heads, self.seq_q,
+                                 self.seq_k, self.head_dim)
+        d = groups.padded_head_dim(d0)
+        per_thread = QKGranularity.parse(self.granularity, "granularity") is QKGranularity.PER_THREAD
+        layouts = {
+            "q": (self.torch_dtype, (b, hq, sq, d0)),
+            "k": (self.torch_dtype, (b, hk, sk, d0)),
+            "v": (self.torch_dtype, (b, hk, sk, d0)),
+            "sage_quant": (torch.float32, (b, hq, sq, d0)),
+            "flash": (torch.float32, (b, hq, sq, d0)),
+            "out": (torch.float32, (b, hq, sq, d0)),
+            "lse": (torch.float32, (b, hq, sq)),
+            "q_int8": (torch.int8, (b, hq, sq, d)),
+            "k_int8": (torch.int8, (b, hk, sk, d)),
+            "q_scale": (torch.float32, (b, hq, groups.q_num_groups(sq, per_thread))),
+            "k_scale": (torch.float32, (b, hk, groups.k_num_groups(sk, per_thread))),
+            "k_mean": (torch.float32, (b, hk, d)),
+            "v_fp8": (torch.float8_e4m3fn, (b, hk, d, groups.ceil_to(sk, groups.K_TILE))),
+            "v_scale": (torch.float32, (b, hk, d)),
+            "v_mean": (torch.float32, (b, hk, d)),
+            "sage": (torch.float32, (d0, sq, hq, b)),
+        }
+        if tag not in layouts:
+            raise DumpError(f"unknown dump tag {tag!r}; known: {', '.join(layouts)}")
+        return layouts[tag]
+
+    def to_text(self) -> str:
+        lines = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            lines.append(f"{f.name} {int(value) if isinstance(value, bool) else value}")
+        return "\n".join(lines) + "\n"
+
+    @classmethod
+    def from_text(cls, text: str, origin: str = "<meta>") -> "DumpMeta":
+        raw: dict[str, str] = {}
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            key, _, value = line.strip().partition(" ")
+            if key not in _REQUIRED_KEYS and key not in _OPTIONAL_KEYS:
+                raise DumpError(f"{origin}:{number}: unknown key {key!r}")
+            raw[key] = value.strip()
+        missing = [k for k in _REQUIRED_KEYS[:6] if k not in raw]
+        if missing:
+            raise DumpError(f"{origin}: missing keys {', '.join(missing)}")
+        try:
+            meta = cls(**{k: int(raw[k]) for k in _REQUIRED_KEYS[:6]})
+            for key in ("is_causal", "smooth_k", "smooth_v"):
+                if key in raw:
+                    setattr(meta, key, bool(int(raw[key])))
+            for key in ("pv_accum", "granularity", "distribution", "source"):
+                if key in raw:
+                    setattr(meta, key, raw[key])
+            if "dtype" in raw:
+                if raw["dtype"] not in _DTYPES:
+                    raise DumpError(f"{origin}: dtype must be f16 or bf16, got {raw['dtype']!r}")
+                meta.dtype = raw["dtype"]
+            if "softmax_scale" in raw:
+                meta.softmax_scale = float(raw["softmax_scale"])
+            if "seed" in raw:
+                meta.seed = int(raw["seed"])
+            meta.params  # validates pv_accum / granularity
+            groups.padded_head_dim(meta.head_dim)
+        except DumpError:
+            raise
+        except ValueError as err:
+            raise DumpError(f"{origin}: {err}") from None
+        return meta
+
+
+def tag_path(prefix: str, tag: str) -> str:
+    return f"{prefix}.{tag}.bin"
+
+
+def read_meta(prefix: str) -> DumpMeta:
+    path = f"{prefix}.meta"
+    if not os.path.isfile(path):
+        raise DumpError(f"missing dump metadata {path}")
+    with open(path, encoding="utf-8") as fh:
+        return DumpMeta.from_text(fh.read(), path)
+
+
+def has_tag(prefix: str, tag: str) -> bool:
+    return os.path.isfile(tag_path(prefix, tag))
+
+
+def read_tensor(prefix: str, meta: DumpMeta, tag: str) -> torch.Tensor:
+    """Read ``<prefix>.<tag>.bin`` as a CPU tensor of the tag's dtype and shape."""
+    dtype, shape = meta.tag_layout(tag)
+    path = tag_path(prefix, tag)
+    if not os.path.isfile(path):
+        raise DumpError(f"missing dump file {path}")
+    raw = np.fromfile(path, dtype=np.uint8)
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if raw.size != expected:
+        raise DumpError(f"{path}: {raw.size} bytes, expected {expected} for {tuple(shape)} "
+                        f"{str(dtype).removeprefix('torch.')}")
+    return torch.from_numpy(raw).view(dtype).reshape(shape)
+
+
+def read_output(prefix: str, meta: DumpMeta) -> torch.Tensor:
+    """The official output ``[B,Hq,Sq,D0]``; a legacy ``.sage.bin`` is converted with a warning."""
+    if has_tag(prefix, "sage_quant"):
+        return read_tensor(prefix, meta, "sage_quant")
+    if has_tag(prefix, "sage"):
+        warnings.warn(LEGACY_WARNING.format(prefix=prefix), stacklevel=2)
+        return read_tensor(prefix, meta, "sage").permute(3, 2, 1, 0).contiguous()
+    raise DumpError(f"missing dump file {tag_path(prefix, 'sage_quant')} (and no legacy .sage.bin)")
+
+
+def write_meta(prefix: str, meta: DumpMeta) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    with open(f"{prefix}.meta", "w", encoding="utf-8") as fh:
+        fh.write(meta.to_text())
+
+
+def write_tensor(prefix: str, meta: DumpMeta, tag: str, tensor: torch.Tensor) -> None:
+    """Write one tag, checking the tensor against the tag's dtype and shape."""
+    dtype, shape = meta.tag_layout(tag)
+    tensor = tensor.detach().to("cpu", dtype).contiguous()
+    if tuple(tensor.shape) != tuple(shape):
+        raise DumpError(f"tag {tag!r}: shape {tuple(tensor.shape)}, expected {tuple(shape)}")
+    tensor.view(torch.uint8).numpy().tofile(tag_path(prefix, tag))

@@ -1,0 +1,62 @@
+"""Quantization layout rules of SPEC §3–5, written once for every backend.
+
+The group functions use only ``//``, ``%``, ``*`` and ``+`` on their index argument, so the same
+source serves Python ints, torch index tensors (CPU reference) and, wrapped by ``triton.jit``,
+Triton kernels. ``per_thread`` must be a Python bool / ``tl.constexpr``.
+"""
+
+from __future__ import annotations
+
+INT8_MAX = 127.0
+FP8_E4M3_MAX = 448.0
+# log2(448): softmax weights are computed as 2**(logit - max - FP8_OFFSET) so the block maximum
+# lands near 448, the top of e4m3.
+FP8_OFFSET_LOG2 = 8.807
+LOG2E = 1.4426950408889634
+PER_WARP_AMAX_FLOOR = 1e-7  # per_warp: amax = max(1e-7, max|x|)
+PER_THREAD_SCALE_EPS = 1e-7  # per_thread: scale = max|x|/127 + 1e-7
+
+# The SM89 kernel's tiles, from which the groups derive.
+Q_TILE = 128  # query rows per block (4 warps x 32 rows)
+K_TILE = 64  # keys per block
+V_WINDOW = 16  # V's per-channel statistics cover ceil_16(Sk) tokens (zero padded)
+HEAD_DIMS = (64, 128)  # head dims the kernels run; smaller ones are zero-padded up
+
+
+def ceil_to(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """The kernel head dim a caller's ``head_dim`` is zero-padded to."""
+    for d in HEAD_DIMS:
+        if head_dim <= d:
+            return d
+    raise ValueError(f"head dim must be at most {HEAD_DIMS[-1]}, got {head_dim}")
+
+
+def q_group(t, per_thread):
+    """Scale group of query token ``t``: a warp's 32 rows, or the 4 rows t, t+8, t+16, t+24."""
+    if per_thread:
+        return 8 * (t // 32) + t % 8
+    return t // 32
+
+
+def k_group(j, per_thread):
+    """Scale group of key token ``j``: a 64-key block, or the 16 keys one mma thread owns."""
+    if per_thread:
+        return 4 * (j // 64) + (j % 8) // 2
+    return j // 64
+
+
+def q_num_groups(seq_q: int, per_thread: bool) -> int:
+    return ceil_to(seq_q, Q_TILE) // Q_TILE * (32 if per_thread else 4)
+
+
+def k_num_groups(seq_k: int, per_thread: bool) -> int:
+    return ceil_to(seq_k, K_TILE) // K_TILE * (4 if per_thread else 1)
+
+
+def causal_offset(seq_q: int, seq_k: int) -> int:
+    """Key j is visible to query t iff j <= t + offset: top-left when Sq == Sk, else bottom-right."""
+    return seq_k - seq_q

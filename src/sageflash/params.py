@@ -1,0 +1,185 @@
+"""The op's knobs: enums with ggml's codes, ``GGML_SAGE_*`` overrides and the smooth_v contract.
+
+`resolve_params` is the one place that turns what a caller passed into what a call really uses
+(the analogue of ggml's ``op_params``); every backend reads its knobs from the record it returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import math
+import os
+import threading
+
+logger = logging.getLogger("sageflash")
+
+_once_lock = threading.Lock()
+_said_once: set[tuple] = set()
+
+
+def warn_once(key: tuple, message: str, *args) -> None:
+    """Log ``message`` at WARNING on the ``sageflash`` logger the first time ``key`` is seen."""
+    with _once_lock:
+        if key in _said_once:
+            return
+        _said_once.add(key)
+    logger.warning(message, *args)
+
+
+class _KnobEnum(str, enum.Enum):
+    """A knob value that compares, hashes and prints as its string and carries ggml's code."""
+
+    def __new__(cls, value: str, code: int):
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.code = code
+        return member
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+    @classmethod
+    def parse(cls, value, argument: str):
+        """Accept a member, its string (any case) or its integer code; else ValueError/TypeError."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise TypeError(f"{argument} must be a string or an integer code, got {type(value).__name__}")
+        for member in cls:
+            if (isinstance(value, int) and value == member.code) or (
+                isinstance(value, str) and value.strip().lower() == member.value
+            ):
+                return member
+        raise ValueError(f"{argument} must be one of {cls.choices()}, got {value!r}")
+
+    @classmethod
+    def choices(cls) -> str:
+        return ", ".join(f"{m.value!r} ({m.code})" for m in cls)
+
+
+class PVAccum(_KnobEnum):
+    """How P·V is accumulated (SPEC §6); the code is ggml's."""
+
+    FP32 = ("fp32", 0)
+    FP32_FP32 = ("fp32+fp32", 1)
+    FP32_FP16 = ("fp32+fp16", 2)
+
+    @property
+    def v_scale_max(self) -> float:
+        """Largest fp8 V magnitude: 2.25 keeps a 64-key block of fp16 partial sums finite."""
+        return 2.25 if self is PVAccum.FP32_FP16 else 448.0
+
+
+class QKGranularity(_KnobEnum):
+    """Q/K int8 scale groups (SPEC §3); the code is ggml's."""
+
+    PER_WARP = ("per_warp", 2)
+    PER_THREAD = ("per_thread", 3)
+
+
+ENV_SMOOTH_K = "GGML_SAGE_SMOOTH_K"
+ENV_SMOOTH_V = "GGML_SAGE_SMOOTH_V"
+ENV_PV_ACCUM = "GGML_SAGE_PV_ACCUM"
+ENV_GRANULARITY = "GGML_SAGE_GRANULARITY"
+
+_TRUE = ("1", "true", "yes")
+_FALSE = ("0", "false", "no")
+
+
+def _env_bool(name: str) -> bool | None:
+    raw = os.environ.get(name)
+    if raw is None:
+        return None
+    word = raw.strip().lower()
+    if word in _TRUE or word in _FALSE:
+        value = word in _TRUE
+        warn_once(("override", name, value), "%s=%s overrides the caller: %s=%d", name, raw,
+                  name.removeprefix("GGML_SAGE_").lower(), value)
+        return value
+    warn_once(("bad-override", name, raw), "ignoring %s=%r: expected one of 0, 1, true, false, yes, no",
+              name, raw)
+    return None
+
+
+def _env_enum(name: str, enum_cls: type[_KnobEnum]):
+    raw = os.environ.get(name)
+    if raw is None:
+        return None
+    word = raw.strip().lower()
+    for member in enum_cls:
+        if word == member.value:
+            warn_once(("override", name, member.value), "%s=%s overrides the caller: %s=%s", name, raw,
+                      name.removeprefix("GGML_SAGE_").lower(), member.value)
+            return member
+    allowed = ", ".join(m.value for m in enum_cls)
+    raise ValueError(f"environment variable {name}={raw!r} is not valid; allowed values: {allowed}")
+
+
+def _check_bool(value, argument: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise TypeError(f"{argument} must be a bool, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SageParams:
+    """The knobs a call really uses after env overrides and the smooth_v contract."""
+
+    softmax_scale: float | None
+    is_causal: bool
+    smooth_k: bool
+    smooth_v: bool
+    pv_accum: PVAccum
+    granularity: QKGranularity
+
+    def as_dict(self) -> dict:
+        """Plain values (strings for the enums), for logs, dumps and JSON."""
+        return {f.name: (str(v) if isinstance(v, enum.Enum) else v)
+                for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
+
+
+def resolve_params(softmax_scale=None, is_causal=False, smooth_k=True, smooth_v=False,
+                   pv_accum="fp32+fp16", granularity="per_thread", head_dim=None) -> SageParams:
+    """Validate the knobs, apply ``GGML_SAGE_*`` overrides and the smooth_v contract.
+
+    ``softmax_scale`` defaults to ``head_dim ** -0.5`` (the caller's head dim, before padding) when
+    ``head_dim`` is given, and stays None otherwise.
+    """
+    is_causal = _check_bool(is_causal, "is_causal")
+    smooth_k = _check_bool(smooth_k, "smooth_k")
+    smooth_v = _check_bool(smooth_v, "smooth_v")
+    pv_accum = PVAccum.parse(pv_accum, "pv_accum")
+    granularity = QKGranularity.parse(granularity, "granularity")
+    if softmax_scale is not None:
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+            raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+        softmax_scale = float(softmax_scale)
+        if not math.isfinite(softmax_scale) or softmax_scale <= 0:
+            raise ValueError(f"softmax_scale must be a finite positive float, got {softmax_scale}")
+    elif head_dim is not None:
+        softmax_scale = float(head_dim) ** -0.5
+
+    env_smooth_k = _env_bool(ENV_SMOOTH_K)
+    env_smooth_v = _env_bool(ENV_SMOOTH_V)
+    env_pv = _env_enum(ENV_PV_ACCUM, PVAccum)
+    env_gran = _env_enum(ENV_GRANULARITY, QKGranularity)
+    smooth_k = smooth_k if env_smooth_k is None else env_smooth_k
+    smooth_v = smooth_v if env_smooth_v is None else env_smooth_v
+    pv_accum = pv_accum if env_pv is None else env_pv
+    granularity = granularity if env_gran is None else env_gran
+
+    if smooth_v and pv_accum is not PVAccum.FP32:
+        warn_once(("smooth_v-forced-off",),
+                  "smooth_v needs pv_accum='fp32'; forcing smooth_v off with pv_accum=%r", pv_accum.value)
+        smooth_v = False
+    return SageParams(softmax_scale, is_causal, smooth_k, smooth_v, pv_accum, granularity)

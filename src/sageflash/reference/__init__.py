@@ -1,0 +1,6 @@
+"""The CPU reference backend: exact quantizers and attention in plain torch (runs anywhere)."""
+
+from .attention import attention, attention_from_payloads
+from .quant import key_mean, quantize_qk, quantize_v
+
+__all__ = ["attention", "attention_from_payloads", "key_mean", "quantize_qk", "quantize_v"]

@@ -1,0 +1,108 @@
+"""CPU reference attention over the 8-bit payloads (SPEC §5–7), vectorised torch.
+
+Block sums of P8·V8 are computed exactly (float64), which matches the official output of every
+pv_accum mode to NMSE ~1e-7 on the reference dumps; the modes differ here only through V's
+scale_max and the smooth_v contract. Query rows are processed in chunks to bound memory.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import groups
+from ..params import QKGranularity, SageParams
+from .quant import quantize_qk, quantize_v, to_e4m3
+
+_CHUNK_ELEMENTS = 1 << 24  # score elements per query chunk (~64 MiB per float32 buffer)
+
+
+def expand_scales(scale: torch.Tensor, group_of, seq: int, per_thread: bool) -> torch.Tensor:
+    """Per-group scales ``[B,H,n_groups]`` -> per-token scales ``[B,H,seq]``."""
+    return scale[:, :, group_of(torch.arange(seq, device=scale.device), per_thread)]
+
+
+def visible_keys(rows: torch.Tensor, seq_q: int, seq_k: int, is_causal: bool) -> torch.Tensor:
+    """``[T, ceil64(Sk)]`` mask of keys each query row may see (SPEC §5, §7)."""
+    keys = torch.arange(groups.ceil_to(seq_k, groups.K_TILE), device=rows.device)
+    mask = (keys < seq_k)[None, :].expand(rows.numel(), -1)
+    if is_causal:
+        mask = mask & (keys[None, :] <= rows[:, None] + groups.causal_offset(seq_q, seq_k))
+    return mask
+
+
+def online_softmax_blocks(logits: torch.Tensor, mask: torch.Tensor):
+    """Block-wise running max of SPEC §5 for log2-domain ``logits [..., T, N*64]``.
+
+    Returns ``(p_tilde, block_max, weight)``: the unrounded weights 2**(l - m_n) (0 where masked),
+    the running max m_n per block ``[..., T, N]`` and each block's factor 2**(m_n - m_last) that
+    the product of the rescales alpha reduces to.
+    """
+    blocked = logits.masked_fill(~mask, -math.inf).unflatten(-1, (-1, groups.K_TILE))
+    block_max = torch.cummax(blocked.amax(dim=-1) - groups.FP8_OFFSET_LOG2, dim=-1).values
+    finite = torch.isfinite(block_max)
+    safe_max = torch.where(finite, block_max, torch.zeros_like(block_max))
+    p_tilde = torch.exp2(blocked - safe_max[..., None]).flatten(-2)  # exp2(-inf) = 0 when masked
+    weight = torch.where(finite, torch.exp2(safe_max.double() - safe_max[..., -1:].double()),
+                         torch.zeros_like(safe_max, dtype=torch.float64))
+    return p_tilde, block_max, weight
+
+
+def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_mean, *,
+                            params: SageParams, seq_q: int, seq_k: int, head_dim: int,
+                            out_dtype: torch.dtype, q=None, km=None, return_lse: bool = False):
+    """Attention from the int8/fp8 payloads; returns ``out [B,Hq,Sq,head_dim]`` (and the LSE).
+
+    The LSE (natural log of the scaled scores' sum of exponentials, float32 ``[B,Hq,Sq]``) adds
+    the smooth_k correction ``softmax_scale * q·km`` when ``q`` and ``km`` are given.
+    """
+    per_thread = params.granularity is QKGranularity.PER_THREAD
+    batch, q_heads = q_int8.shape[:2]
+    kv_heads, padded_dim = k_int8.shape[1], k_int8.shape[-1]
+    group = q_heads // kv_heads
+    log2_scale = params.softmax_scale * groups.LOG2E
+    row_scale = expand_scales(q_scale, groups.q_group, seq_q, per_thread) * log2_scale
+    key_scale = expand_scales(k_scale, groups.k_group, seq_k, per_thread)
+    key_scale = torch.nn.functional.pad(key_scale, (0, v_fp8.shape[-1] - seq_k))[:, :, None, None]
+    keys = torch.nn.functional.pad(k_int8.float(), (0, 0, 0, v_fp8.shape[-1] - seq_k))
+    keys = keys[:, :, None]  # [B, Hk, 1, N*64, D]: query heads h = hk*group + g share KV head hk
+    values = v_fp8.double()[:, :, None]  # [B, Hk, 1, D, N*64]
+
+    out = torch.empty(batch, q_heads, seq_q, head_dim, dtype=out_dtype, device=q_int8.device)
+    lse = torch.empty(batch, q_heads, seq_q, dtype=torch.float32, device=q_int8.device)
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, batch * q_heads * keys.shape[-2]))
+    for start in range(0, seq_q, chunk):
+        rows = torch.arange(start, min(seq_q, start + chunk), device=q_int8.device)
+        q_rows = q_int8[:, :, rows].float().unflatten(1, (kv_heads, group))
+        scores = q_rows @ keys.transpose(-1, -2)  # exact: |S| < 2**24
+        logits = scores * row_scale[:, :, rows].unflatten(1, (kv_heads, group))[..., None] * key_scale
+        mask = visible_keys(rows, seq_q, seq_k, params.is_causal)
+        p_tilde, block_max, weight = online_softmax_blocks(logits, mask)
+        key_weight = weight.repeat_interleave(groups.K_TILE, dim=-1)
+        p8 = to_e4m3(p_tilde).double()
+        numer = (p8 * key_weight) @ values.transpose(-1, -2)
+        denom = (p_tilde.double() * key_weight).sum(dim=-1, keepdim=True)
+        o = numer / denom.clamp_min(1e-300) * v_scale.double()[:, :, None, None]
+        if v_mean is not None:
+            o = o + v_mean.double()[:, :, None, None]
+        o = torch.where(denom > 0, o, torch.zeros_like(o))  # a row with no visible key gives 0
+        out[:, :, rows] = o.flatten(1, 2)[..., :head_dim].to(out_dtype)
+        row_lse = (block_max[..., -1:].double() + torch.log2(denom)) * math.log(2.0)
+        if q is not None and km is not None:
+            correction = q[:, :, rows].double().unflatten(1, (kv_heads, group)) @ \
+                km[..., : q.shape[-1]].double()[:, :, None, :, None]
+            row_lse = row_lse + params.softmax_scale * correction
+        lse[:, :, rows] = row_lse.flatten(1, 2)[..., 0].float()
+    return (out, lse) if return_lse else out
+
+
+def attention(q, k, v, params: SageParams, return_lse: bool = False):
+    """Quantize with the reference quantizers, then run `attention_from_payloads`."""
+    q_int8, q_scale, k_int8, k_scale, km = quantize_qk(
+        q, k, granularity=params.granularity, smooth_k=params.smooth_k)
+    v_fp8, v_scale, v_mean = quantize_v(v, pv_accum=params.pv_accum, smooth_v=params.smooth_v)
+    return attention_from_payloads(
+        q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_mean, params=params,
+        seq_q=q.shape[2], seq_k=k.shape[2], head_dim=q.shape[-1], out_dtype=q.dtype,
+        q=q, km=km, return_lse=return_lse)
