@@ -1,0 +1,54 @@
+"""The Triton backend: quantizers and attention for CUDA GPUs of compute capability >= 8.9.
+
+Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (with exact float casts, see
+`interpreter`), which is how CI without a GPU exercises them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..op import interpreter_enabled
+
+if interpreter_enabled():
+    from .interpreter import check_numpy, install_exact_casts
+
+    check_numpy()
+    install_exact_casts()
+
+from .attention import attention_from_payloads  # noqa: E402
+from .quant import quantize_qk, quantize_v  # noqa: E402
+
+MIN_CAPABILITY = (8, 9)  # fp8 e4m3 tensor cores: Ada (sm_89) and Hopper (sm_90)
+
+
+class UnsupportedDeviceError(RuntimeError):
+    """The GPU cannot run the kernels (fp8 tensor cores need compute capability 8.9)."""
+
+
+def check_device(device: torch.device) -> None:
+    """Raise `UnsupportedDeviceError` for a CUDA device below compute capability 8.9."""
+    if device.type != "cuda":
+        return
+    capability = torch.cuda.get_device_capability(device)
+    if capability < MIN_CAPABILITY:
+        name = torch.cuda.get_device_name(device)
+        raise UnsupportedDeviceError(
+            f"sageflash's Triton kernels need fp8 tensor cores (compute capability >= 8.9, Ada or "
+            f"Hopper); {name} on {device} has compute capability {capability[0]}.{capability[1]}. "
+            f"Use backend='reference' to run the CPU reference instead.")
+
+
+def attention(q, k, v, params, return_lse: bool = False):
+    """Quantize with the Triton quantizers, then run the attention kernel."""
+    q_int8, q_scale, k_int8, k_scale, km = quantize_qk(
+        q, k, granularity=params.granularity, smooth_k=params.smooth_k)
+    v_fp8, v_scale, v_mean = quantize_v(v, pv_accum=params.pv_accum, smooth_v=params.smooth_v)
+    return attention_from_payloads(
+        q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_mean, params=params,
+        seq_q=q.shape[2], seq_k=k.shape[2], head_dim=q.shape[-1], out_dtype=q.dtype,
+        q=q, km=km, return_lse=return_lse)
+
+
+__all__ = ["UnsupportedDeviceError", "attention", "attention_from_payloads", "check_device",
+           "quantize_qk", "quantize_v"]

@@ -1,0 +1,113 @@
+"""Backend-agnostic test utilities: random inputs, float64 exact attention, payload comparisons.
+
+The exact attention here is an independent oracle written from SPEC §1 and §7 (GQA mapping,
+bottom-right causal alignment, default scale), deliberately not reusing the package's rules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from sageflash import dumps
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def random_qkv(batch=1, q_heads=2, kv_heads=1, seq_q=37, seq_k=None, head_dim=64, *, seed,
+               dtype=torch.float16, device="cpu", dist="uniform", k_offset=0.0, v_offset=0.0):
+    """Fresh ``q [B,Hq,Sq,D]``, ``k, v [B,Hk,Sk,D]`` from a seeded generator.
+
+    ``dist`` is "uniform" (in [-1, 1], like the official dumps) or "normal". ``k_offset`` /
+    ``v_offset`` add that many times a random per-channel offset (shared by all tokens of a
+    head) to k / v, the case that smoothing is for.
+    """
+    seq_k = seq_q if seq_k is None else seq_k
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(*shape):
+        if dist == "uniform":
+            return torch.rand(shape, generator=gen) * 2 - 1
+        return torch.randn(shape, generator=gen)
+
+    q = draw(batch, q_heads, seq_q, head_dim)
+    k = draw(batch, kv_heads, seq_k, head_dim) + k_offset * draw(batch, kv_heads, 1, head_dim)
+    v = draw(batch, kv_heads, seq_k, head_dim) + v_offset * draw(batch, kv_heads, 1, head_dim)
+    return tuple(x.to(device, dtype) for x in (q, k, v))
+
+
+def exact_attention(q, k, v, softmax_scale=None, is_causal=False) -> torch.Tensor:
+    """Float64 softmax attention: query head h reads KV head h // (Hq/Hk); causal is
+    bottom-right (key j visible to query t iff j <= t + Sk - Sq); a row with no visible key is 0.
+    """
+    q, k, v = (x.double() for x in (q, k, v))
+    seq_q, seq_k, head_dim = q.shape[2], k.shape[2], q.shape[3]
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scale = head_dim ** -0.5 if softmax_scale is None else softmax_scale
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if is_causal:
+        t = torch.arange(seq_q, device=q.device)[:, None]
+        j = torch.arange(seq_k, device=q.device)[None, :]
+        scores = scores.masked_fill(j > t + seq_k - seq_q, float("-inf"))
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows: NaN -> 0
+    return weights @ v
+
+
+def load_refdump(prefix: str, *tags: str):
+    """``(meta, {tag: tensor})`` of an official dump; ``tags`` defaults to q, k, v."""
+    meta = dumps.read_meta(prefix)
+    return meta, {tag: dumps.read_tensor(prefix, meta, tag) for tag in tags or ("q", "k", "v")}
+
+
+def assert_scales_match(actual, expected, name: str, rtol=1e-6, atol=0.0) -> None:
+    """float32 scales equal to float32 rounding (relative ``rtol``)."""
+    assert actual.dtype == torch.float32, f"{name}: dtype {actual.dtype}"
+    torch.testing.assert_close(actual.cpu(), expected.cpu(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def assert_int8_match(actual, expected, name: str, max_fraction=1e-4) -> None:
+    """int8 payloads equal except at most ``max_fraction`` of the elements, off by exactly 1."""
+    assert actual.dtype == torch.int8 and actual.shape == expected.shape, \
+        f"{name}: {actual.dtype} {tuple(actual.shape)} vs {expected.dtype} {tuple(expected.shape)}"
+    diff = (actual.cpu().int() - expected.cpu().int()).abs()
+    off = int((diff != 0).sum())
+    assert int(diff.max()) <= 1, f"{name}: an element is off by {int(diff.max())}"
+    assert off <= max_fraction * diff.numel(), f"{name}: {off} of {diff.numel()} elements differ"
+
+
+def fp8_ordinal(x: torch.Tensor) -> torch.Tensor:
+    """e4m3fn bytes as signed code ordinals: adjacent representable values differ by 1."""
+    raw = x.cpu().view(torch.uint8).int()
+    magnitude = raw & 0x7F
+    return torch.where(raw & 0x80 != 0, -magnitude, magnitude)
+
+
+def assert_fp8_match(actual, expected, name: str, max_fraction=1e-3) -> None:
+    """e4m3fn payloads equal except at most ``max_fraction`` of the bytes, one code apart."""
+    assert actual.dtype == torch.float8_e4m3fn and actual.shape == expected.shape, \
+        f"{name}: {actual.dtype} {tuple(actual.shape)} vs {expected.dtype} {tuple(expected.shape)}"
+    diff = (fp8_ordinal(actual) - fp8_ordinal(expected)).abs()
+    off = int((diff != 0).sum())
+    assert int(diff.max()) <= 1, f"{name}: a byte is {int(diff.max())} codes off"
+    assert off <= max_fraction * diff.numel(), f"{name}: {off} of {diff.numel()} bytes differ"
+
+
+def run_python(code: str, env: dict[str, str] | None = None, timeout=120):
+    """Run ``code`` in a fresh interpreter with ``src`` importable and no inherited
+    ``GGML_SAGE_*`` / ``TRITON_INTERPRET``; ``env`` adds variables. Returns
+    ``(json_of_last_stdout_line, stderr)``.
+    """
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith("GGML_SAGE_") and k != "TRITON_INTERPRET"}
+    clean["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
+    clean.update(env or {})
+    proc = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"subprocess failed ({proc.returncode}):\n{proc.stderr}"
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
