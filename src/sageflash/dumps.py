@@ -71,6 +71,9 @@ class DumpMeta:
             "q": (self.torch_dtype, (b, hq, sq, d0)),
             "k": (self.torch_dtype, (b, hk, sk, d0)),
             "v": (self.torch_dtype, (b, hk, sk, d0)),
+            "q_pad": (self.torch_dtype, (b, hq, sq, d)),  # the inputs zero-padded to the kernel head dim
+            "k_pad": (self.torch_dtype, (b, hk, sk, d)),
+            "v_pad": (self.torch_dtype, (b, hk, sk, d)),
             "sage_quant": (torch.float32, (b, hq, sq, d0)),
             "flash": (torch.float32, (b, hq, sq, d0)),
             "out": (torch.float32, (b, hq, sq, d0)),

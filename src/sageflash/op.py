@@ -12,7 +12,7 @@ from types import ModuleType
 
 import torch
 
-from . import groups
+from . import debug, groups
 from .params import PVAccum, QKGranularity, resolve_params
 
 BACKENDS = ("auto", "reference", "triton")
@@ -101,7 +101,10 @@ def sage_attn_sm89_fp16(q, k, v, softmax_scale=None, is_causal=False, smooth_k=T
     validate_v(v, like_k=k)
     params = resolve_params(softmax_scale, is_causal, smooth_k, smooth_v, pv_accum, granularity,
                             head_dim=q.shape[-1])
-    return select_backend(backend, q.device).attention(q, k, v, params)
+    module = select_backend(backend, q.device)
+    if debug.enabled():  # GGML_SAGE_* debug toggles (sageflash.debug); unset, this costs an env lookup
+        return debug.run(module, q, k, v, params)
+    return module.attention(q, k, v, params)
 
 
 def quantize_qk(q, k, *, granularity, smooth_k, km=None, backend="auto"):

@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import run
+from . import compare, dump, run
 
-SUBCOMMANDS = [run]
+SUBCOMMANDS = [run, dump, compare]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["run", *argv]  # bare `sageflash [flags]` is `sageflash run [flags]`
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as err:  # bad input, dump or file (DumpError is a ValueError)
+        print(f"sageflash: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

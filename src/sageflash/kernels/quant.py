@@ -45,18 +45,22 @@ def _round_half_even(x):
 
 @triton.jit
 def _quantize_group_rows(x, groups_of_rows, PER_THREAD: tl.constexpr):
-    """int8 values and per-row scales of float32 rows ``x`` whose group ids are ``groups_of_rows``."""
+    """int8 values and per-row scales of float32 rows ``x`` whose group ids are ``groups_of_rows``.
+
+    Divisions are IEEE (``div_rn``) as in the reference, not the GPU's default approximate ones;
+    inverse scales are reciprocal-then-multiply, as in the official quantizers.
+    """
     row_amax = tl.max(tl.abs(x), axis=1)
     same_group = groups_of_rows[:, None] == groups_of_rows[None, :]
     amax = tl.max(tl.where(same_group, row_amax[None, :], 0.0), axis=1)
     if PER_THREAD:
-        scale = amax / 127.0 + 1e-7
-        ratio = x / scale[:, None]
+        scale = tl.div_rn(amax, 127.0) + 1e-7
+        ratio = tl.div_rn(x, scale[:, None])
         values = (ratio + tl.where(ratio > 0, 0.5, tl.where(ratio < 0, -0.5, 0.0))).to(tl.int32)
     else:
         amax = tl.maximum(amax, 1e-7)
-        scale = amax / 127.0
-        values = _round_half_even(x * (127.0 / amax)[:, None]).to(tl.int32)
+        scale = tl.div_rn(amax, 127.0)
+        values = _round_half_even(x * (tl.div_rn(1.0, amax) * 127.0)[:, None]).to(tl.int32)
     return tl.minimum(tl.maximum(values, -128), 127).to(tl.int8), scale
 
 
@@ -157,14 +161,14 @@ def _v_scales_kernel(PMAX, PMIN, PSUM, VSCALE, VMEAN, INV, n_chunks, window, sca
         vmax = tl.maximum(vmax, 0.0)
         vmin = tl.minimum(vmin, 0.0)
     if SMOOTH:
-        mean = vsum / window
+        mean = tl.div_rn(vsum, window.to(tl.float32))
         amax = tl.maximum(tl.abs(vmax - mean), tl.abs(vmin - mean))
         tl.store(VMEAN + bh * D + cols, mean)
     else:
         amax = tl.maximum(tl.abs(vmax), tl.abs(vmin))
-    tl.store(VSCALE + bh * D + cols, amax / scale_max)
+    tl.store(VSCALE + bh * D + cols, tl.div_rn(amax, scale_max))
     # An all-zero channel has amax 0: scale 0 and payload 0 (the official code gives NaN here).
-    tl.store(INV + bh * D + cols, tl.where(amax > 0, scale_max / tl.where(amax > 0, amax, 1.0), 0.0))
+    tl.store(INV + bh * D + cols, tl.where(amax > 0, tl.div_rn(1.0, tl.where(amax > 0, amax, 1.0)) * scale_max, 0.0))
 
 
 @triton.jit

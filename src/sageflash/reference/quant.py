@@ -23,7 +23,10 @@ def _group_amax(x: torch.Tensor, token_groups: torch.Tensor, num_groups: int) ->
 
 def quantize_int8_groups(x: torch.Tensor, token_groups: torch.Tensor, num_groups: int,
                          per_thread: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize float32 ``x [B,H,S,D]`` to int8 with one scale per token group (SPEC §3 rules)."""
+    """Quantize float32 ``x [B,H,S,D]`` to int8 with one scale per token group (SPEC §3 rules).
+
+    Inverse scales are reciprocal-then-multiply, which reproduces the official payloads bit for bit.
+    """
     amax = _group_amax(x, token_groups, num_groups)
     if per_thread:
         scale = amax / groups.INT8_MAX + groups.PER_THREAD_SCALE_EPS
@@ -32,7 +35,7 @@ def quantize_int8_groups(x: torch.Tensor, token_groups: torch.Tensor, num_groups
     else:
         amax = amax.clamp_min(groups.PER_WARP_AMAX_FLOOR)
         scale = amax / groups.INT8_MAX
-        values = torch.round(x * (groups.INT8_MAX / amax)[:, :, token_groups, None])
+        values = torch.round(x * (amax.reciprocal() * groups.INT8_MAX)[:, :, token_groups, None])
     return values.clamp_(-128, 127).to(torch.int8), scale
 
 
@@ -90,7 +93,7 @@ def quantize_v(v: torch.Tensor, *, pv_accum, smooth_v: bool):
         amax = torch.maximum(vmax.abs(), vmin.abs())
     v_scale = amax / scale_max
     # An all-zero channel has amax 0: scale 0 and payload 0 (the official code gives NaN here).
-    inv_scale = torch.where(amax > 0, scale_max / amax, torch.zeros_like(amax))
+    inv_scale = torch.where(amax > 0, amax.reciprocal() * scale_max, torch.zeros_like(amax))
     payload = to_e4m3(x[:, :, :seq_k] * inv_scale[:, :, None])
     v_fp8 = torch.zeros(batch, heads, head_dim, groups.ceil_to(seq_k, groups.K_TILE),
                         dtype=torch.float8_e4m3fn, device=v.device)

@@ -1,0 +1,633 @@
+"""``sageflash bench``: attention throughput of sageflash against torch SDPA and SageAttention.
+
+TOPS = 4·B·H·S²·D / time, halved when causal (H = query heads), counted for every provider the
+same way (`attention_flops`). Each (shape, provider, knobs, mode) is timed as the median of
+`triton.testing.do_bench` (CUDA events, 256 MB L2 flush before every run) after warm-up; the
+peak extra GPU memory of one call is measured on top of the inputs already allocated.
+
+Modes: ``e2e`` is what a user sees (quantization included); ``kernel`` quantizes once outside the
+timed region and times the attention kernel on the payloads. Providers without a quantization
+step (SDPA, the official SageAttention call) have one timing, labelled ``e2e``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import functools
+import importlib
+import itertools
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import __version__
+from .op import quantize_qk, quantize_v, sage_attn_sm89_fp16, select_backend
+from .params import PVAccum, QKGranularity, resolve_params
+
+MODES = ("e2e", "kernel")
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+BASELINE = "sdpa-cudnn"
+MIB = 1 << 20
+
+# Shape presets: explicit flags win, then --quick (or the tiny CPU shape when running on the CPU).
+PRESETS = {
+    "full": dict(batch=4, heads=32, head_dim=[64, 128], seq=[1024 << i for i in range(6)]),
+    "quick": dict(batch=2, heads=8, head_dim=[64, 128], seq=[1024, 4096]),
+    "cpu": dict(batch=1, heads=2, head_dim=[64], seq=[128]),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes, knobs, results
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    batch: int
+    heads: int
+    kv_heads: int
+    seq: int
+    head_dim: int
+    causal: bool
+
+
+def attention_flops(shape: Shape) -> float:
+    """4·B·H·S²·D (Q·Kᵀ and P·V, 2 FLOPs per multiply-add), halved when causal; H = query heads."""
+    flops = 4.0 * shape.batch * shape.heads * shape.seq * shape.seq * shape.head_dim
+    return flops / 2 if shape.causal else flops
+
+
+def tops(shape: Shape, ms: float) -> float:
+    """Throughput in TOPS (10¹² operations per second) of one call taking ``ms`` milliseconds."""
+    return attention_flops(shape) / (ms * 1e-3) / 1e12
+
+
+@dataclasses.dataclass(frozen=True)
+class Knobs:
+    """The sageflash knobs one run uses (also passed to the official SageAttention SM89 call)."""
+
+    pv_accum: PVAccum
+    granularity: QKGranularity
+    smooth_k: bool
+
+    @property
+    def label(self) -> str:
+        return f"{self.pv_accum}/{self.granularity}" + ("" if self.smooth_k else "/no-smooth-k")
+
+
+@dataclasses.dataclass
+class Result:
+    shape: Shape
+    dtype: str
+    provider: str
+    config: str
+    mode: str
+    ms: float | None = None
+    tops: float | None = None
+    vs_baseline: float | None = None  # baseline time / this time, same shape: > 1 is faster
+    peak_mib: float | None = None
+    x_qkv: float | None = None  # peak extra memory / bytes of q + k + v
+    error: str | None = None
+
+    def as_row(self) -> dict:
+        """A flat dict: the shape's fields, then the measurement (for JSON and CSV)."""
+        row = dataclasses.asdict(self.shape)
+        row.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "shape"})
+        return row
+
+    @property
+    def label(self) -> str:
+        return " ".join(filter(None, [self.provider, self.config, f"[{self.mode}]"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Providers: build(q, k, v, causal, knobs, mode) does the untimed work and returns the timed call.
+
+
+class ProviderSkipped(RuntimeError):
+    """The provider cannot run here at all (e.g. not installed); its rows say why."""
+
+
+def _sageflash_backend(device: torch.device) -> str:
+    return "triton" if device.type == "cuda" else "reference"
+
+
+def _build_sageflash(q, k, v, causal, knobs: Knobs, mode):
+    backend = _sageflash_backend(q.device)
+    if mode == "e2e":
+        return functools.partial(sage_attn_sm89_fp16, q, k, v, is_causal=causal,
+                                 smooth_k=knobs.smooth_k, pv_accum=knobs.pv_accum,
+                                 granularity=knobs.granularity, backend=backend)
+    params = resolve_params(None, causal, knobs.smooth_k, False, knobs.pv_accum, knobs.granularity,
+                            head_dim=q.shape[-1])
+    q_int8, q_scale, k_int8, k_scale, _ = quantize_qk(
+        q, k, granularity=params.granularity, smooth_k=params.smooth_k, backend=backend)
+    v_fp8, v_scale, v_mean = quantize_v(v, pv_accum=params.pv_accum, smooth_v=params.smooth_v,
+                                        backend=backend)
+    return functools.partial(select_backend(backend, q.device).attention_from_payloads,
+                             q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_mean, params=params,
+                             seq_q=q.shape[2], seq_k=k.shape[2], head_dim=q.shape[-1],
+                             out_dtype=q.dtype)
+
+
+def _sdpa_builder(backend_name: str):
+    def build(q, k, v, causal, knobs, mode):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = getattr(SDPBackend, backend_name)
+        gqa = q.shape[1] != k.shape[1]
+
+        def call():
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                                                        enable_gqa=gqa)
+        return call
+    return build
+
+
+@functools.cache
+def _import_sageattention():
+    """The official ``sageattention`` module, or ProviderSkipped saying why it is unavailable."""
+    try:
+        return importlib.import_module("sageattention")
+    except Exception as exc:  # an ImportError, or a broken CUDA extension
+        raise ProviderSkipped(f"skipped: sageattention not importable ({type(exc).__name__}: {exc})") from None
+
+
+def _official(q):
+    module = _import_sageattention()
+    if not q.is_cuda:
+        raise ProviderSkipped("skipped: the official SageAttention needs CUDA tensors")
+    return module
+
+
+def _build_sageattention(q, k, v, causal, knobs, mode):
+    """``sageattn``: the official entry point, which picks the kernel for the GPU's arch."""
+    return functools.partial(_official(q).sageattn, q, k, v, tensor_layout="HND", is_causal=causal)
+
+
+def _build_sageattention_sm89(q, k, v, causal, knobs: Knobs, mode):
+    """``sageattn_qk_int8_pv_fp8_cuda``: the official SM89 kernel with sageflash's knobs."""
+    return functools.partial(_official(q).sageattn_qk_int8_pv_fp8_cuda, q, k, v, tensor_layout="HND",
+                             is_causal=causal, qk_quant_gran=str(knobs.granularity),
+                             pv_accum_dtype=str(knobs.pv_accum), smooth_k=knobs.smooth_k)
+
+
+@dataclasses.dataclass(frozen=True)
+class Provider:
+    name: str
+    build: Callable
+    modes: tuple[str, ...] = ("e2e",)
+    uses_knobs: bool = False
+
+    def run_modes(self, requested: list[str]) -> list[str]:
+        """The requested modes it has; a provider with one timing runs it whatever was asked."""
+        return [m for m in requested if m in self.modes] or list(self.modes[:1])
+
+
+PROVIDERS = {p.name: p for p in [
+    Provider("sageflash", _build_sageflash, MODES, uses_knobs=True),
+    Provider("sdpa-flash", _sdpa_builder("FLASH_ATTENTION")),
+    Provider("sdpa-cudnn", _sdpa_builder("CUDNN_ATTENTION")),
+    Provider("sageattention", _build_sageattention),
+    Provider("sageattention-sm89", _build_sageattention_sm89, uses_knobs=True),
+]}
+DEFAULT_PROVIDERS = ["sageflash", "sdpa-flash", "sdpa-cudnn", "sageattention", "sageattention-sm89"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing and memory
+
+
+def time_ms(fn: Callable, warmup: float, rep: float, device: torch.device) -> float:
+    """Median milliseconds of ``fn``; ``warmup``/``rep`` are time budgets in ms, as in do_bench."""
+    if device.type == "cuda":
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+    fn()
+    start = time.perf_counter()
+    fn()
+    estimate_ms = max((time.perf_counter() - start) * 1e3, 1e-6)
+    for _ in range(max(1, int(warmup / estimate_ms))):
+        fn()
+    times = []
+    for _ in range(max(1, int(rep / estimate_ms))):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def timer_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "triton.testing.do_bench median (CUDA events, L2 flushed before each run)"
+    return "time.perf_counter median (CPU, no cache flush)"
+
+
+def peak_extra_bytes(fn: Callable, device: torch.device) -> int | None:
+    """Peak GPU memory one call of ``fn`` allocates beyond what was allocated before it."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del out
+    return peak
+
+
+def short_error(exc: BaseException) -> str:
+    if isinstance(exc, ProviderSkipped):
+        return str(exc)
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    batch: int
+    heads: int
+    kv_heads: int
+    head_dims: list[int]
+    seqs: list[int]
+    causals: list[bool]
+    providers: list[str]  # the baseline first, so every later row of a shape can be compared to it
+    modes: list[str]
+    knobs: list[Knobs]
+    baseline: str
+    dtype: str
+    warmup: float
+    rep: float
+    seed: int
+
+    def runs(self):
+        """(provider, knobs or None, mode) in run order."""
+        for name in self.providers:
+            provider = PROVIDERS[name]
+            for knobs in (self.knobs if provider.uses_knobs else [None]):
+                for mode in provider.run_modes(self.modes):
+                    yield provider, knobs, mode
+
+
+def make_inputs(settings: Settings, seq: int, head_dim: int, device: torch.device):
+    """Fresh standard-normal q [B,H,S,D], k and v [B,Hk,S,D] from a seeded generator on ``device``."""
+    gen = torch.Generator(device=device).manual_seed(settings.seed)
+    dtype = DTYPES[settings.dtype]
+    shapes = [(settings.batch, h, seq, head_dim) for h in (settings.heads, settings.kv_heads, settings.kv_heads)]
+    return tuple(torch.randn(s, generator=gen, dtype=dtype, device=device) for s in shapes)
+
+
+def measure(provider: Provider, knobs: Knobs | None, mode: str, inputs, shape: Shape,
+            settings: Settings, device: torch.device) -> Result:
+    """Time one (provider, knobs, mode) on one shape; any failure becomes the row's error."""
+    result = Result(shape, settings.dtype, provider.name, knobs.label if knobs else "", mode)
+    q, k, v = inputs
+    try:
+        fn = provider.build(q, k, v, shape.causal, knobs, mode)
+        result.ms = time_ms(fn, settings.warmup, settings.rep, device)
+        peak = peak_extra_bytes(fn, device)
+    except Exception as exc:
+        result.error, result.ms = short_error(exc), None
+    fn = None
+    if result.error is not None:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # after an OOM, give the next provider a clean pool
+        return result
+    result.tops = tops(shape, result.ms)
+    if peak is not None:
+        result.peak_mib = peak / MIB
+        result.x_qkv = peak / sum(t.numel() * t.element_size() for t in inputs)
+    return result
+
+
+def run_benchmarks(settings: Settings, device: torch.device, on_result: Callable[[Result], None]):
+    """Every shape x run; calls ``on_result`` as each row completes and returns all rows."""
+    results = []
+    for head_dim, seq in itertools.product(settings.head_dims, settings.seqs):
+        inputs = make_inputs(settings, seq, head_dim, device)
+        for causal in settings.causals:
+            shape = Shape(settings.batch, settings.heads, settings.kv_heads, seq, head_dim, causal)
+            baseline_ms = None
+            for provider, knobs, mode in settings.runs():
+                result = measure(provider, knobs, mode, inputs, shape, settings, device)
+                if result.ms is not None and provider.name == settings.baseline and baseline_ms is None:
+                    baseline_ms = result.ms
+                if result.ms is not None and baseline_ms is not None:
+                    result.vs_baseline = baseline_ms / result.ms
+                results.append(result)
+                on_result(result)
+        del inputs
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table_columns(baseline: str):
+    """(header, width, cell) for every column of the stdout table."""
+    return [
+        ("B", 3, lambda r: str(r.shape.batch)),
+        ("H", 4, lambda r: str(r.shape.heads)),
+        ("Hkv", 4, lambda r: str(r.shape.kv_heads)),
+        ("S", 6, lambda r: str(r.shape.seq)),
+        ("D", 4, lambda r: str(r.shape.head_dim)),
+        ("causal", 6, lambda r: "yes" if r.shape.causal else "no"),
+        ("provider", 18, lambda r: r.provider),
+        ("config", 22, lambda r: r.config),
+        ("mode", 6, lambda r: r.mode),
+        ("ms", 9, lambda r: _fmt(r.ms, ".4g")),
+        ("TOPS", 9, lambda r: _fmt(r.tops, ".4g")),
+        (f"vs {baseline}", max(6, len(baseline) + 3), lambda r: _fmt(r.vs_baseline, ".2f")),
+        ("peak MiB", 9, lambda r: _fmt(r.peak_mib, ".1f")),
+        ("xQKV", 6, lambda r: _fmt(r.x_qkv, ".2f")),
+    ]
+
+
+_MEASURED_FROM = 9  # columns from "ms" on: replaced by the error text on a failed row
+
+
+def format_header(baseline: str) -> str:
+    return "  ".join(f"{h:>{w}}" for h, w, _ in table_columns(baseline)).rstrip()
+
+
+def format_row(result: Result, baseline: str) -> str:
+    columns = table_columns(baseline)
+    cells = [f"{cell(result):>{w}}" for _, w, cell in columns[:_MEASURED_FROM]]
+    if result.error is not None:
+        return "  ".join([*cells, result.error])
+    cells += [f"{cell(result):>{w}}" for _, w, cell in columns[_MEASURED_FROM:]]
+    return "  ".join(cells)
+
+
+def format_table(results: list[Result], baseline: str) -> str:
+    return "\n".join([format_header(baseline), *(format_row(r, baseline) for r in results)])
+
+
+def environment(device: torch.device, settings: Settings) -> dict:
+    """What the numbers were measured on and with (the JSON ``meta``)."""
+    meta = {"device": f"cpu ({platform.machine()})", "torch": torch.__version__,
+            "cuda": torch.version.cuda, "triton": _version("triton"), "sageflash": __version__,
+            "sageattention": _version("sageattention"), "timer": timer_description(device),
+            "flops": "4*B*H*S^2*D, halved when causal (H = query heads)"}
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        meta.update(device=torch.cuda.get_device_name(device), capability=f"sm_{major}{minor}")
+    settings_dict = dataclasses.asdict(settings)
+    settings_dict["knobs"] = [k.label for k in settings.knobs]
+    meta["settings"] = settings_dict
+    return meta
+
+
+def _version(module: str) -> str | None:
+    try:
+        return importlib.import_module(module).__version__
+    except Exception:
+        return None
+
+
+def preamble(meta: dict, baseline: str) -> str:
+    settings = meta["settings"]
+    device = meta["device"] + (f" ({meta['capability']})" if "capability" in meta else "")
+    return "\n".join([
+        f"# sageflash bench on {device}: torch {meta['torch']}, triton {meta['triton']}, "
+        f"sageflash {meta['sageflash']}, {settings['dtype']}",
+        f"# timer: {meta['timer']}; warmup {settings['warmup']:g} ms, rep {settings['rep']:g} ms",
+        f"# TOPS = {meta['flops']}; vs {baseline} = its time / this time on the same shape",
+    ])
+
+
+def write_json(path: str, meta: dict, results: list[Result]) -> None:
+    _parent(path)
+    Path(path).write_text(json.dumps({"meta": meta, "results": [r.as_row() for r in results]}, indent=2) + "\n")
+
+
+def write_csv(path: str, results: list[Result]) -> None:
+    _parent(path)
+    fields = [*(f.name for f in dataclasses.fields(Shape)),
+              *(f.name for f in dataclasses.fields(Result) if f.name != "shape")]
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(r.as_row() for r in results)
+
+
+def write_plot(path: str, results: list[Result]) -> None:
+    """TOPS against S, one panel per (D, causal), one line per provider/config/mode."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = [r for r in results if r.tops is not None]
+    panels = sorted({(r.shape.head_dim, r.shape.causal) for r in measured})
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.5 * max(1, len(panels)), 4.5), squeeze=False)
+    for ax, (head_dim, causal) in zip(axes[0], panels):
+        lines: dict[str, list] = {}
+        for r in measured:
+            if (r.shape.head_dim, r.shape.causal) == (head_dim, causal):
+                lines.setdefault(r.label, []).append((r.shape.seq, r.tops))
+        for label, points in lines.items():
+            seqs, values = zip(*sorted(points))
+            ax.plot(seqs, values, marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set(title=f"D={head_dim}" + (", causal" if causal else ""), xlabel="S", ylabel="TOPS")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="x-small")
+    _parent(path)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _parent(path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_size(text: str) -> int:
+    """A positive count, with an optional k suffix (×1024): ``4k`` -> 4096."""
+    word = text.strip().lower()
+    scale = 1024 if word.endswith("k") else 1
+    try:
+        value = int(word.removesuffix("k")) * scale
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, optionally with a k suffix "
+                                         f"(1k = 1024), got {text!r}")
+    return value
+
+
+def _list_of(convert: Callable, what: str):
+    """An argparse type for comma lists; repeat the flag to append (``action="append"``)."""
+    def parse(text: str) -> list:
+        items = [item for item in text.split(",") if item.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma list of {what}, got {text!r}")
+        try:
+            return [convert(item.strip()) for item in items]
+        except (ValueError, TypeError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    parse.__name__ = what
+    return parse
+
+
+def _choice(choices) -> Callable:
+    def convert(word: str) -> str:
+        if word not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {word!r}")
+        return word
+    return convert
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    shapes = parser.add_argument_group("shapes (defaults: B=4 H=32 D=64,128 S=1k..32k; --quick: B=2 "
+                                       "H=8 S=1k,4k; on the CPU: B=1 H=2 D=64 S=128)")
+    shapes.add_argument("--batch", type=parse_size, help="batch size B")
+    shapes.add_argument("--heads", type=parse_size, help="query heads H")
+    shapes.add_argument("--kv-heads", type=parse_size, help="key/value heads (GQA; default: H)")
+    shapes.add_argument("--head-dim", action="append", type=_list_of(parse_size, "head dims"),
+                        help="head dims D, comma list or repeated")
+    shapes.add_argument("--seq", action="append", type=_list_of(parse_size, "sequence lengths"),
+                        help="sequence lengths S (Sq = Sk), comma list or repeated, e.g. 1k,4k,16k")
+    shapes.add_argument("--causal", choices=("on", "off", "both"), default="both")
+    shapes.add_argument("--dtype", choices=tuple(DTYPES), default="fp16")
+    shapes.add_argument("--quick", action="store_true", help="a small preset for a smoke run")
+
+    runs = parser.add_argument_group("providers")
+    runs.add_argument("--providers", action="append", type=_list_of(_choice(PROVIDERS), "providers"),
+                      help=f"comma list of {', '.join(PROVIDERS)} (default: all)")
+    runs.add_argument("--baseline", choices=tuple(PROVIDERS), default=BASELINE,
+                      help=f"the provider every row is compared to (default: {BASELINE})")
+    runs.add_argument("--modes", action="append", type=_list_of(_choice(MODES), "modes"),
+                      help="e2e (quantization included), kernel (payloads made outside the timing); "
+                           "default: both")
+    runs.add_argument("--pv-accum", action="append",
+                      type=_list_of(lambda w: PVAccum.parse(w, "--pv-accum"), "pv_accum values"),
+                      help="sageflash P·V accumulation, comma list (default: fp32+fp16)")
+    runs.add_argument("--granularity", action="append",
+                      type=_list_of(lambda w: QKGranularity.parse(w, "--granularity"), "granularities"),
+                      help="sageflash Q/K scale groups, comma list (default: per_thread)")
+    runs.add_argument("--smooth-k", action=argparse.BooleanOptionalAction, default=True,
+                      help="subtract K's mean before int8 (default: on)")
+
+    timing = parser.add_argument_group("timing and output")
+    timing.add_argument("--warmup", type=float, default=25.0, help="warm-up budget in ms (default 25)")
+    timing.add_argument("--rep", type=float, default=100.0, help="timed budget in ms (default 100)")
+    timing.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    timing.add_argument("--json", metavar="PATH", help="write meta + rows as JSON")
+    timing.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
+    timing.add_argument("--plot", metavar="PATH.png", help="plot TOPS against S (needs matplotlib)")
+    timing.add_argument("--allow-cpu", action="store_true",
+                        help="without a CUDA GPU, run a tiny CPU smoke benchmark (reference backend)")
+    return parser
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="benchmark attention throughput (TOPS)",
+                                   description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def _flatten(lists: list[list] | None) -> list | None:
+    return None if lists is None else list(dict.fromkeys(itertools.chain.from_iterable(lists)))
+
+
+def settings_from_args(args: argparse.Namespace, device: torch.device) -> Settings:
+    """Fill unset shape flags from the preset; ValueError on an inconsistent combination."""
+    preset = PRESETS["cpu" if device.type == "cpu" else "quick" if args.quick else "full"]
+    head_dims, seqs = _flatten(args.head_dim), _flatten(args.seq)
+    heads = args.heads or preset["heads"]
+    kv_heads = args.kv_heads or heads
+    if heads % kv_heads:
+        raise ValueError(f"--heads ({heads}) must be a multiple of --kv-heads ({kv_heads})")
+    if args.warmup < 0 or args.rep <= 0:
+        raise ValueError(f"--warmup must be >= 0 and --rep > 0 (ms), got {args.warmup:g} and {args.rep:g}")
+    baseline = args.baseline
+    providers = _flatten(args.providers) or DEFAULT_PROVIDERS
+    providers = sorted(providers, key=lambda name: name != baseline)  # stable: the baseline first
+    knobs = list(dict.fromkeys(resolved_knobs(pv, gran, args.smooth_k) for pv, gran in itertools.product(
+        _flatten(args.pv_accum) or [PVAccum.FP32_FP16], _flatten(args.granularity) or [QKGranularity.PER_THREAD])))
+    causals = {"on": [True], "off": [False], "both": [False, True]}[args.causal]
+    return Settings(batch=args.batch or preset["batch"], heads=heads, kv_heads=kv_heads,
+                    head_dims=head_dims or preset["head_dim"], seqs=seqs or preset["seq"],
+                    causals=causals, providers=providers, modes=_flatten(args.modes) or list(MODES),
+                    knobs=knobs, baseline=baseline, dtype=args.dtype, warmup=args.warmup, rep=args.rep,
+                    seed=args.seed)
+
+
+def resolved_knobs(pv_accum, granularity, smooth_k: bool) -> Knobs:
+    """The knobs a run really uses, after the ``GGML_SAGE_*`` overrides, so the labels tell the truth."""
+    params = resolve_params(None, False, smooth_k, False, pv_accum, granularity)
+    return Knobs(params.pv_accum, params.granularity, params.smooth_k)
+
+
+def pick_device(allow_cpu: bool) -> torch.device | None:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu") if allow_cpu else None
+
+
+def _fail(message: str) -> int:
+    print(f"sageflash bench: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``bench`` subcommand: 0 when at least one row was measured, 1 when none, 2 on bad usage."""
+    device = pick_device(args.allow_cpu)
+    if device is None:
+        return _fail("needs a CUDA GPU (none found); --allow-cpu runs a tiny CPU smoke benchmark instead")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401  (checked before a long run, used at its end)
+        except ImportError:
+            return _fail("--plot needs matplotlib: pip install matplotlib (or 'sageflash[plot]')")
+    try:
+        settings = settings_from_args(args, device)
+    except ValueError as exc:
+        return _fail(str(exc))
+
+    meta = environment(device, settings)
+    print(preamble(meta, settings.baseline))
+    print(format_header(settings.baseline), flush=True)
+    results = run_benchmarks(settings, device, lambda r: print(format_row(r, settings.baseline), flush=True))
+    if args.json:
+        write_json(args.json, meta, results)
+    if args.csv:
+        write_csv(args.csv, results)
+    if args.plot:
+        write_plot(args.plot, results)
+    return 0 if any(r.ms is not None for r in results) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m sageflash.bench``: the same as ``sageflash bench``."""
+    parser = add_arguments(argparse.ArgumentParser(prog="sageflash bench", description=__doc__.splitlines()[0]))
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""`sageflash bench` on the CPU: the TOPS formula, flag parsing, and the table/JSON/CSV writers on a
+real ``--allow-cpu`` run (reference backend and CPU SDPA, tiny shape)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import importlib.util
+import io
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sageflash import bench
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--batch", "1", "--heads", "2", "--seq", "128", "--head-dim", "64", "--warmup", "0", "--rep", "1"]
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """Parse through ``register``, as the ``sageflash`` CLI does."""
+    parser = argparse.ArgumentParser(prog="sageflash")
+    bench.register(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["bench", *argv])
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory):
+    """One real CPU run of the tiny shape, causal and not: (rc, stdout, json, csv rows)."""
+    out = tmp_path_factory.mktemp("bench")
+    argv = [*TINY, "--allow-cpu", "--providers", "sageflash,sdpa-flash,sdpa-cudnn,sageattention",
+            "--baseline", "sdpa-flash", "--json", str(out / "r.json"), "--csv", str(out / "r.csv")]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.cuda, "is_available", lambda: False)
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            rc = bench.run(parse(argv))
+    with open(out / "r.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return rc, stdout.getvalue(), json.loads((out / "r.json").read_text()), rows
+
+
+def test_tops_formula():
+    rng = random.Random(7)
+    for causal in (False, True):
+        b, h, s, d = rng.randint(1, 8), rng.randint(1, 64), rng.randint(1, 1 << 15), rng.choice([64, 128])
+        ms = rng.uniform(0.01, 100.0)
+        shape = bench.Shape(b, h, max(1, h // 2), s, d, causal)
+        expected = 4 * b * h * s * s * d / (2 if causal else 1) / (ms / 1000) / 1e12
+        assert bench.tops(shape, ms) == pytest.approx(expected, rel=1e-12)
+    # H is the query heads: the KV head count does not change the work.
+    assert bench.attention_flops(bench.Shape(1, 8, 1, 64, 64, False)) == \
+        bench.attention_flops(bench.Shape(1, 8, 8, 64, 64, False))
+
+
+@pytest.mark.parametrize("text, value", [("1k", 1024), ("4K", 4096), ("32k", 32768), (" 640 ", 640)])
+def test_parse_size(text, value):
+    assert bench.parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["0", "-4k", "1x", "k", "1.5k", ""])
+def test_parse_size_rejects(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="positive integer"):
+        bench.parse_size(text)
+
+
+def test_flag_lists_and_presets():
+    args = parse(["--seq", "1k,4k", "--seq", "2k", "--head-dim", "128", "--causal", "on",
+                  "--pv-accum", "fp32,FP32+FP32", "--granularity", "per_warp", "--no-smooth-k",
+                  "--providers", "sdpa-flash,sageflash", "--modes", "kernel", "--heads", "16",
+                  "--kv-heads", "4"])
+    settings = bench.settings_from_args(args, torch.device("cuda"))
+    assert settings.seqs == [1024, 4096, 2048]
+    assert settings.head_dims == [128]
+    assert settings.causals == [True]
+    assert (settings.heads, settings.kv_heads, settings.batch) == (16, 4, bench.PRESETS["full"]["batch"])
+    assert settings.providers == ["sdpa-flash", "sageflash"]
+    assert [k.label for k in settings.knobs] == ["fp32/per_warp/no-smooth-k", "fp32+fp32/per_warp/no-smooth-k"]
+    # sdpa has one timing, run whatever mode was asked; sageflash runs the modes asked for.
+    assert [(p.name, m) for p, _, m in settings.runs()] == [("sdpa-flash", "e2e"), ("sageflash", "kernel"),
+                                                            ("sageflash", "kernel")]
+
+    full = bench.settings_from_args(parse([]), torch.device("cuda"))
+    assert full.seqs == [1024, 2048, 4096, 8192, 16384, 32768] and full.head_dims == [64, 128]
+    assert (full.batch, full.heads, full.kv_heads, full.causals) == (4, 32, 32, [False, True])
+    assert full.providers[0] == bench.BASELINE and full.modes == ["e2e", "kernel"]
+    quick = bench.settings_from_args(parse(["--quick", "--seq", "512"]), torch.device("cuda"))
+    assert (quick.batch, quick.seqs) == (bench.PRESETS["quick"]["batch"], [512])  # explicit flags win
+    cpu = bench.settings_from_args(parse(["--quick"]), torch.device("cpu"))
+    assert (cpu.batch, cpu.heads, cpu.seqs, cpu.head_dims) == (1, 2, [128], [64])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--providers", "sdpa-flash,flashinfer"], "flashinfer"),
+    (["--pv-accum", "fp8"], "--pv-accum must be one of"),
+    (["--granularity", "per_block"], "--granularity must be one of"),
+    (["--modes", "e2e,fast"], "fast"),
+    (["--seq", "1k,,x"], "positive integer"),
+])
+def test_bad_flags_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_inconsistent_heads_exit_2(no_cuda, capsys):
+    assert bench.run(parse([*TINY, "--allow-cpu", "--kv-heads", "3"])) == 2
+    assert "--kv-heads" in capsys.readouterr().err
+
+
+def test_no_cuda_is_a_one_line_error(no_cuda, capsys):
+    assert bench.run(parse([])) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and "CUDA GPU" in captured.err and "--allow-cpu" in captured.err
+
+
+def test_plot_without_matplotlib_is_a_clear_error(no_cuda, monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert bench.run(parse([*TINY, "--allow-cpu", "--plot", str(tmp_path / "p.png")])) == 2
+    assert "matplotlib" in capsys.readouterr().err
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_cpu_run_rows(cpu_run):
+    rc, _, report, _ = cpu_run
+    assert rc == 0
+    rows = report["results"]
+    runs = [(r["causal"], r["provider"], r["mode"]) for r in rows]
+    # The baseline first; sdpa-cudnn and sageattention fail on the CPU and are rows, not crashes.
+    expected = [(c, p, m) for c in (False, True) for p, m in [
+        ("sdpa-flash", "e2e"), ("sageflash", "e2e"), ("sageflash", "kernel"), ("sdpa-cudnn", "e2e"),
+        ("sageattention", "e2e")]]
+    assert runs == expected
+    for row in rows:
+        assert (row["batch"], row["heads"], row["kv_heads"], row["seq"], row["head_dim"]) == (1, 2, 2, 128, 64)
+        if row["provider"] in ("sdpa-cudnn", "sageattention"):
+            assert row["error"] and row["ms"] is None and row["tops"] is None
+            continue
+        assert row["error"] is None and row["ms"] > 0
+        shape = bench.Shape(**{f: row[f] for f in ("batch", "heads", "kv_heads", "seq", "head_dim", "causal")})
+        assert row["tops"] == pytest.approx(bench.tops(shape, row["ms"]))
+        baseline = next(b for b in rows if b["provider"] == "sdpa-flash" and b["causal"] == row["causal"])
+        assert row["vs_baseline"] == pytest.approx(baseline["ms"] / row["ms"])
+        assert row["peak_mib"] is None and row["x_qkv"] is None  # no GPU memory on the CPU
+    assert [r["config"] for r in rows if r["provider"] == "sageflash"] == ["fp32+fp16/per_thread"] * 4
+    assert "sageattention" in next(r["error"] for r in rows if r["provider"] == "sageattention").lower()
+    meta = report["meta"]
+    assert meta["timer"] == bench.timer_description(torch.device("cpu"))
+    assert meta["settings"]["providers"][0] == "sdpa-flash"
+
+
+def test_cpu_run_table_and_csv_match_json(cpu_run):
+    _, stdout, report, csv_rows = cpu_run
+    rows = report["results"]
+    lines = stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if not line.startswith("#"))
+    assert lines[header].split()[:9] == ["B", "H", "Hkv", "S", "D", "causal", "provider", "config", "mode"]
+    assert "vs sdpa-flash" in lines[header]
+    table = lines[header + 1:]
+    assert len(table) == len(rows) == len(csv_rows)
+    for line, row, csv_row in zip(table, rows, csv_rows):
+        assert csv_row["provider"] == row["provider"] and csv_row["mode"] == row["mode"]
+        assert csv_row["causal"] == str(row["causal"])
+        if row["error"]:
+            assert line.endswith(row["error"]) and csv_row["error"] == row["error"]
+            continue
+        assert float(csv_row["ms"]) == pytest.approx(row["ms"]) and csv_row["error"] == ""
+        cells = line.split()
+        assert cells[cells.index(row["mode"]) + 1] == format(row["ms"], ".4g")
+        assert cells[cells.index(row["mode"]) + 2] == format(row["tops"], ".4g")
+
+
+def test_benchmark_script_writes_csv(no_cuda, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_attention", ROOT / "benchmarks" / "bench_attention.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    path = tmp_path / "attention.csv"
+    argv = [*TINY, "--allow-cpu", "--causal", "off", "--providers", "sdpa-flash", "--csv", str(path)]
+    assert script.main(argv) == 0
+    rows = list(csv.DictReader(path.open()))
+    assert [(r["provider"], r["seq"], r["causal"]) for r in rows] == [("sdpa-flash", "128", "False")]
+    assert "sdpa-flash" in capsys.readouterr().out

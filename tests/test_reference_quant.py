@@ -1,0 +1,230 @@
+"""The CPU reference quantizers (SPEC §3–4): official payloads, group rules, smoothing, V scales."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import sageflash
+from helpers import (assert_fp8_match, assert_int8_match, assert_scales_match, fp8_ordinal,
+                     load_refdump, random_qkv)
+
+BACKEND = "reference"
+
+
+def test_quantizers_match_official_payloads(refdump_prefix):
+    meta = sageflash.dumps.read_meta(refdump_prefix)
+    optional = ["k_mean"] * meta.smooth_k + ["v_mean"] * meta.smooth_v
+    _, ref = load_refdump(refdump_prefix, "q", "k", "v", "q_int8", "q_scale", "k_int8", "k_scale",
+                          "v_fp8", "v_scale", *optional)
+    km = ref["k_mean"].to(ref["k"].dtype) if meta.smooth_k else None
+    q_int8, q_scale, k_int8, k_scale, _ = sageflash.quantize_qk(
+        ref["q"], ref["k"], granularity=meta.granularity, smooth_k=meta.smooth_k, km=km, backend=BACKEND)
+    v_fp8, v_scale, v_mean = sageflash.quantize_v(
+        ref["v"], pv_accum=meta.pv_accum, smooth_v=meta.smooth_v, backend=BACKEND)
+
+    assert_int8_match(q_int8, ref["q_int8"], "q_int8")
+    assert_int8_match(k_int8, ref["k_int8"], "k_int8")
+    assert_scales_match(q_scale, ref["q_scale"], "q_scale")
+    assert_scales_match(k_scale, ref["k_scale"], "k_scale")
+    assert_fp8_match(v_fp8, ref["v_fp8"], "v_fp8")
+    assert_scales_match(v_scale, ref["v_scale"], "v_scale")
+    if meta.smooth_v:
+        assert_scales_match(v_mean, ref["v_mean"], "v_mean", atol=1e-7)  # a mean may be near 0
+    else:
+        assert v_mean is None
+
+
+def test_key_mean_matches_official(refdump_prefix):
+    """Without a given km the computed mean is the official one (input dtype, widened)."""
+    meta, ref = load_refdump(refdump_prefix)
+    if not meta.smooth_k:
+        pytest.skip("no K smoothing in this dump")
+    _, official = load_refdump(refdump_prefix, "k_mean", "k_int8")
+    *_, k_int8, _, km = sageflash.quantize_qk(ref["q"], ref["k"], granularity=meta.granularity,
+                                              smooth_k=True, backend=BACKEND)
+    assert km.dtype == ref["k"].dtype
+    torch.testing.assert_close(km.float(), official["k_mean"], rtol=0, atol=0)
+    assert_int8_match(k_int8, official["k_int8"], "k_int8")
+
+
+# Group membership written from SPEC §3's description (not from its formulas): a per_warp Q
+# group is a warp's 32 rows, a per_thread one the 4 rows t, t+8, t+16, t+24 of one thread; a
+# per_warp K group is a 64-key block, a per_thread one the 16 keys 8c + 2p + {0, 1} (c < 8) of
+# thread p in that block.
+def q_group_members(g: int, per_thread: bool) -> list[int]:
+    if not per_thread:
+        return list(range(32 * g, 32 * g + 32))
+    warp, lane_row = divmod(g, 8)
+    return [32 * warp + lane_row + 8 * i for i in range(4)]
+
+
+def k_group_members(g: int, per_thread: bool) -> list[int]:
+    if not per_thread:
+        return list(range(64 * g, 64 * g + 64))
+    block, pair = divmod(g, 4)
+    return [64 * block + 8 * c + 2 * pair + e for c in range(8) for e in range(2)]
+
+
+def expected_int8(x: torch.Tensor, members, num_groups: int, per_thread: bool):
+    """SPEC §3 quantization of float32 ``x [B,H,S,D]``: (values, scales), scales only for groups
+    holding at least one real token (the others are irrelevant)."""
+    values = torch.empty_like(x)
+    scales = torch.full((*x.shape[:2], num_groups), math.nan)
+    for g in range(num_groups):
+        rows = [t for t in members(g, per_thread) if t < x.shape[2]]
+        if not rows:
+            continue
+        part = x[:, :, rows]
+        amax = part.abs().amax(dim=(2, 3))
+        if per_thread:
+            scale = amax / 127 + 1e-7
+            ratio = part / scale[..., None, None]
+            values[:, :, rows] = torch.trunc(ratio + 0.5 * torch.sign(ratio))
+        else:
+            amax = amax.clamp_min(1e-7)
+            scale = amax / 127
+            values[:, :, rows] = torch.round(part * (127 / amax)[..., None, None])
+        scales[..., g] = scale
+    return values.clamp(-128, 127).to(torch.int8), scales
+
+
+def assert_groups_match(actual_int8, actual_scale, x, members, per_thread, name):
+    padded = actual_int8.shape[-1]
+    x = torch.nn.functional.pad(x, (0, padded - x.shape[-1]))
+    values, scales = expected_int8(x, members, actual_scale.shape[-1], per_thread)
+    real = ~scales.isnan()
+    assert_scales_match(actual_scale[real], scales[real], f"{name}_scale")
+    assert_int8_match(actual_int8, values, f"{name}_int8", max_fraction=0)
+
+
+@pytest.mark.parametrize("granularity", ["per_warp", "per_thread"])
+@pytest.mark.parametrize("head_dim,dtype", [(40, torch.float16), (96, torch.bfloat16), (128, torch.float16)])
+def test_qk_groups_scales_and_values(granularity, head_dim, dtype):
+    """Scale groups, group counts, rounding rules and head-dim padding of SPEC §3 (no smoothing).
+
+    Tokens get very different magnitudes so that a token in the wrong group changes a scale.
+    """
+    q, k, _ = random_qkv(2, 4, 2, 200, 150, head_dim, seed=head_dim, dtype=dtype, dist="normal")
+    gen = torch.Generator().manual_seed(7)
+    q = (q.float() * torch.exp(2 * torch.randn(200, 1, generator=gen))).to(dtype)
+    k = (k.float() * torch.exp(2 * torch.randn(150, 1, generator=gen))).to(dtype)
+    per_thread = granularity == "per_thread"
+    q_int8, q_scale, k_int8, k_scale, km = sageflash.quantize_qk(
+        q, k, granularity=granularity, smooth_k=False, backend=BACKEND)
+
+    padded = 64 if head_dim <= 64 else 128
+    assert q_int8.shape == (2, 4, 200, padded) and k_int8.shape == (2, 2, 150, padded)
+    assert q_scale.shape == (2, 4, math.ceil(200 / 128) * (32 if per_thread else 4))
+    assert k_scale.shape == (2, 2, math.ceil(150 / 64) * (4 if per_thread else 1))
+    assert km is None
+    assert not q_int8[..., head_dim:].any() and not k_int8[..., head_dim:].any()
+    assert_groups_match(q_int8, q_scale, q.float(), q_group_members, per_thread, "q")
+    assert_groups_match(k_int8, k_scale, k.float(), k_group_members, per_thread, "k")
+
+
+def test_per_warp_rounds_half_to_even():
+    """per_warp uses round-half-to-even: with amax = 127 the ratio is x itself."""
+    ties = torch.tensor([127.0, 2.5, 3.5, -2.5, -3.5, 0.5, -0.5, 1.5])
+    q = torch.zeros(1, 1, 1, 64, dtype=torch.float16)
+    q[..., : ties.numel()] = ties.half()
+    q_int8, *_ = sageflash.quantize_qk(q, q, granularity="per_warp", smooth_k=False, backend=BACKEND)
+    assert q_int8[0, 0, 0, : ties.numel()].tolist() == [127, 2, 4, -2, -4, 0, 0, 2]
+
+
+@pytest.mark.parametrize("granularity", ["per_warp", "per_thread"])
+def test_smooth_k_default_mean(granularity):
+    """km = mean over all keys in float32, rounded to the input dtype, zero-padded to D."""
+    q, k, _ = random_qkv(1, 2, 2, 50, 77, 80, seed=3, dtype=torch.bfloat16, k_offset=4)
+    *_, km = sageflash.quantize_qk(q, k, granularity=granularity, smooth_k=True, backend=BACKEND)
+    assert km.shape == (1, 2, 128) and km.dtype == torch.bfloat16
+    expected = k.double().mean(dim=2).to(torch.bfloat16)
+    assert torch.equal(km[..., :80], expected)
+    assert not km[..., 80:].any()
+
+
+@pytest.mark.parametrize("km_dim", [64, 48])
+def test_per_thread_smoothing_uses_given_mean_in_input_dtype(km_dim):
+    """per_thread encodes k − km computed in the input dtype; a given km ([B,Hk,D] or
+    [B,Hk,D0]) replaces the computed mean."""
+    q, k, _ = random_qkv(1, 2, 1, 40, 90, 48, seed=11, k_offset=6)
+    km = random_qkv(1, 1, 1, 1, 1, km_dim, seed=12)[0][:, :, 0] * 3
+    smoothed = sageflash.quantize_qk(q, k, granularity="per_thread", smooth_k=True, km=km, backend=BACKEND)
+    shifted = sageflash.quantize_qk(q, k - km[:, :, None, :48], granularity="per_thread", smooth_k=False,
+                                    backend=BACKEND)
+    for name, a, b in zip(["q_int8", "q_scale", "k_int8", "k_scale"], smoothed, shifted):
+        assert torch.equal(a, b), name
+    assert torch.equal(smoothed[4][..., :48], km[..., :48])
+
+
+def test_per_warp_smoothing_uses_given_mean():
+    q, k, _ = random_qkv(1, 2, 2, 40, 130, 64, seed=13, k_offset=6)
+    km = k.float().mean(dim=2).half() + 0.25
+    smoothed = sageflash.quantize_qk(q, k, granularity="per_warp", smooth_k=True, km=km, backend=BACKEND)
+    values, scales = expected_int8(k.float() - km.float()[:, :, None], k_group_members, 3, False)
+    assert_scales_match(smoothed[3], scales, "k_scale")
+    assert_int8_match(smoothed[2], values, "k_int8", max_fraction=0)
+
+
+def expected_v(v: torch.Tensor, scale_max: float, smooth_v: bool):
+    """SPEC §4 from the text: statistics over the zero-padded window of ceil16(Sk) tokens."""
+    seq_k = v.shape[2]
+    window = torch.nn.functional.pad(v.float(), (0, 0, 0, -seq_k % 16))
+    mean = window.sum(dim=2) / window.shape[2] if smooth_v else torch.zeros(window.shape[:2] + window.shape[3:])
+    amax = torch.maximum((window.amax(dim=2) - mean).abs(), (window.amin(dim=2) - mean).abs())
+    inv_scale = (scale_max / amax).nan_to_num(0.0, posinf=0.0)  # multiply by the reciprocal, like the kernels
+    payload = (v.float() - mean[:, :, None]) * inv_scale[:, :, None]
+    return payload.clamp(-448, 448).to(torch.float8_e4m3fn), amax / scale_max, mean
+
+
+@pytest.mark.parametrize("pv_accum,scale_max", [("fp32", 448.0), ("fp32+fp32", 448.0), ("fp32+fp16", 2.25)])
+@pytest.mark.parametrize("smooth_v", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_quantize_v(pv_accum, scale_max, smooth_v, dtype):
+    """Per-channel scale amax/scale_max over the window (mean divided by ceil16(Sk), not Sk),
+    natural token order, zero padding in tokens and channels."""
+    _, _, v = random_qkv(2, 2, 2, 1, 37, 40, seed=21, dtype=dtype, v_offset=2)
+    v_fp8, v_scale, v_mean = sageflash.quantize_v(v, pv_accum=pv_accum, smooth_v=smooth_v, backend=BACKEND)
+    payload, scale, mean = expected_v(v, scale_max, smooth_v)
+
+    assert v_fp8.dtype == torch.float8_e4m3fn and v_fp8.shape == (2, 2, 64, 64)
+    assert v_scale.dtype == torch.float32 and v_scale.shape == (2, 2, 64)
+    assert_scales_match(v_scale[..., :40], scale[..., :40], "v_scale")
+    assert_fp8_match(v_fp8[:, :, :40, :37], payload.transpose(2, 3)[:, :, :40], "v_fp8")
+    assert not fp8_ordinal(v_fp8[..., 37:]).any() and not fp8_ordinal(v_fp8[:, :, 40:]).any()
+    assert not v_scale[..., 40:].any()
+    top = v_fp8[:, :, :40].float().abs().amax(dim=-1)
+    assert (top <= scale_max).all()
+    if not smooth_v:  # each channel's largest |v| lands on the top of the chosen range
+        assert torch.equal(top, torch.full_like(top, scale_max))
+    if smooth_v:
+        assert v_mean.dtype == torch.float32 and v_mean.shape == (2, 2, 64)
+        assert_scales_match(v_mean[..., :40], mean[..., :40], "v_mean", atol=1e-7)
+    else:
+        assert v_mean is None
+
+
+@pytest.mark.parametrize("smooth_v,pv_accum", [(False, "fp32+fp16"), (True, "fp32")])
+def test_zero_v_channel_gives_zero_scale_and_payload(smooth_v, pv_accum):
+    """Deliberate deviation from the official code (SPEC §4): no NaN for an all-zero channel."""
+    _, _, v = random_qkv(1, 2, 2, 1, 70, 64, seed=31)
+    v[:, 1, :, 5] = 0
+    v_fp8, v_scale, v_mean = sageflash.quantize_v(v, pv_accum=pv_accum, smooth_v=smooth_v, backend=BACKEND)
+    assert v_scale[0, 1, 5] == 0 and torch.isfinite(v_scale).all()
+    assert not fp8_ordinal(v_fp8[0, 1, 5]).any()
+    assert fp8_ordinal(v_fp8[0, 0, 5]).any()  # the same channel of the other head is untouched
+    if smooth_v:
+        assert v_mean[0, 1, 5] == 0
+
+
+def test_quantizers_leave_inputs_unchanged():
+    q, k, v = random_qkv(1, 4, 2, 65, 66, 80, seed=41)
+    km = k.mean(dim=2)
+    before = [x.clone() for x in (q, k, v, km)]
+    sageflash.quantize_qk(q, k, granularity="per_thread", smooth_k=True, km=km, backend=BACKEND)
+    sageflash.quantize_qk(q, k, granularity="per_warp", smooth_k=True, backend=BACKEND)
+    sageflash.quantize_v(v, pv_accum="fp32", smooth_v=True, backend=BACKEND)
+    for original, now in zip(before, (q, k, v, km)):
+        assert torch.equal(original, now)
