@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import importlib.util
 import io
 import json
@@ -192,3 +193,13 @@ def test_benchmark_script_writes_csv(no_cuda, tmp_path, capsys):
     rows = list(csv.DictReader(path.open()))
     assert [(r["provider"], r["seq"], r["causal"]) for r in rows] == [("sdpa-flash", "128", "False")]
     assert "sdpa-flash" in capsys.readouterr().out
+
+
+def test_plot_writes_png(cpu_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    _, _, report, _ = cpu_run
+    fields = {f.name for f in dataclasses.fields(bench.Shape)}
+    results = [bench.Result(bench.Shape(**{f: r[f] for f in fields}),
+                            **{k: v for k, v in r.items() if k not in fields}) for r in report["results"]]
+    bench.write_plot(str(tmp_path / "p.png"), results)
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -17,6 +17,7 @@ import csv
 import dataclasses
 import functools
 import importlib
+import importlib.metadata
 import itertools
 import json
 import platform
@@ -36,6 +37,7 @@ MODES = ("e2e", "kernel")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 BASELINE = "sdpa-cudnn"
 MIB = 1 << 20
+DESCRIPTION = __doc__.splitlines()[0].replace("``", "")
 
 # Shape presets: explicit flags win, then --quick (or the tiny CPU shape when running on the CPU).
 PRESETS = {
@@ -176,7 +178,11 @@ def _build_sageattention(q, k, v, causal, knobs, mode):
 
 def _build_sageattention_sm89(q, k, v, causal, knobs: Knobs, mode):
     """``sageattn_qk_int8_pv_fp8_cuda``: the official SM89 kernel with sageflash's knobs."""
-    return functools.partial(_official(q).sageattn_qk_int8_pv_fp8_cuda, q, k, v, tensor_layout="HND",
+    module = _official(q)
+    if not hasattr(module, "sageattn_qk_int8_pv_fp8_cuda"):
+        raise ProviderSkipped(f"skipped: sageattention {_version('sageattention')} has no "
+                              "sageattn_qk_int8_pv_fp8_cuda (SageAttention 2)")
+    return functools.partial(module.sageattn_qk_int8_pv_fp8_cuda, q, k, v, tensor_layout="HND",
                              is_causal=causal, qk_quant_gran=str(knobs.granularity),
                              pv_accum_dtype=str(knobs.pv_accum), smooth_k=knobs.smooth_k)
 
@@ -397,10 +403,10 @@ def environment(device: torch.device, settings: Settings) -> dict:
     return meta
 
 
-def _version(module: str) -> str | None:
+def _version(distribution: str) -> str | None:
     try:
-        return importlib.import_module(module).__version__
-    except Exception:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
         return None
 
 
@@ -447,7 +453,10 @@ def write_plot(path: str, results: list[Result]) -> None:
         for label, points in lines.items():
             seqs, values = zip(*sorted(points))
             ax.plot(seqs, values, marker="o", label=label)
+        ticks = sorted({r.shape.seq for r in measured})
         ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [f"{s // 1024}k" if s % 1024 == 0 else str(s) for s in ticks])
+        ax.set_ylim(bottom=0)
         ax.set(title=f"D={head_dim}" + (", causal" if causal else ""), xlabel="S", ylabel="TOPS")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="x-small")
@@ -546,7 +555,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("bench", help="benchmark attention throughput (TOPS)",
-                                   description=__doc__.splitlines()[0])
+                                   description=DESCRIPTION)
     add_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -625,7 +634,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m sageflash.bench``: the same as ``sageflash bench``."""
-    parser = add_arguments(argparse.ArgumentParser(prog="sageflash bench", description=__doc__.splitlines()[0]))
+    parser = add_arguments(argparse.ArgumentParser(prog="sageflash bench", description=DESCRIPTION))
     return run(parser.parse_args(argv))
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .. import bench
 from . import compare, dump, run
 
-SUBCOMMANDS = [run, dump, compare]
+SUBCOMMANDS = [run, dump, compare, bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

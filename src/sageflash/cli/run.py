@@ -23,7 +23,7 @@ from .. import dumps
 from ..cases import CASES, DEFAULT_CASE
 from ..op import sage_attn_sm89_fp16
 from ..params import PVAccum, QKGranularity, SageParams, resolve_params
-from ..reference import visible_keys
+from ..reference.attention import visible_keys
 
 KNOB_FLAGS = ("granularity", "smooth_k", "smooth_v", "pv_accum")
 REFERENCE_NAMES = {"flash": "flash", "sage": "sageattention"}
@@ -37,9 +37,9 @@ def positive_int(text: str) -> int:
 
 
 def add_case_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--case", action="append", default=[], metavar="NAME",
+    parser.add_argument("--case", action="append", dest="cases", default=[], metavar="NAME",
                         help="a built-in case (repeatable; see --list)")
-    parser.add_argument("--cases", action="append", default=[], metavar="A,B,C",
+    parser.add_argument("--cases", action="append", dest="cases", default=[], metavar="A,B,C",
                         help="comma-separated built-in cases")
     parser.add_argument("--seed", type=int, default=1234,
                         help="seed of the case inputs, uniform in [-1, 1] (default 1234)")
@@ -87,7 +87,7 @@ class Workload:
 
 def case_names(args) -> list[str]:
     """``--case`` and ``--cases`` in the order given; the default case when none is."""
-    names = list(args.case) + [n.strip() for spec in args.cases for n in spec.split(",") if n.strip()]
+    names = [name.strip() for spec in args.cases for name in spec.split(",") if name.strip()]
     for name in names:
         if name not in CASES:
             raise ValueError(f"unknown case {name!r} (`sageflash run --list` shows the built-in cases)")
@@ -130,11 +130,19 @@ def dump_workload(prefix: str, args, device: torch.device, with_official: bool) 
 
 
 def pick_backend() -> tuple[torch.device, str, str]:
-    """(device, backend name, a line saying which backend runs where)."""
-    if torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
-        return device, "triton", f"backend: triton ({device} {torch.cuda.get_device_name(device)})"
-    return torch.device("cpu"), "reference", "backend: reference (CPU; no CUDA device)"
+    """(device, backend name, a line saying which backend runs where): the Triton kernels on a GPU
+    that can run them, else the CPU reference."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu"), "reference", "backend: reference (CPU; no CUDA device)"
+    from ..kernels import MIN_CAPABILITY
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    name, capability = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
+    if capability < MIN_CAPABILITY:
+        return torch.device("cpu"), "reference", (
+            f"backend: reference (CPU; {name} has compute capability {capability[0]}.{capability[1]}, "
+            f"the kernels need {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]})")
+    return device, "triton", f"backend: triton ({device} {name})"
 
 
 def flash_call(q, k, v, params: SageParams, dtype: torch.dtype):
@@ -276,7 +284,7 @@ def run_workload(work: Workload, *, iters: int, reference: str, backend: str,
 def workloads(args, device: torch.device) -> list[Workload]:
     if args.compare == "sage" and not args.load:
         raise ValueError("--compare sage needs --load PREFIX (the official output comes from a dump)")
-    if args.load and (args.case or args.cases):
+    if args.load and args.cases:
         raise ValueError("--load and --case/--cases cannot be combined")
     if args.load:
         return [dump_workload(prefix, args, device, args.compare == "sage") for prefix in args.load]

@@ -1,0 +1,77 @@
+"""Ahead-of-time compilation of the attention kernel for a given GPU architecture, no GPU needed.
+
+Lets CI (and a curious user) check what the tensor-core products lower to: ``wgmma`` on sm_90,
+``mma.sync ... s8`` / ``e4m3`` on sm_89.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from .. import groups
+from ..params import PVAccum, QKGranularity
+from .attention import _attention_kernel, launch_config
+
+_POINTER_TYPES = {"Q8": "*i8", "K8": "*i8", "V8": "*fp8e4nv", "QS": "*fp32", "KS": "*fp32",
+                  "VS": "*fp32", "VM": "*fp32", "LSE": "*fp32"}
+_FLOAT_ARGS = {"log2_scale"}
+MMA_PATTERN = re.compile(r"(wgmma\.mma_async[\w.]*|mma\.sync[\w.]*)")
+
+
+def compile_attention(capability: int, *, head_dim: int = 128, pv_accum="fp32+fp32",
+                      granularity="per_thread", is_causal: bool = False, out_dtype: str = "fp16"):
+    """Compile `_attention_kernel` for ``sm_<capability>`` (e.g. 89, 90); returns Triton's kernel."""
+    padded = groups.padded_head_dim(head_dim)
+    block_m, num_warps, num_stages = launch_config(padded, capability)
+    constants = dict(D=padded, BLOCK_M=block_m, BLOCK_N=groups.K_TILE,
+                     PER_THREAD=QKGranularity.parse(granularity, "granularity") is QKGranularity.PER_THREAD,
+                     IS_CAUSAL=is_causal, PV_MODE=PVAccum.parse(pv_accum, "pv_accum").code,
+                     SMOOTH_V=False, WRITE_LSE=False)
+    signature = {}
+    for name in inspect.signature(_attention_kernel.fn).parameters:
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name == "Out":
+            signature[name] = f"*{out_dtype}"
+        else:
+            signature[name] = _POINTER_TYPES.get(name, "fp32" if name in _FLOAT_ARGS else "i32")
+    source = ASTSource(_attention_kernel, signature, constexprs=constants)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def mma_instructions(ptx: str) -> set[str]:
+    """The distinct tensor-core instructions of a PTX listing."""
+    return set(MMA_PATTERN.findall(ptx))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m sageflash.kernels.compile``: print the tensor-core instructions as JSON lines.
+
+    Needs ``TRITON_INTERPRET`` unset (interpreted kernels cannot be compiled).
+    """
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("--capability", type=int, nargs="+", default=[89, 90])
+    parser.add_argument("--head-dim", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--pv-accum", nargs="+", default=[m.value for m in PVAccum])
+    args = parser.parse_args(argv)
+    for capability in args.capability:
+        for head_dim in args.head_dim:
+            for pv_accum in args.pv_accum:
+                kernel = compile_attention(capability, head_dim=head_dim, pv_accum=pv_accum, is_causal=True)
+                print(json.dumps({"capability": capability, "head_dim": head_dim, "pv_accum": pv_accum,
+                                  "mma": sorted(mma_instructions(kernel.asm["ptx"])),
+                                  "shared_bytes": kernel.metadata.shared}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

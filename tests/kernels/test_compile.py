@@ -1,0 +1,43 @@
+"""The kernels compile for Ada (sm_89) and Hopper (sm_90) without a GPU, onto the tensor cores.
+
+Compiled in a subprocess without TRITON_INTERPRET (interpreted kernels cannot be compiled).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+EXPECTED = {  # (capability, pv_accum) -> fragments the Q·Kᵀ and P·V instructions must show
+    (90, "fp32"): ("wgmma.mma_async", ".s32.s8.s8", ".f32.e4m3.e4m3"),
+    (90, "fp32+fp32"): ("wgmma.mma_async", ".s32.s8.s8", ".f32.e4m3.e4m3"),
+    (90, "fp32+fp16"): ("wgmma.mma_async", ".s32.s8.s8", ".f16.e4m3.e4m3"),
+    (89, "fp32"): ("mma.sync.aligned.m16n8k32", ".s32.s8.s8.s32", ".f32.e4m3.e4m3.f32"),
+    (89, "fp32+fp32"): ("mma.sync.aligned.m16n8k32", ".s32.s8.s8.s32", ".f32.e4m3.e4m3.f32"),
+    (89, "fp32+fp16"): ("mma.sync.aligned.m16n8k32", ".s32.s8.s8.s32", ".f16.e4m3.e4m3.f16"),
+}
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "sageflash.kernels.compile"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    rows = [json.loads(line) for line in run.stdout.splitlines()]
+    return {(r["capability"], r["pv_accum"], r["head_dim"]): set(r["mma"]) for r in rows}
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("capability,pv_accum", EXPECTED)
+def test_products_lower_to_tensor_cores(compiled, capability, pv_accum, head_dim):
+    found = compiled[capability, pv_accum, head_dim]
+    family, qk, pv = EXPECTED[capability, pv_accum]
+    assert all(i.startswith(family) for i in found), found
+    assert any(qk in i for i in found), f"no int8 Q·Kᵀ product in {found}"
+    assert any(pv in i for i in found), f"no fp8 P·V product in {found}"
+    assert len(found) == 2, found  # nothing upcast to an fp16 mma behind our back

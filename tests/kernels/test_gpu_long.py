@@ -1,0 +1,63 @@
+"""GPU-only accuracy at scale: 32k tokens against exact attention, >2**31-element offsets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sageflash
+from conftest import nmse
+
+pytestmark = pytest.mark.gpu
+
+
+def exact_attention_rows(q, k, v, rows, scale, causal):
+    """float64 softmax(q kᵀ) v for the query ``rows`` of every head (GQA expanded), on q's device."""
+    group = q.shape[1] // k.shape[1]
+    k = k.double().repeat_interleave(group, dim=1)
+    v = v.double().repeat_interleave(group, dim=1)
+    scores = q[:, :, rows].double() @ k.transpose(-1, -2) * scale
+    if causal:
+        keys = torch.arange(k.shape[2], device=q.device)
+        offset = k.shape[2] - q.shape[2]
+        scores = scores.masked_fill(keys[None, :] > rows[:, None] + offset, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_32k_tokens_against_exact(causal):
+    gen = torch.Generator(device="cuda").manual_seed(32768 + causal)
+    shape = (1, 4, 32768, 128)
+    q, k, v = (torch.randn(shape, generator=gen, device="cuda", dtype=torch.float16) for _ in range(3))
+    v = v + 0.5  # a common offset: the regime where accumulation precision shows
+    rows = torch.randint(0, shape[2], (512,), generator=gen, device="cuda")
+    exact = exact_attention_rows(q, k, v, rows, 128 ** -0.5, causal)
+    errors = {}
+    for mode in ("fp32", "fp32+fp32", "fp32+fp16"):
+        out = sageflash.sage_attn_sm89_fp16(q, k, v, is_causal=causal, pv_accum=mode)
+        ref = sageflash.sage_attn_sm89_fp16(q, k, v, is_causal=causal, pv_accum=mode, backend="reference")
+        assert torch.isfinite(out).all(), mode
+        errors[mode] = nmse(out[:, :, rows], exact)
+        assert nmse(out, ref) <= 1e-5, (mode, nmse(out, ref))
+        assert errors[mode] <= 5e-3, errors
+    print("32k NMSE vs exact:", errors)
+    assert errors["fp32+fp32"] <= errors["fp32"], errors
+
+
+def test_long_noncontiguous_past_2_31_elements():
+    """q/k/v as [B,S,H,D] views (NHD storage): element offsets pass 2**31 within one tensor."""
+    batch, seq, heads, dim = 1, 110_000, 160, 128
+    assert batch * seq * heads * dim > 2 ** 31
+    gen = torch.Generator(device="cuda").manual_seed(110_000)
+    q, k, v = (torch.randn(batch, seq, heads, dim, generator=gen, device="cuda", dtype=torch.float16)
+               .transpose(1, 2) for _ in range(3))
+    assert not q.is_contiguous()
+    out = sageflash.sage_attn_sm89_fp16(q, k, v, is_causal=True)
+    last = slice(heads - 2, heads)  # the heads whose elements lie past 2**31
+    alone = sageflash.sage_attn_sm89_fp16(q[:, last].contiguous(), k[:, last].contiguous(),
+                                          v[:, last].contiguous(), is_causal=True)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[:, last], alone)
+    rows = torch.arange(seq - 256, seq, device="cuda")
+    exact = exact_attention_rows(q[:, last], k[:, last], v[:, last], rows, dim ** -0.5, True)
+    assert nmse(out[:, last][:, :, rows], exact) <= 5e-3

@@ -1,0 +1,130 @@
+"""The Triton backend against the CPU reference and the official dumps.
+
+Runs on the GPU when there is one, else on CPU tensors under TRITON_INTERPRET=1 (conftest sets
+it), where shapes stay small. Tests marked ``gpu`` need a CUDA device of capability >= 8.9.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sageflash
+from conftest import HAS_CUDA, nmse
+from sageflash import dumps, groups, reference
+from sageflash.params import resolve_params
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+MODES = ("fp32", "fp32+fp32", "fp32+fp16")
+
+
+@pytest.fixture(autouse=True)
+def poisoned_allocator():
+    """Fill the CUDA caching allocator with 0xFF (NaN for every float type) so unwritten outputs show."""
+    if HAS_CUDA:
+        torch.empty(256 << 20, dtype=torch.uint8, device="cuda").fill_(0xFF)
+    yield
+
+
+def random_qkv(seed, batch, q_heads, kv_heads, seq_q, seq_k, head_dim, dtype, device=DEVICE):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(batch, q_heads, seq_q, head_dim), (batch, kv_heads, seq_k, head_dim), (batch, kv_heads, seq_k, head_dim)]
+    return [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
+
+
+def assert_int8_close(out, ref):
+    diff = (out.cpu().int() - ref.cpu().int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() <= 1e-4
+
+
+def assert_fp8_close(out, ref):
+    codes = (out.cpu().view(torch.uint8).int() - ref.cpu().view(torch.uint8).int()).abs()
+    assert codes.max() <= 1 and (codes > 0).float().mean() <= 1e-3
+
+
+def assert_scales_close(out, ref):
+    torch.testing.assert_close(out.cpu(), ref.cpu(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("granularity", ["per_warp", "per_thread"])
+@pytest.mark.parametrize("smooth_k", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seq_q,seq_k,head_dim", [(77, 131, 40), (128, 64, 64), (33, 200, 96)])
+def test_quantize_qk_matches_reference(granularity, smooth_k, dtype, seq_q, seq_k, head_dim):
+    q, k, _ = random_qkv(seq_q * seq_k, 2, 4, 2, seq_q, seq_k, head_dim, DTYPES[dtype])
+    k = k + 3 * torch.randn(head_dim, device=k.device).to(k.dtype)  # a channel offset to smooth away
+    got = sageflash.quantize_qk(q, k, granularity=granularity, smooth_k=smooth_k, backend="triton")
+    want = reference.quantize_qk(q.cpu(), k.cpu(), granularity=granularity, smooth_k=smooth_k,
+                                 km=None if got[4] is None else got[4].cpu())
+    assert got[0].shape == want[0].shape and got[2].shape == want[2].shape
+    assert_int8_close(got[0], want[0])
+    assert_scales_close(got[1], want[1])
+    assert_int8_close(got[2], want[2])
+    assert_scales_close(got[3], want[3])
+    if smooth_k:
+        km_cpu = reference.key_mean(k.cpu())
+        torch.testing.assert_close(got[4][..., :head_dim].cpu().float(), km_cpu.float(), rtol=1e-3, atol=1e-3)
+    else:
+        assert got[4] is None
+
+
+@pytest.mark.parametrize("pv_accum,smooth_v", [("fp32", True), ("fp32", False), ("fp32+fp16", False)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seq_k,head_dim", [(131, 40), (64, 128), (250, 80)])
+def test_quantize_v_matches_reference(pv_accum, smooth_v, dtype, seq_k, head_dim):
+    _, _, v = random_qkv(seq_k + head_dim, 2, 2, 3, 1, seq_k, head_dim, DTYPES[dtype])
+    v[:, :, :, 1] = 0  # an all-zero channel: scale 0, payload 0
+    got = sageflash.quantize_v(v, pv_accum=pv_accum, smooth_v=smooth_v, backend="triton")
+    want = reference.quantize_v(v.cpu(), pv_accum=pv_accum, smooth_v=smooth_v)
+    assert got[0].dtype == torch.float8_e4m3fn and got[0].shape == want[0].shape
+    assert_fp8_close(got[0], want[0])
+    assert_scales_close(got[1], want[1])
+    assert (got[1][:, :, 1] == 0).all() and (got[0][:, :, 1].float() == 0).all()
+    assert (got[0][..., seq_k:].float() == 0).all()
+    if smooth_v:
+        torch.testing.assert_close(got[2].cpu(), want[2], rtol=1e-5, atol=1e-6)
+    else:
+        assert got[2] is None
+
+
+ATTENTION_SHAPES = [  # batch, q heads, kv heads, seq_q, seq_k, head dim, causal
+    (1, 2, 1, 64, 64, 64, True),
+    (2, 4, 2, 77, 131, 40, False),
+    (1, 3, 3, 130, 70, 96, True),   # Sq > Sk, causal: bottom-right, first rows see nothing
+    (1, 2, 1, 50, 190, 128, True),  # Sq < Sk, causal: bottom-right
+]
+
+
+@pytest.mark.parametrize("pv_accum", MODES)
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_attention_matches_reference(pv_accum, shape):
+    batch, hq, hk, sq, sk, d, causal = shape
+    q, k, v = random_qkv(sum(shape), batch, hq, hk, sq, sk, d, torch.float16)
+    knobs = dict(is_causal=causal, pv_accum=pv_accum, granularity="per_thread",
+                 smooth_v=pv_accum == "fp32")
+    out = sageflash.sage_attn_sm89_fp16(q, k, v, backend="triton", **knobs)
+    ref = sageflash.sage_attn_sm89_fp16(q.cpu(), k.cpu(), v.cpu(), backend="reference", **knobs)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
+    assert torch.isfinite(out).all()
+    assert nmse(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("granularity", ["per_warp", "per_thread"])
+def test_attention_bf16_and_lse(granularity):
+    q, k, v = random_qkv(7, 1, 4, 2, 100, 100, 64, torch.bfloat16)
+    params = resolve_params(granularity=granularity, is_causal=True, head_dim=64)
+    from sageflash import kernels
+    out, lse = kernels.attention(q, k, v, params, return_lse=True)
+    ref, ref_lse = reference.attention(q.cpu(), k.cpu(), v.cpu(), params, return_lse=True)
+    assert out.dtype == torch.bfloat16 and nmse(out, ref) <= 3e-5
+    torch.testing.assert_close(lse.cpu(), ref_lse, rtol=0, atol=1e-4)
+
+
+def test_refdump_output(refdump_prefix):
+    meta = dumps.read_meta(refdump_prefix)
+    q, k, v = (dumps.read_tensor(refdump_prefix, meta, t).to(DEVICE) for t in "qkv")
+    p = meta.params
+    out = sageflash.sage_attn_sm89_fp16(q, k, v, p.softmax_scale, p.is_causal, p.smooth_k, p.smooth_v,
+                                        p.pv_accum, p.granularity, backend="triton")
+    assert nmse(out, dumps.read_tensor(refdump_prefix, meta, "sage_quant")) <= 1e-5

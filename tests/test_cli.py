@@ -1,0 +1,256 @@
+"""``sageflash run`` / ``dump`` / ``compare`` (SPEC §9–10), in-process on the CPU reference."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import PACKAGE_ROOT, exact_attention, no_env_overrides, random_qkv  # noqa: F401 (a fixture)
+from sageflash import debug, dumps, sage_attn_sm89_fp16
+from sageflash.cases import CASES, DEFAULT_CASE
+from sageflash.cli import main
+from sageflash.cli.run import parse_report, pick_backend
+
+REPORT_LINES = [
+    r"Case (?P<name>\S+)",
+    r"  shape: batch=\d+ seq_q=\d+ seq_k=\d+ nq=\d+ nk=\d+ d=\d+ causal=[01] smooth_k=[01] smooth_v=[01] "
+    r"pv=(fp32|fp32\+fp32|fp32\+fp16)",
+    r"  granularity: (per_warp|per_thread)",
+    r"  iterations: \d+",
+    r"  timings \(avg\): sage \d+\.\d{3} ms, flash \d+\.\d{3} ms \(speedup \d+\.\d{2}x\)",
+    r"  reference: (flash|sageattention)",
+    r"  diff \((flash|sageattention)\): max \d\.\d{3}e[+-]\d\d rms_avg \d\.\d{3}e[+-]\d\d",
+]
+SUMMARY_LINES = [r"Summary", r"  best speedup: \d+\.\d{2}x \(\S+\)", r"  worst rms diff: \d\.\d{3}e[+-]\d\d \(\S+\)"]
+CASE = "b1_causal_seq128_d64_thread"  # small, causal, GQA
+pytestmark = pytest.mark.usefixtures("no_env_overrides")
+
+
+def cli(capsys, *argv):
+    """``(exit code, stdout, stderr)`` of ``sageflash *argv`` run in this process."""
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def field(out: str, name: str) -> str:
+    """The value of ``name=`` in the report's shape line."""
+    return re.search(rf"\b{name}=(\S+)", out).group(1)
+
+
+def assert_one_line_error(code: int, err: str, *words: str) -> None:
+    assert code == 2
+    assert err.startswith("sageflash: error:") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for word in words:
+        assert word in err, err
+
+
+def test_bare_command_runs_the_default_case_with_the_exact_report(capsys):
+    for argv in ([], ["run"]):
+        code, out, _ = cli(capsys, *argv)
+        lines = out.splitlines()
+        assert code == 0
+        assert lines[0] == "backend: reference (CPU; no CUDA device)" or lines[0].startswith("backend: triton (cuda")
+        for pattern, line in zip(REPORT_LINES + SUMMARY_LINES, lines[1:], strict=True):
+            assert re.fullmatch(pattern, line), (pattern, line)
+        assert lines[1] == f"Case {DEFAULT_CASE}"
+
+
+def test_report_numbers_match_an_independent_computation(capsys):
+    code, out, _ = cli(capsys, "run", "--case", CASE, "--seed", "5", "--verbose")
+    assert code == 0
+    [record] = parse_report(out)
+    case = CASES[CASE]
+    q, k, v = case.inputs(5, device=pick_backend()[0])
+    ours = sage_attn_sm89_fp16(q, k, v, is_causal=True, granularity="per_thread").double().cpu()
+    error = ours - exact_attention(q, k, v, is_causal=True).cpu()
+    assert record["reference"] == "flash"
+    assert record["rms_avg"] == pytest.approx(error.square().mean().sqrt().item(), rel=2e-3)
+    assert record["max_diff"] == pytest.approx(error.abs().max().item(), rel=2e-3)
+    worst = tuple(int(i) for i in torch.unravel_index(error.abs().argmax(), error.shape))
+    assert f"  worst: batch={worst[0]} head={worst[1]} seq={worst[2]} dim={worst[3]} " in out
+    assert field(out, "causal") == "1" and field(out, "nq") == "12" and field(out, "nk") == "6"
+
+
+def test_seed_gives_deterministic_inputs(capsys):
+    diffs = {}
+    for run, seed in (("a", "11"), ("b", "11"), ("c", "12")):
+        _, out, _ = cli(capsys, "--case", CASE, "--seed", seed)
+        diffs[run] = re.search(r"diff \(flash\): .*", out).group(0)
+    assert diffs["a"] == diffs["b"] != diffs["c"]
+
+
+def test_cases_run_in_the_order_given_and_the_summary_picks_the_extremes(capsys):
+    order = ["b1_causal_seq128_d64_smoothv", "b1_causal_seq128_d64", "b1_causal_seq128_d64_nosmooth", CASE]
+    code, out, _ = cli(capsys, "--case", order[0], "--cases", f"{order[1]},{order[2]}", "--case", order[3])
+    records = parse_report(out)
+    assert code == 0 and [r["name"] for r in records] == order
+    fastest = max(records, key=lambda r: r["speedup"])
+    worst = max(records, key=lambda r: r["rms_avg"])
+    assert re.search(rf"best speedup: {fastest['speedup']:.2f}x \({fastest['name']}\)", out)
+    assert re.search(rf"worst rms diff: {worst['rms_avg']:.3e} \({worst['name']}\)", out)
+
+
+def test_all_ten_cases_report_their_table_knobs(capsys):
+    code, out, _ = cli(capsys, "--cases", ",".join(CASES))
+    records = parse_report(out)
+    assert code == 0 and [r["name"] for r in records] == list(CASES)
+    for block, case in zip(out.split("Case ")[1:], CASES.values()):
+        assert field(block, "d") == str(case.head_dim) and field(block, "seq_q") == str(case.seq)
+        assert field(block, "causal") == str(int(case.is_causal))
+        assert field(block, "smooth_k") == str(int(case.smooth_k))
+        assert field(block, "smooth_v") == str(int(case.smooth_v))
+        assert field(block, "pv") == case.pv_accum
+        assert f"granularity: {case.granularity}" in block
+    for record in records:
+        assert 1e-4 < record["rms_avg"] < 1e-2, record  # 8-bit attention on uniform data: ~1e-3
+
+
+def test_list_and_iters(capsys):
+    code, out, _ = cli(capsys, "run", "--list")
+    assert code == 0 and out.split() == list(CASES)
+    _, out, _ = cli(capsys, "--case", CASE, "--iters", "3")
+    assert "  iterations: 3\n" in out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--iters", "0"])
+    assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--granularity", "per_thread"], {"granularity": "per_thread"}),
+    (["--no-smooth-k"], {"smooth_k": "0"}),
+    (["--smooth-v", "--pv-accum", "fp32"], {"smooth_v": "1", "pv": "fp32"}),
+    (["--smooth-v"], {"smooth_v": "0", "pv": "fp32+fp16"}),  # smooth_v needs fp32: forced off
+    (["--pv-accum", "fp32+fp32"], {"pv": "fp32+fp32"}),
+])
+def test_knob_flags_override_the_case(capsys, flags, expected):
+    _, default, _ = cli(capsys, "--case", "b1_causal_seq128_d64")
+    code, out, _ = cli(capsys, "--case", "b1_causal_seq128_d64", *flags)
+    assert code == 0
+    for name, value in expected.items():
+        actual = re.search(r"granularity: (\S+)", out).group(1) if name == "granularity" else field(out, name)
+        assert actual == value, (name, out)
+    if expected != {"smooth_v": "0", "pv": "fp32+fp16"}:
+        assert parse_report(out)[0]["rms_avg"] != parse_report(default)[0]["rms_avg"]
+
+
+def test_usage_errors_are_one_line_with_exit_code_2(capsys, tmp_path):
+    assert_one_line_error(*cli(capsys, "--compare", "sage")[::2], "--load")
+    assert_one_line_error(*cli(capsys, "--case", "b9_nothing")[::2], "b9_nothing")
+    assert_one_line_error(*cli(capsys, "--load", str(tmp_path / "absent"))[::2], "absent.meta")
+    assert_one_line_error(*cli(capsys, "--load", str(tmp_path / "x"), "--case", CASE)[::2], "--load")
+    assert_one_line_error(*cli(capsys, "dump", "--case", CASE, "--case", "b2_seq256_d128",
+                               "--dump-prefix", str(tmp_path / "two"))[::2], "--dump-prefix")
+
+
+@pytest.fixture
+def case_dump(tmp_path, capsys):
+    """A dump of CASE (seed 9) written by ``sageflash dump``: its prefix."""
+    prefix = str(tmp_path / "case")
+    code, out, _ = cli(capsys, "dump", "--case", CASE, "--seed", "9", "--dump-prefix", prefix)
+    assert code == 0 and out.startswith(f"wrote {prefix}: meta q k v flash q_int8 q_scale k_int8 k_scale")
+    return prefix
+
+
+def test_broken_dumps_are_one_line_errors(capsys, case_dump):
+    meta_text = open(f"{case_dump}.meta").read()
+    with open(f"{case_dump}.q.bin", "ab") as fh:
+        fh.write(b"\0\0")  # two bytes too many
+    assert_one_line_error(*cli(capsys, "--load", case_dump)[::2], "case.q.bin", "bytes")
+    os.remove(f"{case_dump}.q.bin")
+    assert_one_line_error(*cli(capsys, "--load", case_dump)[::2], "missing dump file")
+    with open(f"{case_dump}.meta", "w") as fh:
+        fh.write(meta_text + "colour blue\n")
+    assert_one_line_error(*cli(capsys, "--load", case_dump)[::2], "unknown key 'colour'")
+
+
+def test_dump_load_compare_round_trip(capsys, case_dump):
+    meta = dumps.read_meta(case_dump)
+    q, k, v = CASES[CASE].inputs(9, device=pick_backend()[0])
+    assert torch.equal(dumps.read_tensor(case_dump, meta, "q"), q.cpu())
+    ours = sage_attn_sm89_fp16(q, k, v, is_causal=True, granularity="per_thread")
+    assert torch.equal(dumps.read_tensor(case_dump, meta, "out"), ours.float().cpu())
+    q, k, v = q.cpu(), k.cpu(), v.cpu()
+    flash = dumps.read_tensor(case_dump, meta, "flash")
+    torch.testing.assert_close(flash, exact_attention(q, k, v, is_causal=True).float(), atol=2e-6, rtol=0)
+
+    _, direct, _ = cli(capsys, "--case", CASE, "--seed", "9")
+    code, loaded, _ = cli(capsys, "--load", case_dump, "--iters", "4")
+    assert code == 0 and f"Case {case_dump}\n" in loaded and "  iterations: 1\n" in loaded
+    assert re.search(r"diff .*", loaded).group(0) == re.search(r"diff .*", direct).group(0)
+
+    shutil.copy(dumps.tag_path(case_dump, "out"), dumps.tag_path(case_dump, "sage_quant"))
+    code, out, _ = cli(capsys, "--load", case_dump, "--compare", "sage")
+    [record] = parse_report(out)
+    assert code == 0 and record["reference"] == "sageattention"
+    assert record["max_diff"] == 0.0 and record["rms_avg"] == 0.0  # same op, same inputs and knobs
+
+
+def test_flags_override_the_dump_knobs(capsys, case_dump):
+    shutil.copy(dumps.tag_path(case_dump, "out"), dumps.tag_path(case_dump, "sage_quant"))
+    code, out, _ = cli(capsys, "--load", case_dump, "--compare", "sage", "--granularity", "per_warp",
+                       "--no-smooth-k")
+    assert code == 0 and "granularity: per_warp" in out and field(out, "smooth_k") == "0"
+    assert parse_report(out)[0]["rms_avg"] > 0  # other knobs than the dump's output was made with
+
+
+def test_legacy_dump_is_converted_with_the_spec_warning(capsys, case_dump):
+    meta = dumps.read_meta(case_dump)
+    out = dumps.read_tensor(case_dump, meta, "out")
+    out.permute(3, 2, 1, 0).contiguous().numpy().tofile(dumps.tag_path(case_dump, "sage"))  # [D, S, H, B]
+    code, report, err = cli(capsys, "--load", case_dump, "--compare", "sage")
+    assert code == 0
+    assert (f"warning: {case_dump} missing .sage_quant.bin; converting legacy layout "
+            "(expect ~0.39 RMS vs float refs if not regenerated)\n") in err
+    assert parse_report(report)[0]["max_diff"] == 0.0
+
+
+def test_official_dumps_within_1e3_rms(capsys, refdump_prefix):
+    code, out, _ = cli(capsys, "run", "--load", refdump_prefix, "--compare", "sage")
+    [record] = parse_report(out)
+    assert code == 0 and record["reference"] == "sageattention" and record["name"] == refdump_prefix
+    assert record["rms_avg"] <= 1e-3
+
+
+def test_compare_falls_back_to_flash_without_an_official_output(capsys, case_dump):
+    code, out, err = cli(capsys, "compare", case_dump)
+    assert code == 0 and f"note: {case_dump} has no official output" in err
+    [record] = parse_report(out)
+    assert record["reference"] == "flash"
+    assert re.search(rf"^  {re.escape(case_dump)}: rms_avg {record['rms_avg']:.3e} max .* \(vs flash\)", out,
+                     re.MULTILINE)
+
+
+def test_module_entry_point_in_a_fresh_interpreter():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GGML_SAGE_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-m", "sageflash", "--case", CASE], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    [record] = parse_report(proc.stdout)
+    assert record["name"] == CASE and math.isfinite(record["rms_avg"])
+
+
+def test_load_runs_any_dump_shape_against_bottom_right_causal_flash(capsys, tmp_path, monkeypatch):
+    """A bf16 dump with Sq > Sk, causal: rows 0..49 see no key (zeros), the rest align bottom-right."""
+    q, k, v = random_qkv(batch=1, q_heads=4, kv_heads=2, seq_q=150, seq_k=100, head_dim=96, seed=31,
+                         dtype=torch.bfloat16)
+    prefix = str(tmp_path / "tall")
+    monkeypatch.setenv(debug.DUMP, prefix)
+    debug.reset()
+    out = sage_attn_sm89_fp16(q, k, v, is_causal=True, backend="reference")
+    monkeypatch.delenv(debug.DUMP)
+    assert torch.count_nonzero(out[:, :, :50]) == 0
+    code, report, _ = cli(capsys, "--load", prefix)
+    [record] = parse_report(report)
+    error = (out.double() - exact_attention(q, k, v, is_causal=True)).square().mean().sqrt().item()
+    assert code == 0 and "seq_q=150 seq_k=100" in report and "d=96" in report
+    assert record["rms_avg"] == pytest.approx(error, rel=0.05) and record["rms_avg"] < 2e-2

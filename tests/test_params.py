@@ -1,0 +1,174 @@
+"""The knob contract (SPEC §2): enums and codes, resolve_params, smooth_v, GGML_SAGE_* overrides.
+
+Overrides and once-per-process logging are checked in fresh interpreters (no logging set up), one
+per scenario, each making several calls and printing its findings as JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+import torch
+
+import sageflash
+from helpers import no_env_overrides, random_qkv, run_python  # noqa: F401 (fixture)
+from sageflash import PVAccum, QKGranularity
+
+pytestmark = pytest.mark.usefixtures("no_env_overrides")
+
+
+def sage(q, k, v, **knobs):
+    return sageflash.sage_attn_sm89_fp16(q, k, v, backend="reference", **knobs)
+
+
+@pytest.mark.parametrize("enum_cls,values", [
+    (PVAccum, {"fp32": 0, "fp32+fp32": 1, "fp32+fp16": 2}),
+    (QKGranularity, {"per_warp": 2, "per_thread": 3}),
+])
+def test_enums_carry_ggml_codes_and_compare_as_strings(enum_cls, values):
+    assert {m.value: m.code for m in enum_cls} == values
+    for text, code in values.items():
+        member = enum_cls.parse(text, "knob")
+        assert member == text and str(member) == text and f"{member}" == text
+        assert enum_cls.parse(code, "knob") is member
+        assert enum_cls.parse(text.upper(), "knob") is member
+        assert enum_cls.parse(member, "knob") is member
+
+
+def test_resolve_params_defaults():
+    params = sageflash.resolve_params()
+    assert dataclasses.asdict(params) == {
+        "softmax_scale": None, "is_causal": False, "smooth_k": True, "smooth_v": False,
+        "pv_accum": "fp32+fp16", "granularity": "per_thread"}
+    assert sageflash.resolve_params(head_dim=80).softmax_scale == 80 ** -0.5
+    assert sageflash.resolve_params(softmax_scale=0.2, head_dim=80).softmax_scale == 0.2
+
+
+def test_resolve_params_record_is_frozen_with_string_enums():
+    params = sageflash.resolve_params(0.5, True, False, True, 0, 2)
+    assert params.as_dict() == {"softmax_scale": 0.5, "is_causal": True, "smooth_k": False,
+                                "smooth_v": True, "pv_accum": "fp32", "granularity": "per_warp"}
+    assert all(type(v) in (float, bool, str) for v in params.as_dict().values())
+    assert params.pv_accum is PVAccum.FP32 and params.granularity is QKGranularity.PER_WARP
+    assert "'fp32'" in repr(params) and "'per_warp'" in repr(params)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.smooth_k = True
+
+
+@pytest.mark.parametrize("pv_accum", ["fp32+fp32", "fp32+fp16", 1, PVAccum.FP32_FP16])
+def test_smooth_v_needs_fp32_accumulation(pv_accum):
+    assert sageflash.resolve_params(smooth_v=True, pv_accum="fp32").smooth_v is True
+    assert sageflash.resolve_params(smooth_v=True, pv_accum=pv_accum).smooth_v is False
+
+
+def test_op_forces_smooth_v_off_without_fp32_accumulation():
+    q, k, v = random_qkv(1, 2, 1, 50, 50, 64, seed=1, v_offset=3)
+    forced = sage(q, k, v, smooth_v=True, pv_accum="fp32+fp32")
+    assert torch.equal(forced, sage(q, k, v, smooth_v=False, pv_accum="fp32+fp32"))
+    assert not torch.equal(forced, sage(q, k, v, smooth_v=True, pv_accum="fp32"))
+
+
+@pytest.mark.parametrize("spelling", [
+    {"pv_accum": 0, "granularity": 2},
+    {"pv_accum": PVAccum.FP32, "granularity": QKGranularity.PER_WARP},
+    {"pv_accum": "FP32", "granularity": "Per_Warp"},
+])
+def test_op_accepts_codes_and_enums(spelling):
+    q, k, v = random_qkv(1, 2, 2, 40, 70, 64, seed=2)
+    expected = sage(q, k, v, pv_accum="fp32", granularity="per_warp")
+    assert torch.equal(sage(q, k, v, **spelling), expected)
+    assert not torch.equal(expected, sage(q, k, v))  # the knobs do change the result
+
+
+def test_quantizers_accept_codes_and_enums():
+    q, k, v = random_qkv(1, 2, 1, 40, 70, 64, seed=3)
+    by_name = sageflash.quantize_qk(q, k, granularity="per_thread", smooth_k=True, backend="reference")
+    by_code = sageflash.quantize_qk(q, k, granularity=3, smooth_k=True, backend="reference")
+    assert all(torch.equal(a, b) for a, b in zip(by_name, by_code))
+    v_by_name = sageflash.quantize_v(v, pv_accum="fp32+fp16", smooth_v=False, backend="reference")
+    v_by_enum = sageflash.quantize_v(v, pv_accum=PVAccum.FP32_FP16, smooth_v=False, backend="reference")
+    assert torch.equal(v_by_name[1], v_by_enum[1])
+
+
+def override_lines(stderr: str, text: str) -> list[str]:
+    return [line for line in stderr.splitlines() if text in line]
+
+
+VALID_OVERRIDES = """
+import json, os, torch, sageflash
+gen = torch.Generator().manual_seed(0)
+q, k, v = ((torch.rand(1, 2, 40, 64, generator=gen) * 2 - 1).half() for _ in range(3))
+caller = dict(smooth_k=True, smooth_v=False, pv_accum="fp32+fp16", granularity="per_thread")
+resolved = [sageflash.resolve_params(**caller).as_dict() for _ in range(2)]
+overridden = [sageflash.sage_attn_sm89_fp16(q, k, v, backend="reference", **caller) for _ in range(2)]
+del os.environ["GGML_SAGE_GRANULARITY"]  # read at every call
+after_unset = sageflash.resolve_params(**caller).as_dict()
+for name in [n for n in os.environ if n.startswith("GGML_SAGE_")]:
+    del os.environ[name]
+explicit = sageflash.sage_attn_sm89_fp16(q, k, v, backend="reference", smooth_k=False, smooth_v=True,
+                                         pv_accum="fp32", granularity="per_warp")
+print(json.dumps({"resolved": resolved, "after_unset": after_unset,
+                  "op_uses_overrides": all(torch.equal(o, explicit) for o in overridden)}))
+"""
+
+
+def test_env_overrides_apply_and_are_logged_once():
+    env = {"GGML_SAGE_SMOOTH_K": "FALSE", "GGML_SAGE_SMOOTH_V": "Yes", "GGML_SAGE_PV_ACCUM": "FP32",
+           "GGML_SAGE_GRANULARITY": "PER_WARP"}
+    result, stderr = run_python(VALID_OVERRIDES, env)
+    expected = {"softmax_scale": None, "is_causal": False, "smooth_k": False, "smooth_v": True,
+                "pv_accum": "fp32", "granularity": "per_warp"}
+    assert result["resolved"] == [expected, expected]
+    assert result["after_unset"] == {**expected, "granularity": "per_thread"}
+    assert result["op_uses_overrides"]
+    # the raw values above are spelled unlike the effective ones, which the log line must name
+    for name, effective in [("GGML_SAGE_SMOOTH_K", r"\b(0|False|false)\b"),
+                            ("GGML_SAGE_SMOOTH_V", r"\b(1|True|true)\b"),
+                            ("GGML_SAGE_PV_ACCUM", r"\bfp32\b"),
+                            ("GGML_SAGE_GRANULARITY", r"\bper_warp\b")]:
+        lines = override_lines(stderr, name)
+        assert len(lines) == 1, f"{name} logged {len(lines)} times:\n{stderr}"
+        assert re.search(effective, lines[0]), lines[0]
+    assert len(override_lines(stderr, "smooth_v")) == 1, stderr  # fp32: smooth_v is not forced off
+
+
+BAD_OVERRIDES = """
+import json, os, torch, sageflash
+gen = torch.Generator().manual_seed(0)
+q, k, v = ((torch.rand(1, 2, 40, 64, generator=gen) * 2 - 1).half() for _ in range(3))
+ignored = [sageflash.resolve_params(smooth_k=flag, smooth_v=flag, pv_accum="fp32").as_dict()
+           for flag in (True, False)]
+forced = [sageflash.resolve_params(smooth_v=True, pv_accum=pv).smooth_v for pv in ("fp32+fp16", 1)]
+outs = [sageflash.sage_attn_sm89_fp16(q, k, v, smooth_v=True, backend="reference") for _ in range(2)]
+off = sageflash.sage_attn_sm89_fp16(q, k, v, smooth_v=False, backend="reference")
+errors = {}
+for name, value in [("GGML_SAGE_PV_ACCUM", "fp64"), ("GGML_SAGE_GRANULARITY", "per_block")]:
+    os.environ[name] = value
+    for call in (sageflash.resolve_params, lambda: sageflash.sage_attn_sm89_fp16(q, k, v, backend="reference")):
+        try:
+            call()
+        except ValueError as err:
+            errors.setdefault(name, []).append(str(err))
+    del os.environ[name]
+print(json.dumps({"ignored": ignored, "forced": forced, "errors": errors,
+                  "forced_equals_off": all(torch.equal(out, off) for out in outs)}))
+"""
+
+
+def test_bad_env_values_and_smooth_v_warning():
+    """Bad booleans: one warning, override ignored. Bad enums: ValueError naming the variable and
+    the allowed values. smooth_v forced off: one warning per process."""
+    result, stderr = run_python(BAD_OVERRIDES, {"GGML_SAGE_SMOOTH_K": "maybe", "GGML_SAGE_SMOOTH_V": "2"})
+    assert [(p["smooth_k"], p["smooth_v"]) for p in result["ignored"]] == [(True, True), (False, False)]
+    assert result["forced"] == [False, False] and result["forced_equals_off"]
+    for name, allowed in [("GGML_SAGE_PV_ACCUM", ["fp32", "fp32+fp32", "fp32+fp16"]),
+                          ("GGML_SAGE_GRANULARITY", ["per_warp", "per_thread"])]:
+        assert len(result["errors"][name]) == 2, result["errors"]  # resolve_params and the op
+        for message in result["errors"][name]:
+            assert name in message and all(word in message for word in allowed), message
+    for name, value in [("GGML_SAGE_SMOOTH_K", "maybe"), ("GGML_SAGE_SMOOTH_V", "2")]:
+        lines = override_lines(stderr, name)
+        assert len(lines) == 1 and value in lines[0], stderr
+    assert len([line for line in override_lines(stderr, "smooth_v") if "GGML_SAGE" not in line]) == 1, stderr
