@@ -44,9 +44,10 @@ def random_qkv(batch=1, q_heads=2, kv_heads=1, seq_q=37, seq_k=None, head_dim=64
     return tuple(x.to(device, dtype) for x in (q, k, v))
 
 
-def exact_attention(q, k, v, softmax_scale=None, is_causal=False) -> torch.Tensor:
+def exact_attention(q, k, v, softmax_scale=None, is_causal=False, attn_mask=None) -> torch.Tensor:
     """Float64 softmax attention: query head h reads KV head h // (Hq/Hk); causal is
-    bottom-right (key j visible to query t iff j <= t + Sk - Sq); a row with no visible key is 0.
+    bottom-right (key j visible to query t iff j <= t + Sk - Sq); ``attn_mask`` as torch SDPA's
+    (bool: True keeps; float: added to the scaled scores); a row with no visible key is 0.
     """
     q, k, v = (x.double() for x in (q, k, v))
     seq_q, seq_k, head_dim = q.shape[2], k.shape[2], q.shape[3]
@@ -58,6 +59,10 @@ def exact_attention(q, k, v, softmax_scale=None, is_causal=False) -> torch.Tenso
         t = torch.arange(seq_q, device=q.device)[:, None]
         j = torch.arange(seq_k, device=q.device)[None, :]
         scores = scores.masked_fill(j > t + seq_k - seq_q, float("-inf"))
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    elif attn_mask is not None:
+        scores = scores + attn_mask.double()
     weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows: NaN -> 0
     return weights @ v
 
@@ -128,3 +133,29 @@ def run_python(code: str, env: dict[str, str] | None = None, timeout=120):
                           timeout=timeout)
     assert proc.returncode == 0, f"subprocess failed ({proc.returncode}):\n{proc.stderr}"
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
+MASK_KINDS = ("bool_sq_sk", "key_padding", "bool_per_head", "alibi_fp16", "additive_bf16", "additive_fp32_row")
+
+
+def make_mask(kind: str, batch: int, q_heads: int, seq_q: int, seq_k: int, *, seed: int,
+              device="cpu") -> torch.Tensor:
+    """An ``attn_mask`` as callers pass them: bool (True = keep) or additive, full or broadcast."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "bool_sq_sk":
+        mask = torch.rand(seq_q, seq_k, generator=gen) > 0.3
+    elif kind == "key_padding":  # [B, 1, 1, Sk]: batch b keeps its first seq_k - 37·b keys
+        mask = (torch.arange(seq_k) < seq_k - 37 * torch.arange(batch)[:, None])[:, None, None]
+    elif kind == "bool_per_head":  # a different mask per query head (with GQA: not per KV head)
+        mask = torch.rand(1, q_heads, seq_q, seq_k, generator=gen) > 0.5
+    elif kind == "alibi_fp16":  # [Hq, Sq, Sk], ALiBi-like: finite offsets, a slope per head
+        distance = (torch.arange(seq_k)[None, :] - torch.arange(seq_q)[:, None]).abs()
+        mask = (-(0.5 ** torch.arange(1, q_heads + 1))[:, None, None] * distance).half()
+    elif kind == "additive_bf16":  # [B, Hq, Sq, Sk], some -inf
+        mask = torch.randn(batch, q_heads, seq_q, seq_k, generator=gen) * 2
+        mask = mask.masked_fill(torch.rand(mask.shape, generator=gen) > 0.8, float("-inf")).bfloat16()
+    elif kind == "additive_fp32_row":  # [Sk]: one additive row for every query
+        mask = torch.randn(seq_k, generator=gen) * 3
+    else:
+        raise ValueError(f"unknown mask kind {kind!r}")
+    return mask.to(device)

@@ -39,7 +39,7 @@ def op(q, k, v, **knobs):
 def test_unset_toggles_never_reach_the_debug_path(monkeypatch):
     q, k, v = gqa_inputs(1)
     calls = []
-    monkeypatch.setattr(debug, "run", lambda *args: calls.append(args) or args[1])
+    monkeypatch.setattr(debug, "run", lambda *args, **kwargs: calls.append(args) or args[1])
     op(q, k, v)
     monkeypatch.setenv(debug.Q_SERIAL, "0")  # "0" means off
     monkeypatch.setenv(debug.SAMPLE_HEAD, "1")  # refines the others, turns nothing on

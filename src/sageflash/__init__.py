@@ -3,7 +3,8 @@
 INT8 Q·Kᵀ and FP8 P·V, with Triton kernels for NVIDIA Ada/Hopper GPUs and an exact CPU reference.
 """
 
-from .op import quantize_qk, quantize_v, sage_attn_sm89_fp16
+from .compat import sageattn, sageattn_qk_int8_pv_fp8_cuda
+from .op import Support, is_supported, quantize_qk, quantize_v, sage_attn_sm89_fp16
 from .params import PVAccum, QKGranularity, SageParams, resolve_params
 
 __version__ = "0.1.0"
@@ -12,8 +13,12 @@ __all__ = [
     "PVAccum",
     "QKGranularity",
     "SageParams",
+    "Support",
+    "is_supported",
     "quantize_qk",
     "quantize_v",
     "resolve_params",
     "sage_attn_sm89_fp16",
+    "sageattn",
+    "sageattn_qk_int8_pv_fp8_cuda",
 ]

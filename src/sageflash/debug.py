@@ -211,11 +211,13 @@ def quantize(backend, q, k, v, params: SageParams, toggles: Toggles = Toggles())
     return Payloads(q_int8, q_scale, k_int8, k_scale, km, v_fp8, v_scale, v_mean)
 
 
-def attend(backend, payloads: Payloads, q, seq_k: int, params: SageParams) -> torch.Tensor:
+def attend(backend, payloads: Payloads, q, seq_k: int, params: SageParams, return_lse: bool = False,
+           out=None, attn_mask=None):
     return backend.attention_from_payloads(
         payloads.q_int8, payloads.q_scale, payloads.k_int8, payloads.k_scale, payloads.v_fp8,
         payloads.v_scale, payloads.v_mean, params=params, seq_q=q.shape[2], seq_k=seq_k,
-        head_dim=q.shape[-1], out_dtype=q.dtype, q=q, km=payloads.k_mean)
+        head_dim=q.shape[-1], out_dtype=q.dtype, q=q, km=payloads.k_mean, return_lse=return_lse, out=out,
+        attn_mask=attn_mask)
 
 
 # --- dumps ----------------------------------------------------------------------------------
@@ -231,7 +233,7 @@ def meta_for(q, k, params: SageParams, **provenance) -> dumps.DumpMeta:
 
 
 def input_tags(q, k, v) -> dict[str, torch.Tensor]:
-    """q, k, v, and their zero-padded copies when the head dim is not already 64 or 128."""
+    """q, k, v, and their zero-padded copies when the head dim is not already a kernel head dim."""
     tags = {"q": q, "k": k, "v": v}
     head_dim = groups.padded_head_dim(q.shape[-1])
     if head_dim != q.shape[-1]:
@@ -341,9 +343,9 @@ def print_softmax_telemetry(payloads: Payloads, params: SageParams, meta: dumps.
 # --- the debug path of the op ---------------------------------------------------------------
 
 
-def run(backend, q, k, v, params: SageParams) -> torch.Tensor:
-    """The op with the toggles set now: same result as ``backend.attention`` (up to a swapped
-    Q/K quantizer), plus the dumps and prints asked for."""
+def run(backend, q, k, v, params: SageParams, return_lse: bool = False, out=None, attn_mask=None):
+    """The op with the toggles set now: same result as ``backend.attention`` (same arguments; up
+    to a swapped Q/K quantizer), plus the dumps and prints asked for."""
     toggles = Toggles.from_env()
     call = next(_calls)
     _, where = qk_quantizer(backend, toggles)
@@ -357,10 +359,11 @@ def run(backend, q, k, v, params: SageParams) -> torch.Tensor:
         print_scale_stats(payloads, meta, where, call)
     if toggles.kernel_iters:
         print_softmax_telemetry(payloads, params, meta, toggles, call)
-    out = attend(backend, payloads, q, k.shape[2], params)
+    result = attend(backend, payloads, q, k.shape[2], params, return_lse, out, attn_mask)
+    out = result[0] if return_lse else result
     tensors = {**input_tags(q, k, v), **payloads.tags(), "out": out}
     if toggles.dump and call == 0:
         write_dump(toggles.dump, *restrict(meta, tensors, *sample))
     if toggles.sample_prefix and call < toggles.sample_limit:
         write_dump(f"{toggles.sample_prefix}{call}", *restrict(meta, tensors, *sample))
-    return out
+    return result

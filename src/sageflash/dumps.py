@@ -131,7 +131,7 @@ class DumpMeta:
             if "seed" in raw:
                 meta.seed = int(raw["seed"])
             meta.params  # validates pv_accum / granularity
-            groups.padded_head_dim(meta.head_dim)
+            groups.padded_head_dim(meta.head_dim, "head_dim")
         except DumpError:
             raise
         except ValueError as err:

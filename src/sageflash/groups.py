@@ -20,19 +20,22 @@ PER_THREAD_SCALE_EPS = 1e-7  # per_thread: scale = max|x|/127 + 1e-7
 Q_TILE = 128  # query rows per block (4 warps x 32 rows)
 K_TILE = 64  # keys per block
 V_WINDOW = 16  # V's per-channel statistics cover ceil_16(Sk) tokens (zero padded)
-HEAD_DIMS = (64, 128)  # head dims the kernels run; smaller ones are zero-padded up
+# Head dims the kernels run (powers of two: Triton's tl.arange needs them); a caller's head dim is
+# zero-padded up to the first that holds it, so 64 and 128 stay as the official kernel pads them.
+HEAD_DIMS = (64, 128, 256)
 
 
 def ceil_to(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
-def padded_head_dim(head_dim: int) -> int:
-    """The kernel head dim a caller's ``head_dim`` is zero-padded to."""
+def padded_head_dim(head_dim: int, argument: str = "head dim") -> int:
+    """The kernel head dim a caller's ``head_dim`` is zero-padded to; a ValueError naming
+    ``argument`` (e.g. "q head dim") above the largest."""
     for d in HEAD_DIMS:
         if head_dim <= d:
             return d
-    raise ValueError(f"head dim must be at most {HEAD_DIMS[-1]}, got {head_dim}")
+    raise ValueError(f"{argument} must be <= {HEAD_DIMS[-1]}, got {head_dim}")
 
 
 def q_group(t, per_thread):

@@ -2,6 +2,8 @@
 
 `resolve_params` is the one place that turns what a caller passed into what a call really uses
 (the analogue of ggml's ``op_params``); every backend reads its knobs from the record it returns.
+It is `check_knobs` (pure, traced by ``torch.compile``) then `apply_overrides` (the environment,
+read at run time by the registered op).
 """
 
 from __future__ import annotations
@@ -133,7 +135,7 @@ def _check_bool(value, argument: str) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class SageParams:
-    """The knobs a call really uses after env overrides and the smooth_v contract."""
+    """The knobs of a call: checked (`check_knobs`), then what it really uses (`apply_overrides`)."""
 
     softmax_scale: float | None
     is_causal: bool
@@ -148,27 +150,48 @@ class SageParams:
                 for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
 
 
-def resolve_params(softmax_scale=None, is_causal=False, smooth_k=True, smooth_v=False,
-                   pv_accum="fp32+fp16", granularity="per_thread", head_dim=None) -> SageParams:
-    """Validate the knobs, apply ``GGML_SAGE_*`` overrides and the smooth_v contract.
+def check_softmax_scale(value, argument: str = "softmax_scale") -> float | None:
+    """None, or a finite positive float; else TypeError/ValueError naming ``argument``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{argument} must be a float or None, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{argument} must be a finite positive float, got {value}")
+    return value
 
-    ``softmax_scale`` defaults to ``head_dim ** -0.5`` (the caller's head dim, before padding) when
-    ``head_dim`` is given, and stays None otherwise.
+
+def check_knobs(softmax_scale=None, is_causal=False, smooth_k=True, smooth_v=False,
+                pv_accum="fp32+fp16", granularity="per_thread", head_dim=None) -> SageParams:
+    """Validate and normalise what the caller passed, before any override.
+
+    Pure (no environment, no logging), so ``torch.compile`` traces it. ``softmax_scale`` defaults
+    to ``head_dim ** -0.5`` (the caller's head dim, before padding) when ``head_dim`` is given, and
+    stays None otherwise.
     """
     is_causal = _check_bool(is_causal, "is_causal")
     smooth_k = _check_bool(smooth_k, "smooth_k")
     smooth_v = _check_bool(smooth_v, "smooth_v")
     pv_accum = PVAccum.parse(pv_accum, "pv_accum")
     granularity = QKGranularity.parse(granularity, "granularity")
-    if softmax_scale is not None:
-        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-            raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-        softmax_scale = float(softmax_scale)
-        if not math.isfinite(softmax_scale) or softmax_scale <= 0:
-            raise ValueError(f"softmax_scale must be a finite positive float, got {softmax_scale}")
-    elif head_dim is not None:
+    softmax_scale = check_softmax_scale(softmax_scale)
+    if softmax_scale is None and head_dim is not None:
         softmax_scale = float(head_dim) ** -0.5
+    return SageParams(softmax_scale, is_causal, smooth_k, smooth_v, pv_accum, granularity)
 
+
+def resolve_params(softmax_scale=None, is_causal=False, smooth_k=True, smooth_v=False,
+                   pv_accum="fp32+fp16", granularity="per_thread", head_dim=None) -> SageParams:
+    """Validate the knobs (`check_knobs`), apply ``GGML_SAGE_*`` overrides and the smooth_v contract."""
+    return apply_overrides(check_knobs(softmax_scale, is_causal, smooth_k, smooth_v, pv_accum,
+                                       granularity, head_dim))
+
+
+def apply_overrides(params: SageParams) -> SageParams:
+    """``params`` with the ``GGML_SAGE_*`` overrides read now, then the smooth_v contract."""
+    smooth_k, smooth_v = params.smooth_k, params.smooth_v
+    pv_accum, granularity = params.pv_accum, params.granularity
     env_smooth_k = _env_bool(ENV_SMOOTH_K)
     env_smooth_v = _env_bool(ENV_SMOOTH_V)
     env_pv = _env_enum(ENV_PV_ACCUM, PVAccum)
@@ -182,4 +205,5 @@ def resolve_params(softmax_scale=None, is_causal=False, smooth_k=True, smooth_v=
         warn_once(("smooth_v-forced-off",),
                   "smooth_v needs pv_accum='fp32'; forcing smooth_v off with pv_accum=%r", pv_accum.value)
         smooth_v = False
-    return SageParams(softmax_scale, is_causal, smooth_k, smooth_v, pv_accum, granularity)
+    return dataclasses.replace(params, smooth_k=smooth_k, smooth_v=smooth_v, pv_accum=pv_accum,
+                               granularity=granularity)

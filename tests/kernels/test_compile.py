@@ -22,22 +22,43 @@ EXPECTED = {  # (capability, pv_accum) -> fragments the Q·Kᵀ and P·V instruc
 }
 
 
-@pytest.fixture(scope="module")
-def compiled():
+SM89_SHARED_BYTES = 101376  # the most shared memory one block may have on Ada (99 KiB)
+
+
+def compile_rows(*args: str) -> list[dict]:
+    """The JSON lines of ``python -m sageflash.kernels.compile *args``."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-m", "sageflash.kernels.compile"], env=env,
+    run = subprocess.run([sys.executable, "-m", "sageflash.kernels.compile", *args], env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
-    rows = [json.loads(line) for line in run.stdout.splitlines()]
+    return [json.loads(line) for line in run.stdout.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    rows = compile_rows("--head-dim", "64", "128")
     return {(r["capability"], r["pv_accum"], r["head_dim"]): set(r["mma"]) for r in rows}
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("capability,pv_accum", EXPECTED)
-def test_products_lower_to_tensor_cores(compiled, capability, pv_accum, head_dim):
-    found = compiled[capability, pv_accum, head_dim]
+def assert_tensor_cores(found, capability, pv_accum):
     family, qk, pv = EXPECTED[capability, pv_accum]
     assert all(i.startswith(family) for i in found), found
     assert any(qk in i for i in found), f"no int8 Q·Kᵀ product in {found}"
     assert any(pv in i for i in found), f"no fp8 P·V product in {found}"
     assert len(found) == 2, found  # nothing upcast to an fp16 mma behind our back
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("capability,pv_accum", EXPECTED)
+def test_products_lower_to_tensor_cores(compiled, capability, pv_accum, head_dim):
+    assert_tensor_cores(compiled[capability, pv_accum, head_dim], capability, pv_accum)
+
+
+def test_head_dim_256_with_a_mask_fits_and_uses_tensor_cores():
+    """The largest kernel (D=256, an additive float32 attn_mask) on the tensor cores, within
+    Ada's shared memory (Hopper has more)."""
+    rows = compile_rows("--head-dim", "256", "--pv-accum", "fp32+fp16", "--mask", "fp32")
+    assert {r["capability"] for r in rows} == {89, 90}
+    for row in rows:
+        assert_tensor_cores(set(row["mma"]), row["capability"], "fp32+fp16")
+        assert row["shared_bytes"] <= SM89_SHARED_BYTES, row

@@ -19,12 +19,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 MODES = ("fp32", "fp32+fp32", "fp32+fp16")
 
 
-@pytest.fixture(autouse=True)
-def poisoned_allocator():
-    """Fill the CUDA caching allocator with 0xFF (NaN for every float type) so unwritten outputs show."""
-    if HAS_CUDA:
-        torch.empty(256 << 20, dtype=torch.uint8, device="cuda").fill_(0xFF)
-    yield
+pytestmark = pytest.mark.usefixtures("poisoned_cuda_allocator")
 
 
 def random_qkv(seed, batch, q_heads, kv_heads, seq_q, seq_k, head_dim, dtype, device=DEVICE):

@@ -17,7 +17,7 @@ if interpreter_enabled():
     install_exact_casts()
 
 from .attention import attention_from_payloads  # noqa: E402
-from .quant import quantize_qk, quantize_v  # noqa: E402
+from .quant import quantize_qk, quantize_qkv, quantize_v  # noqa: E402
 
 MIN_CAPABILITY = (8, 9)  # fp8 e4m3 tensor cores: Ada (sm_89) and Hopper (sm_90)
 
@@ -39,16 +39,16 @@ def check_device(device: torch.device) -> None:
             f"Use backend='reference' to run the CPU reference instead.")
 
 
-def attention(q, k, v, params, return_lse: bool = False):
-    """Quantize with the Triton quantizers, then run the attention kernel."""
-    q_int8, q_scale, k_int8, k_scale, km = quantize_qk(
-        q, k, granularity=params.granularity, smooth_k=params.smooth_k)
-    v_fp8, v_scale, v_mean = quantize_v(v, pv_accum=params.pv_accum, smooth_v=params.smooth_v)
+def attention(q, k, v, params, return_lse: bool = False, out=None, attn_mask=None):
+    """Quantize Q, K and V together (three launches), then run the attention kernel."""
+    q_int8, q_scale, k_int8, k_scale, km, v_fp8, v_scale, v_mean = quantize_qkv(
+        q, k, v, granularity=params.granularity, smooth_k=params.smooth_k,
+        pv_accum=params.pv_accum, smooth_v=params.smooth_v)
     return attention_from_payloads(
         q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_mean, params=params,
         seq_q=q.shape[2], seq_k=k.shape[2], head_dim=q.shape[-1], out_dtype=q.dtype,
-        q=q, km=km, return_lse=return_lse)
+        q=q, km=km, return_lse=return_lse, out=out, attn_mask=attn_mask)
 
 
 __all__ = ["UnsupportedDeviceError", "attention", "attention_from_payloads", "check_device",
-           "quantize_qk", "quantize_v"]
+           "quantize_qk", "quantize_qkv", "quantize_v"]

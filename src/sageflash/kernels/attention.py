@@ -9,6 +9,8 @@ larger key block would change P's fp8 rounding and so the numbers.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -17,56 +19,108 @@ from .. import groups
 from ..params import QKGranularity, SageParams
 from .quant import k_group, q_group
 
-BLOCK_N = groups.K_TILE
+BLOCK_N = tl.constexpr(groups.K_TILE)  # keys per running-max block (SPEC §5)
+LOG2E = tl.constexpr(groups.LOG2E)  # additive attn_mask values are natural-log offsets
+FP8_OFFSET_LOG2 = tl.constexpr(groups.FP8_OFFSET_LOG2)
 
 
 @triton.jit
-def _attend_block(acc, m_i, l_i, q, row_scale, rows, start, k_base, ks_base, v_base, seq_k,
-                  causal_offset, stride_ks, stride_vd, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                  PER_THREAD: tl.constexpr, PV_MODE: tl.constexpr, MASKED: tl.constexpr,
-                  IS_CAUSAL: tl.constexpr):
-    """One 64-key block of the online softmax; MASKED blocks may hold hidden or missing keys."""
-    dims = tl.arange(0, D)
-    cols = start + tl.arange(0, BLOCK_N)
-    if MASKED:
-        k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_ks + dims[None, :],
-                    mask=(cols < seq_k)[:, None], other=0)
-    else:
-        k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_ks + dims[None, :])
-    scores = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
-    col_scale = tl.load(ks_base + k_group(cols, PER_THREAD))
-    logits = scores * col_scale[None, :] * row_scale[:, None]
-    if MASKED:
-        visible = (cols < seq_k)[None, :]
-        if IS_CAUSAL:
-            visible = visible & (cols[None, :] <= rows[:, None] + causal_offset)
-        logits = tl.where(visible, logits, -float("inf"))
-    m_new = tl.maximum(m_i, tl.max(logits, axis=1) - 8.807)  # 8.807 = log2(448), FP8_OFFSET_LOG2
+def _softmax_step(acc, m_i, l_i, x, x_scale, v, PV_MODE: tl.constexpr):
+    """SPEC §5 for one 64-key block whose log2-domain logits are ``x * x_scale[:, None]``.
+
+    ``x_scale`` (> 0, per row) stays outside the row max, which is exact for a positive factor,
+    and goes into exp2 as one FMA; hidden keys hold x = -inf.
+    """
+    m_new = tl.maximum(m_i, tl.max(x, axis=1) * x_scale - FP8_OFFSET_LOG2)
     m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows with no visible key yet
     alpha = tl.math.exp2(m_i - m_safe)
-    p = tl.math.exp2(logits - m_safe[:, None])
+    p = tl.math.exp2(tl.fma(x, x_scale[:, None], -m_safe[:, None]))
     l_i = l_i * alpha + tl.sum(p, axis=1)
     p8 = p.to(tl.float8e4nv)
-    v = tl.load(v_base + dims[None, :].to(tl.int64) * stride_vd + cols[:, None])  # [BLOCK_N, D]
     if PV_MODE == 0:  # PVAccum.FP32.code: one running accumulator, accumulated by the tensor cores
         acc = tl.dot(p8, v, acc * alpha[:, None])
     elif PV_MODE == 1:  # fp32+fp32: a fresh fp32 accumulator per key block
         acc = acc * alpha[:, None] + tl.dot(p8, v)
     else:  # fp32+fp16: a fresh fp16 accumulator per key block
-        block = tl.dot(p8, v, tl.zeros([acc.shape[0], D], tl.float16), out_dtype=tl.float16)
+        block = tl.dot(p8, v, tl.zeros([acc.shape[0], v.shape[1]], tl.float16), out_dtype=tl.float16)
         acc = acc * alpha[:, None] + block.to(tl.float32)
     return acc, m_new, l_i
 
 
 @triton.jit
-def _attention_kernel(Q8, QS, K8, KS, V8, VS, VM, Out, LSE,
+def _load_v_block(v_base, cols, dims, seq_k, stride_vd, MASKED: tl.constexpr):
+    """V's fp8 ``[64, D]`` block at key ``cols`` (the payload is zero-padded to 64 keys only)."""
+    ptrs = v_base + dims[None, :].to(tl.int64) * stride_vd + cols[:, None]
+    if MASKED:
+        return tl.load(ptrs, mask=(cols < seq_k)[:, None], other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _attend_block(acc, m_i, l_i, q, row_scale, rows, start, k_base, ks_base, v_base, seq_k,
+                  causal_offset, stride_ks, stride_vd, mask_base, stride_mq, stride_mk, seq_q,
+                  D: tl.constexpr, KEYS: tl.constexpr, PER_THREAD: tl.constexpr,
+                  PV_MODE: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                  HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr):
+    """KEYS (64 or 128) keys from ``start``: one Q·Kᵀ dot, then a softmax step per 64-key block.
+
+    A 128-key step keeps SPEC's per-64-key running max (the scores are split in two) while its
+    N=128 dot runs the tensor cores far better than two N=64 ones. MASKED steps may hold hidden or
+    missing keys. With HAS_MASK, the caller's attn_mask tile applies: bool (MASK_BOOL, stored as
+    bytes, 0 hides) or additive, in the natural-log domain, so times log2(e).
+    """
+    dims = tl.arange(0, D)
+    cols = start + tl.arange(0, KEYS)
+    if MASKED:
+        k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_ks + dims[None, :],
+                    mask=(cols < seq_k)[:, None], other=0)
+    else:
+        k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_ks + dims[None, :])
+    x = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
+    x = x * tl.load(ks_base + k_group(cols, PER_THREAD))[None, :]
+    x_scale = row_scale
+    if HAS_MASK:
+        bias = tl.load(mask_base + rows[:, None].to(tl.int64) * stride_mq
+                       + cols[None, :].to(tl.int64) * stride_mk,
+                       mask=(rows < seq_q)[:, None] & (cols < seq_k)[None, :], other=0)
+        if MASK_BOOL:
+            x = tl.where(bias != 0, x, -float("inf"))
+        else:  # the bias joins the scaled logits, so the row scale is applied here
+            x = tl.fma(x, row_scale[:, None], bias.to(tl.float32) * LOG2E)
+            x_scale = tl.full([x.shape[0]], 1.0, tl.float32)
+    if MASKED:
+        visible = (cols < seq_k)[None, :]
+        if IS_CAUSAL:
+            visible = visible & (cols[None, :] <= rows[:, None] + causal_offset)
+        x = tl.where(visible, x, -float("inf"))
+    first = start + tl.arange(0, BLOCK_N)
+    if KEYS == BLOCK_N:
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, x, x_scale,
+                                      _load_v_block(v_base, first, dims, seq_k, stride_vd, MASKED),
+                                      PV_MODE)
+    else:
+        x0, x1 = tl.split(tl.permute(tl.reshape(x, [x.shape[0], 2, BLOCK_N]), (0, 2, 1)))
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, x0, x_scale,
+                                      _load_v_block(v_base, first, dims, seq_k, stride_vd, MASKED),
+                                      PV_MODE)
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, x1, x_scale,
+                                      _load_v_block(v_base, first + BLOCK_N, dims, seq_k, stride_vd,
+                                                    MASKED),
+                                      PV_MODE)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attention_kernel(Q8, QS, K8, KS, V8, VS, VM, Out, LSE, Mask,
                       seq_q, seq_k, causal_offset, log2_scale, head_dim, kv_group,
                       q_heads, kv_heads, q_groups, k_groups,
                       stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
                       stride_vb, stride_vh, stride_vd, stride_ob, stride_oh, stride_os,
-                      D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      stride_mb, stride_mh, stride_mq, stride_mk,
+                      D: tl.constexpr, BLOCK_M: tl.constexpr, KEYS: tl.constexpr,
                       PER_THREAD: tl.constexpr, IS_CAUSAL: tl.constexpr, PV_MODE: tl.constexpr,
-                      SMOOTH_V: tl.constexpr, WRITE_LSE: tl.constexpr):
+                      SMOOTH_V: tl.constexpr, WRITE_LSE: tl.constexpr, HAS_MASK: tl.constexpr,
+                      MASK_BOOL: tl.constexpr):
     tile, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if IS_CAUSAL:  # the longest rows first, for a better tail
         tile = tl.num_programs(0) - 1 - tile
@@ -82,25 +136,28 @@ def _attention_kernel(Q8, QS, K8, KS, V8, VS, VM, Out, LSE,
     k_base = K8 + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     ks_base = KS + (batch * kv_heads + kv_head).to(tl.int64) * k_groups
     v_base = V8 + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    mask_base = Mask + batch.to(tl.int64) * stride_mb + head.to(tl.int64) * stride_mh
 
     m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     # Keys [0, full_end) are visible to every row of the tile; [full_end, key_end) need masks.
-    full_end = seq_k // BLOCK_N * BLOCK_N
+    full_end = seq_k // KEYS * KEYS
     key_end = seq_k
     if IS_CAUSAL:
         first_row = tile * BLOCK_M + causal_offset
-        full_end = tl.minimum(full_end, tl.maximum(first_row + 1, 0) // BLOCK_N * BLOCK_N)
+        full_end = tl.minimum(full_end, tl.maximum(first_row + 1, 0) // KEYS * KEYS)
         key_end = tl.minimum(seq_k, tl.maximum(first_row + BLOCK_M, 0))
-    for start in range(0, full_end, BLOCK_N):
+    for start in range(0, full_end, KEYS):
         acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, row_scale, rows, start, k_base, ks_base,
-                                      v_base, seq_k, causal_offset, stride_ks, stride_vd, D,
-                                      BLOCK_N, PER_THREAD, PV_MODE, False, IS_CAUSAL)
-    for start in range(full_end, key_end, BLOCK_N):
+                                      v_base, seq_k, causal_offset, stride_ks, stride_vd,
+                                      mask_base, stride_mq, stride_mk, seq_q, D, KEYS,
+                                      PER_THREAD, PV_MODE, False, IS_CAUSAL, HAS_MASK, MASK_BOOL)
+    for start in range(full_end, key_end, KEYS):
         acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, row_scale, rows, start, k_base, ks_base,
-                                      v_base, seq_k, causal_offset, stride_ks, stride_vd, D,
-                                      BLOCK_N, PER_THREAD, PV_MODE, True, IS_CAUSAL)
+                                      v_base, seq_k, causal_offset, stride_ks, stride_vd,
+                                      mask_base, stride_mq, stride_mk, seq_q, D, KEYS,
+                                      PER_THREAD, PV_MODE, True, IS_CAUSAL, HAS_MASK, MASK_BOOL)
 
     bh = (batch * kv_heads + kv_head).to(tl.int64) * D
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None] * tl.load(VS + bh + dims)[None, :]
@@ -115,9 +172,22 @@ def _attention_kernel(Q8, QS, K8, KS, V8, VS, VM, Out, LSE,
         tl.store(LSE + (batch * q_heads + head).to(tl.int64) * seq_q + rows, lse, mask=rows < seq_q)
 
 
-def launch_config(padded_dim: int, capability: int) -> tuple[int, int, int]:
-    """(BLOCK_M, num_warps, num_stages) for a head dim and a compute capability (major*10+minor)."""
-    return 64, 4, 3
+class LaunchConfig(NamedTuple):
+    block_m: int  # query rows per program
+    keys: int  # keys per loop step: 64, or 128 as two 64-key softmax blocks
+    num_warps: int
+    num_stages: int
+
+
+def launch_config(padded_dim: int, capability: int) -> LaunchConfig:
+    """The launch for a padded head dim and a compute capability (major*10+minor).
+
+    Measured on an H200 (benchmarks/NOTES.md, v2): a 64-row tile with 128-key steps and 4 warps
+    beats every 128-row or 8-warp variant at D=64 and D=128; 4 stages help D=64 (causal).
+    """
+    if padded_dim == 256:  # a 64x256 fp32 accumulator: 8 warps keep the spills to the D=128 level
+        return LaunchConfig(64, 64, 8, 2)
+    return LaunchConfig(64, 128, 4, 4 if padded_dim == 64 else 3)
 
 
 def _capability(device: torch.device) -> int:
@@ -129,27 +199,37 @@ def _capability(device: torch.device) -> int:
 
 def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_mean, *,
                             params: SageParams, seq_q: int, seq_k: int, head_dim: int,
-                            out_dtype: torch.dtype, q=None, km=None, return_lse: bool = False):
-    """Attention from the payloads; the signature of `sageflash.reference.attention_from_payloads`."""
+                            out_dtype: torch.dtype, q=None, km=None, return_lse: bool = False,
+                            out=None, attn_mask=None):
+    """Attention from the payloads; the signature of `sageflash.reference.attention_from_payloads`.
+
+    ``attn_mask`` is read in place through broadcast strides (0 on the broadcast dims; a bool
+    mask as its bytes), with the semantics of the reference.
+    """
     batch, q_heads = q_int8.shape[:2]
     kv_heads, padded = k_int8.shape[1], k_int8.shape[-1]
-    out = torch.empty(batch, q_heads, seq_q, head_dim, dtype=out_dtype, device=q_int8.device)
+    if out is None:
+        out = torch.empty(batch, q_heads, seq_q, head_dim, dtype=out_dtype, device=q_int8.device)
     lse = torch.empty(batch, q_heads, seq_q, dtype=torch.float32, device=q_int8.device) if return_lse else out
-    block_m, num_warps, num_stages = launch_config(padded, _capability(q_int8.device))
-    grid = (triton.cdiv(seq_q, block_m), q_heads, batch)
+    config = launch_config(padded, _capability(q_int8.device))
+    mask = out if attn_mask is None else attn_mask.expand(batch, q_heads, seq_q, seq_k)
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+    grid = (triton.cdiv(seq_q, config.block_m), q_heads, batch)
     _attention_kernel[grid](
         q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_mean if v_mean is not None else v_scale,
-        out, lse, seq_q, seq_k, groups.causal_offset(seq_q, seq_k),
+        out, lse, mask, seq_q, seq_k, groups.causal_offset(seq_q, seq_k),
         params.softmax_scale * groups.LOG2E, head_dim, q_heads // kv_heads, q_heads, kv_heads,
         q_scale.shape[-1], k_scale.shape[-1],
         q_int8.stride(0), q_int8.stride(1), q_int8.stride(2),
         k_int8.stride(0), k_int8.stride(1), k_int8.stride(2),
         v_fp8.stride(0), v_fp8.stride(1), v_fp8.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        D=padded, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
+        out.stride(0), out.stride(1), out.stride(2), *mask.stride(),
+        D=padded, BLOCK_M=config.block_m, KEYS=config.keys,
         PER_THREAD=params.granularity is QKGranularity.PER_THREAD, IS_CAUSAL=params.is_causal,
         PV_MODE=params.pv_accum.code, SMOOTH_V=v_mean is not None, WRITE_LSE=return_lse,
-        num_warps=num_warps, num_stages=num_stages)
+        HAS_MASK=attn_mask is not None, MASK_BOOL=mask.dtype == torch.uint8,
+        num_warps=config.num_warps, num_stages=config.num_stages)
     if not return_lse:
         return out
     if q is not None and km is not None:  # undo smooth_k's shift of every logit by q·km

@@ -24,25 +24,32 @@ MMA_PATTERN = re.compile(r"(wgmma\.mma_async[\w.]*|mma\.sync[\w.]*)")
 
 
 def compile_attention(capability: int, *, head_dim: int = 128, pv_accum="fp32+fp32",
-                      granularity="per_thread", is_causal: bool = False, out_dtype: str = "fp16"):
-    """Compile `_attention_kernel` for ``sm_<capability>`` (e.g. 89, 90); returns Triton's kernel."""
+                      granularity="per_thread", is_causal: bool = False, out_dtype: str = "fp16",
+                      mask: str = "none"):
+    """Compile `_attention_kernel` for ``sm_<capability>`` (e.g. 89, 90); returns Triton's kernel.
+
+    ``mask``: "none", or the Triton type of an attn_mask's elements: "u8" (a bool mask's bytes),
+    "fp16", "bf16" or "fp32" (additive).
+    """
     padded = groups.padded_head_dim(head_dim)
-    block_m, num_warps, num_stages = launch_config(padded, capability)
-    constants = dict(D=padded, BLOCK_M=block_m, BLOCK_N=groups.K_TILE,
+    config = launch_config(padded, capability)
+    constants = dict(D=padded, BLOCK_M=config.block_m, KEYS=config.keys,
                      PER_THREAD=QKGranularity.parse(granularity, "granularity") is QKGranularity.PER_THREAD,
                      IS_CAUSAL=is_causal, PV_MODE=PVAccum.parse(pv_accum, "pv_accum").code,
-                     SMOOTH_V=False, WRITE_LSE=False)
+                     SMOOTH_V=False, WRITE_LSE=False, HAS_MASK=mask != "none", MASK_BOOL=mask == "u8")
     signature = {}
     for name in inspect.signature(_attention_kernel.fn).parameters:
         if name in constants:
             signature[name] = "constexpr"
         elif name == "Out":
             signature[name] = f"*{out_dtype}"
+        elif name == "Mask":
+            signature[name] = f"*{out_dtype if mask == 'none' else mask}"
         else:
             signature[name] = _POINTER_TYPES.get(name, "fp32" if name in _FLOAT_ARGS else "i32")
     source = ASTSource(_attention_kernel, signature, constexprs=constants)
     return triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+                          options={"num_warps": config.num_warps, "num_stages": config.num_stages})
 
 
 def mma_instructions(ptx: str) -> set[str]:
@@ -56,19 +63,23 @@ def main(argv: list[str] | None = None) -> int:
     Needs ``TRITON_INTERPRET`` unset (interpreted kernels cannot be compiled).
     """
     import argparse
+    import itertools
     import json
 
     parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
     parser.add_argument("--capability", type=int, nargs="+", default=[89, 90])
-    parser.add_argument("--head-dim", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--head-dim", type=int, nargs="+", default=list(groups.HEAD_DIMS))
     parser.add_argument("--pv-accum", nargs="+", default=[m.value for m in PVAccum])
+    parser.add_argument("--mask", nargs="+", default=["none"], choices=["none", "u8", "fp16", "bf16", "fp32"],
+                        help="attn_mask element types to compile for (u8: a bool mask)")
     args = parser.parse_args(argv)
     for capability in args.capability:
         for head_dim in args.head_dim:
-            for pv_accum in args.pv_accum:
-                kernel = compile_attention(capability, head_dim=head_dim, pv_accum=pv_accum, is_causal=True)
+            for pv_accum, mask in itertools.product(args.pv_accum, args.mask):
+                kernel = compile_attention(capability, head_dim=head_dim, pv_accum=pv_accum, is_causal=True,
+                                           mask=mask)
                 print(json.dumps({"capability": capability, "head_dim": head_dim, "pv_accum": pv_accum,
-                                  "mma": sorted(mma_instructions(kernel.asm["ptx"])),
+                                  "mask": mask, "mma": sorted(mma_instructions(kernel.asm["ptx"])),
                                   "shared_bytes": kernel.metadata.shared}))
     return 0
 

@@ -1,8 +1,15 @@
 """Triton quantizers (SPEC §3–4): Q/K -> int8 per token group, V -> fp8 e4m3 per channel.
 
-Same payloads as `sageflash.reference.quant`. Launches: Q one, K one (+ torch's K mean when
-smoothing), V three (partial channel statistics, their reduction to scales, the quantized and
-transposed payload). No host synchronisation.
+Same payloads as `sageflash.reference.quant`, in at most three launches whatever is quantized,
+with no host synchronisation:
+
+1. statistics: per chunk of tokens, K's channel sums (for smooth_k's mean) and V's channel max,
+   min and sum;
+2. reduction: per (batch, kv head), the K mean and V's scales (and mean);
+3. quantization: one program per 64-token tile of a Q head or of a K/V head, each input read once.
+
+`quantize_qkv` (what the attention path uses) runs the three for Q, K and V together; a pass with
+nothing to do (no smoothing, a given K mean, Q/K only) is skipped.
 """
 
 from __future__ import annotations
@@ -15,7 +22,6 @@ import triton.language as tl
 
 from .. import groups
 from ..params import PVAccum, QKGranularity
-from ..reference.quant import key_mean
 
 
 
@@ -31,9 +37,10 @@ def _jit_rule(rule):
 q_group = _jit_rule(groups.q_group)
 k_group = _jit_rule(groups.k_group)
 
-Q_ROWS = 32  # rows per program: a per_warp Q group (per_thread groups lie inside it too)
-K_ROWS = groups.K_TILE  # a per_warp K group (per_thread groups lie inside it too)
-V_STATS_ROWS = 128  # tokens per partial-statistics program
+# Kernel constants (constexpr: jitted code may read them; ``.value`` on the host).
+TILE_ROWS = tl.constexpr(groups.K_TILE)  # tokens per quantization program: whole Q and K groups
+STATS_ROWS = tl.constexpr(128)  # tokens per statistics program
+REDUCE_CHUNKS = tl.constexpr(32)  # partial statistics folded per step of the reduction
 
 
 @triton.jit
@@ -65,21 +72,25 @@ def _quantize_group_rows(x, groups_of_rows, PER_THREAD: tl.constexpr):
 
 
 @triton.jit
-def _quantize_qk_kernel(X, KM, X8, XS, seq, head_dim, num_heads, n_groups,
+def _tile_offsets(batch, head, rows, cols, stride_b, stride_h, stride_s):
+    return (batch.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h
+            + rows[:, None].to(tl.int64) * stride_s + cols[None, :])
+
+
+@triton.jit
+def _quantize_int8_tile(X, KM, X8, XS, batch, head, tile, seq, head_dim, num_heads, n_groups,
                         stride_xb, stride_xh, stride_xs, stride_8b, stride_8h, stride_8s,
-                        D: tl.constexpr, ROWS: tl.constexpr, IS_KEY: tl.constexpr,
-                        PER_THREAD: tl.constexpr, SMOOTH: tl.constexpr):
-    """One program quantizes ROWS tokens of one (batch, head); ROWS covers whole groups."""
-    block, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows = block * ROWS + tl.arange(0, ROWS)
+                        D: tl.constexpr, IS_KEY: tl.constexpr, PER_THREAD: tl.constexpr,
+                        SMOOTH: tl.constexpr):
+    """int8 payload and group scales of TILE_ROWS tokens of one (batch, head) of Q or K."""
+    rows = tile * TILE_ROWS + tl.arange(0, TILE_ROWS)
     cols = tl.arange(0, D)
     in_seq = rows < seq
-    x = tl.load(X + batch.to(tl.int64) * stride_xb + head.to(tl.int64) * stride_xh
-                + rows[:, None].to(tl.int64) * stride_xs + cols[None, :],
+    x = tl.load(X + _tile_offsets(batch, head, rows, cols, stride_xb, stride_xh, stride_xs),
                 mask=in_seq[:, None] & (cols < head_dim)[None, :], other=0.0)
     xf = x.to(tl.float32)
     if SMOOTH:
-        km = tl.load(KM + (batch * num_heads + head) * D + cols).to(tl.float32)
+        km = tl.load(KM + (batch * num_heads + head).to(tl.int64) * D + cols).to(tl.float32)
         if PER_THREAD:  # per_thread centres K in the input dtype, per_warp in float32
             xf = (xf - km[None, :]).to(X.dtype.element_ty).to(tl.float32)
         else:
@@ -90,100 +101,22 @@ def _quantize_qk_kernel(X, KM, X8, XS, seq, head_dim, num_heads, n_groups,
     else:
         row_groups = q_group(rows, PER_THREAD)
     values, scale = _quantize_group_rows(xf, row_groups, PER_THREAD)
-    tl.store(X8 + batch.to(tl.int64) * stride_8b + head.to(tl.int64) * stride_8h
-             + rows[:, None].to(tl.int64) * stride_8s + cols[None, :], values, mask=in_seq[:, None])
+    tl.store(X8 + _tile_offsets(batch, head, rows, cols, stride_8b, stride_8h, stride_8s), values,
+             mask=in_seq[:, None])
     tl.store(XS + (batch * num_heads + head).to(tl.int64) * n_groups + row_groups, scale)
 
 
-def _quantize_int8(x, km, *, is_key: bool, per_thread: bool):
-    batch, heads, seq, head_dim = x.shape
-    padded = groups.padded_head_dim(head_dim)
-    rows = K_ROWS if is_key else Q_ROWS
-    tile = groups.K_TILE if is_key else groups.Q_TILE
-    n_groups = (groups.k_num_groups if is_key else groups.q_num_groups)(seq, per_thread)
-    x8 = torch.empty(batch, heads, seq, padded, dtype=torch.int8, device=x.device)
-    scale = torch.empty(batch, heads, n_groups, dtype=torch.float32, device=x.device)
-    grid = (groups.ceil_to(seq, tile) // rows, heads, batch)  # every group, padding included
-    _quantize_qk_kernel[grid](
-        x, km if km is not None else x, x8, scale, seq, head_dim, heads, n_groups,
-        x.stride(0), x.stride(1), x.stride(2), x8.stride(0), x8.stride(1), x8.stride(2),
-        D=padded, ROWS=rows, IS_KEY=is_key, PER_THREAD=per_thread, SMOOTH=km is not None)
-    return x8, scale
-
-
-def quantize_qk(q, k, *, granularity, smooth_k: bool, km=None):
-    """``(q_int8, q_scale, k_int8, k_scale, km)``, the payloads of `sageflash.reference.quantize_qk`."""
-    per_thread = QKGranularity.parse(granularity, "granularity") is QKGranularity.PER_THREAD
-    padded = groups.padded_head_dim(q.shape[-1])
-    q8, q_scale = _quantize_int8(q, None, is_key=False, per_thread=per_thread)
-    if smooth_k:
-        km = key_mean(k) if km is None else km[..., : k.shape[-1]].to(k.dtype)
-        km = torch.nn.functional.pad(km, (0, padded - km.shape[-1])).contiguous()
-    else:
-        km = None
-    k8, k_scale = _quantize_int8(k, km, is_key=True, per_thread=per_thread)
-    return q8, q_scale, k8, k_scale, km
-
-
 @triton.jit
-def _v_partial_stats_kernel(V, PMAX, PMIN, PSUM, seq, head_dim, n_chunks,
-                            stride_vb, stride_vh, stride_vs,
-                            D: tl.constexpr, ROWS: tl.constexpr):
-    """Per-channel max, min and sum of ROWS tokens of one (batch, head)."""
-    chunk, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows = chunk * ROWS + tl.arange(0, ROWS)
+def _quantize_fp8_tile(V, VMEAN, INV, V8, batch, head, tile, seq, head_dim, num_heads,
+                       stride_vb, stride_vh, stride_vs, stride_8b, stride_8h, stride_8d,
+                       D: tl.constexpr, SMOOTH: tl.constexpr):
+    """fp8 payload of TILE_ROWS tokens of one (batch, head) of V, stored transposed ``[D, tokens]``."""
+    bh = (batch * num_heads + head).to(tl.int64)
+    rows = tile * TILE_ROWS + tl.arange(0, TILE_ROWS)
     cols = tl.arange(0, D)
     valid = (rows < seq)[:, None] & (cols < head_dim)[None, :]
-    x = tl.load(V + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh
-                + rows[:, None].to(tl.int64) * stride_vs + cols[None, :], mask=valid, other=0.0)
-    x = x.to(tl.float32)
-    out = ((batch * tl.num_programs(1) + head).to(tl.int64) * n_chunks + chunk) * D + cols
-    tl.store(PMAX + out, tl.max(tl.where(valid, x, -float("inf")), axis=0))
-    tl.store(PMIN + out, tl.min(tl.where(valid, x, float("inf")), axis=0))
-    tl.store(PSUM + out, tl.sum(x, axis=0))
-
-
-@triton.jit
-def _v_scales_kernel(PMAX, PMIN, PSUM, VSCALE, VMEAN, INV, n_chunks, window, scale_max,
-                     PAD_IN_WINDOW: tl.constexpr, SMOOTH: tl.constexpr, D: tl.constexpr):
-    """Reduce the partial statistics of one (batch, head) to v_scale, v_mean and scale_max / amax."""
-    bh = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, D)
-    vmax = tl.full([D], -float("inf"), tl.float32)
-    vmin = tl.full([D], float("inf"), tl.float32)
-    vsum = tl.zeros([D], tl.float32)
-    for chunk in range(n_chunks):
-        at = (bh * n_chunks + chunk) * D + cols
-        vmax = tl.maximum(vmax, tl.load(PMAX + at))
-        vmin = tl.minimum(vmin, tl.load(PMIN + at))
-        vsum += tl.load(PSUM + at)
-    if PAD_IN_WINDOW:  # the ceil_16(Sk) window holds zero tokens too
-        vmax = tl.maximum(vmax, 0.0)
-        vmin = tl.minimum(vmin, 0.0)
-    if SMOOTH:
-        mean = tl.div_rn(vsum, window.to(tl.float32))
-        amax = tl.maximum(tl.abs(vmax - mean), tl.abs(vmin - mean))
-        tl.store(VMEAN + bh * D + cols, mean)
-    else:
-        amax = tl.maximum(tl.abs(vmax), tl.abs(vmin))
-    tl.store(VSCALE + bh * D + cols, tl.div_rn(amax, scale_max))
-    # An all-zero channel has amax 0: scale 0 and payload 0 (the official code gives NaN here).
-    tl.store(INV + bh * D + cols, tl.where(amax > 0, tl.div_rn(1.0, tl.where(amax > 0, amax, 1.0)) * scale_max, 0.0))
-
-
-@triton.jit
-def _v_quantize_kernel(V, VMEAN, INV, V8, seq, head_dim, stride_vb, stride_vh, stride_vs,
-                       stride_8b, stride_8h, stride_8d,
-                       D: tl.constexpr, ROWS: tl.constexpr, SMOOTH: tl.constexpr):
-    """fp8 payload of ROWS tokens of one (batch, head), stored transposed ``[D, tokens]``."""
-    block, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bh = (batch * tl.num_programs(1) + head).to(tl.int64)
-    rows = block * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, D)
-    valid = (rows < seq)[:, None] & (cols < head_dim)[None, :]
-    x = tl.load(V + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh
-                + rows[:, None].to(tl.int64) * stride_vs + cols[None, :], mask=valid, other=0.0)
-    x = x.to(tl.float32)
+    x = tl.load(V + _tile_offsets(batch, head, rows, cols, stride_vb, stride_vh, stride_vs),
+                mask=valid, other=0.0).to(tl.float32)
     if SMOOTH:
         x = x - tl.load(VMEAN + bh * D + cols)[None, :]
     y = x * tl.load(INV + bh * D + cols)[None, :]
@@ -192,28 +125,175 @@ def _v_quantize_kernel(V, VMEAN, INV, V8, seq, head_dim, stride_vb, stride_vh, s
              + cols[None, :].to(tl.int64) * stride_8d + rows[:, None], y.to(tl.float8e4nv))
 
 
+@triton.jit
+def _stats_kernel(K, V, KSUM, VMAX, VMIN, VSUM, seq, head_dim, n_chunks,
+                  stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+                  D: tl.constexpr, K_SUM: tl.constexpr, V_STATS: tl.constexpr):
+    """Pass 1: channel statistics of STATS_ROWS tokens of one (batch, kv head)."""
+    chunk, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = chunk * STATS_ROWS + tl.arange(0, STATS_ROWS)
+    cols = tl.arange(0, D)
+    valid = (rows < seq)[:, None] & (cols < head_dim)[None, :]
+    out = ((batch * tl.num_programs(1) + head).to(tl.int64) * n_chunks + chunk) * D + cols
+    if K_SUM:
+        k = tl.load(K + _tile_offsets(batch, head, rows, cols, stride_kb, stride_kh, stride_ks),
+                    mask=valid, other=0.0)
+        tl.store(KSUM + out, tl.sum(k.to(tl.float32), axis=0))
+    if V_STATS:
+        v = tl.load(V + _tile_offsets(batch, head, rows, cols, stride_vb, stride_vh, stride_vs),
+                    mask=valid, other=0.0).to(tl.float32)
+        tl.store(VMAX + out, tl.max(tl.where(valid, v, -float("inf")), axis=0))
+        tl.store(VMIN + out, tl.min(tl.where(valid, v, float("inf")), axis=0))
+        tl.store(VSUM + out, tl.sum(v, axis=0))
+
+
+@triton.jit
+def _reduce_kernel(KSUM, VMAX, VMIN, VSUM, KM, VSCALE, VMEAN, INV, n_chunks, key_count, window,
+                   scale_max,
+                   D: tl.constexpr, K_SUM: tl.constexpr, V_STATS: tl.constexpr,
+                   PAD_IN_WINDOW: tl.constexpr, SMOOTH_V: tl.constexpr):
+    """Pass 2, per (batch, kv head): K's mean in K's dtype; v_scale, v_mean and scale_max / amax."""
+    bh = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, D)
+    chunks = tl.arange(0, REDUCE_CHUNKS)
+    ksum = tl.zeros([D], tl.float32)
+    vmax = tl.full([D], -float("inf"), tl.float32)
+    vmin = tl.full([D], float("inf"), tl.float32)
+    vsum = tl.zeros([D], tl.float32)
+    for first in range(0, n_chunks, REDUCE_CHUNKS):
+        at = (bh * n_chunks + first + chunks[:, None]) * D + cols[None, :]
+        present = (first + chunks < n_chunks)[:, None]
+        if K_SUM:
+            ksum += tl.sum(tl.load(KSUM + at, mask=present, other=0.0), axis=0)
+        if V_STATS:
+            vmax = tl.maximum(vmax, tl.max(tl.load(VMAX + at, mask=present, other=-float("inf")), axis=0))
+            vmin = tl.minimum(vmin, tl.min(tl.load(VMIN + at, mask=present, other=float("inf")), axis=0))
+            vsum += tl.sum(tl.load(VSUM + at, mask=present, other=0.0), axis=0)
+    if K_SUM:
+        tl.store(KM + bh * D + cols, tl.div_rn(ksum, key_count).to(KM.dtype.element_ty))
+    if V_STATS:
+        if PAD_IN_WINDOW:  # the ceil_16(Sk) window holds zero tokens too
+            vmax = tl.maximum(vmax, 0.0)
+            vmin = tl.minimum(vmin, 0.0)
+        if SMOOTH_V:
+            mean = tl.div_rn(vsum, window)
+            amax = tl.maximum(tl.abs(vmax - mean), tl.abs(vmin - mean))
+            tl.store(VMEAN + bh * D + cols, mean)
+        else:
+            amax = tl.maximum(tl.abs(vmax), tl.abs(vmin))
+        tl.store(VSCALE + bh * D + cols, tl.div_rn(amax, scale_max))
+        # An all-zero channel has amax 0: scale 0 and payload 0 (the official code gives NaN here).
+        tl.store(INV + bh * D + cols,
+                 tl.where(amax > 0, tl.div_rn(1.0, tl.where(amax > 0, amax, 1.0)) * scale_max, 0.0))
+
+
+@triton.jit
+def _quantize_kernel(Q, K, V, KM, Q8, QS, K8, KS, VMEAN, INV, V8,
+                     seq_q, seq_k, head_dim, q_heads, kv_heads, q_tiles, q_groups, k_groups,
+                     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+                     stride_vb, stride_vh, stride_vs, stride_q8b, stride_q8h, stride_q8s,
+                     stride_k8b, stride_k8h, stride_k8s, stride_v8b, stride_v8h, stride_v8d,
+                     D: tl.constexpr, PER_THREAD: tl.constexpr, DO_Q: tl.constexpr,
+                     DO_K: tl.constexpr, DO_V: tl.constexpr, SMOOTH_K: tl.constexpr,
+                     SMOOTH_V: tl.constexpr):
+    """Pass 3: programs with head < q_heads (when DO_Q) quantize a Q tile, the others a K/V tile."""
+    tile, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    first_kv = q_heads if DO_Q else 0
+    if head < first_kv:
+        if tile < q_tiles:
+            _quantize_int8_tile(Q, KM, Q8, QS, batch, head, tile, seq_q, head_dim, q_heads, q_groups,
+                                stride_qb, stride_qh, stride_qs, stride_q8b, stride_q8h, stride_q8s,
+                                D, False, PER_THREAD, False)
+    elif tile * TILE_ROWS < seq_k:
+        if DO_K:
+            _quantize_int8_tile(K, KM, K8, KS, batch, head - first_kv, tile, seq_k, head_dim, kv_heads,
+                                k_groups, stride_kb, stride_kh, stride_ks, stride_k8b, stride_k8h,
+                                stride_k8s, D, True, PER_THREAD, SMOOTH_K)
+        if DO_V:
+            _quantize_fp8_tile(V, VMEAN, INV, V8, batch, head - first_kv, tile, seq_k, head_dim,
+                               kv_heads, stride_vb, stride_vh, stride_vs, stride_v8b, stride_v8h,
+                               stride_v8d, D, SMOOTH_V)
+
+
+def _strides(x):
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def quantize_qkv(q, k, v, *, granularity, smooth_k: bool, km=None, pv_accum=None,
+                 smooth_v: bool = False):
+    """Any of Q, K (int8) and V (fp8) in at most three launches; None for a tensor not asked for.
+
+    Returns ``(q_int8, q_scale, k_int8, k_scale, km, v_fp8, v_scale, v_mean)``: the payloads of
+    `sageflash.reference.quantize_qk` / `quantize_v` (q and k go together, v may be None).
+    """
+    per_thread = QKGranularity.parse(granularity, "granularity") is QKGranularity.PER_THREAD
+    batch, kv_heads, seq_k, head_dim = (k if k is not None else v).shape
+    padded = groups.padded_head_dim(head_dim)
+    device = (k if k is not None else v).device
+    new = lambda *shape, dtype=torch.float32: torch.empty(*shape, dtype=dtype, device=device)  # noqa: E731
+
+    q8 = q_scale = k8 = k_scale = v8 = v_scale = v_mean = inv = None
+    q_heads = seq_q = q_tiles = 0
+    if q is not None:
+        q_heads, seq_q = q.shape[1], q.shape[2]
+        q8 = new(batch, q_heads, seq_q, padded, dtype=torch.int8)
+        q_scale = new(batch, q_heads, groups.q_num_groups(seq_q, per_thread))
+        k8 = new(batch, kv_heads, seq_k, padded, dtype=torch.int8)
+        k_scale = new(batch, kv_heads, groups.k_num_groups(seq_k, per_thread))
+        q_tiles = groups.ceil_to(seq_q, groups.Q_TILE) // TILE_ROWS.value  # padding groups get scales too
+        if smooth_k and km is not None:
+            km = torch.nn.functional.pad(km[..., :head_dim].to(k.dtype), (0, padded - head_dim)).contiguous()
+    k_sum = q is not None and smooth_k and km is None
+    if k_sum:
+        km = new(batch, kv_heads, padded, dtype=k.dtype)
+    if not smooth_k:
+        km = None
+    if v is not None:
+        scale_max = PVAccum.parse(pv_accum, "pv_accum").v_scale_max
+        v8 = new(batch, kv_heads, padded, groups.ceil_to(seq_k, groups.K_TILE), dtype=torch.float8_e4m3fn)
+        v_scale, inv = new(batch, kv_heads, padded), new(batch, kv_heads, padded)
+        v_mean = new(batch, kv_heads, padded) if smooth_v else None
+
+    if k_sum or v is not None:  # passes 1 and 2
+        n_chunks = triton.cdiv(seq_k, STATS_ROWS.value)
+        partial = new(4, batch, kv_heads, n_chunks, padded)
+        window = groups.ceil_to(seq_k, groups.V_WINDOW)
+        kv_or_v = k if k_sum else v
+        _stats_kernel[(n_chunks, kv_heads, batch)](
+            kv_or_v, v if v is not None else kv_or_v, *partial, seq_k, head_dim, n_chunks,
+            *_strides(kv_or_v), *_strides(v if v is not None else kv_or_v),
+            D=padded, K_SUM=k_sum, V_STATS=v is not None)
+        _reduce_kernel[(batch * kv_heads,)](
+            *partial, km if k_sum else partial, v_scale if v is not None else partial,
+            v_mean if smooth_v else partial, inv if v is not None else partial,
+            n_chunks, float(seq_k), float(window), scale_max if v is not None else 1.0, D=padded,
+            K_SUM=k_sum, V_STATS=v is not None, PAD_IN_WINDOW=window > seq_k, SMOOTH_V=smooth_v)
+
+    any_kv = k if q is not None else v
+    dummy = any_kv
+    grid = (max(q_tiles, triton.cdiv(seq_k, TILE_ROWS.value)), q_heads + kv_heads, batch)
+    _quantize_kernel[grid](
+        q if q is not None else dummy, k if q is not None else dummy, v if v is not None else dummy,
+        km if km is not None else dummy, q8 if q8 is not None else dummy,
+        q_scale if q_scale is not None else dummy, k8 if k8 is not None else dummy,
+        k_scale if k_scale is not None else dummy, v_mean if smooth_v else dummy,
+        inv if inv is not None else dummy, v8 if v8 is not None else dummy,
+        seq_q, seq_k, head_dim, q_heads, kv_heads, q_tiles,
+        q_scale.shape[-1] if q is not None else 0, k_scale.shape[-1] if q is not None else 0,
+        *_strides(q if q is not None else dummy), *_strides(k if q is not None else dummy),
+        *_strides(v if v is not None else dummy), *_strides(q8 if q8 is not None else dummy),
+        *_strides(k8 if k8 is not None else dummy), *_strides(v8 if v8 is not None else dummy),
+        D=padded, PER_THREAD=per_thread, DO_Q=q is not None, DO_K=q is not None,
+        DO_V=v is not None, SMOOTH_K=km is not None, SMOOTH_V=smooth_v)
+    return q8, q_scale, k8, k_scale, km, v8, v_scale, v_mean
+
+
+def quantize_qk(q, k, *, granularity, smooth_k: bool, km=None):
+    """``(q_int8, q_scale, k_int8, k_scale, km)``, the payloads of `sageflash.reference.quantize_qk`."""
+    return quantize_qkv(q, k, None, granularity=granularity, smooth_k=smooth_k, km=km)[:5]
+
+
 def quantize_v(v, *, pv_accum, smooth_v: bool):
     """``(v_fp8 [B,Hk,D,ceil64(Sk)], v_scale, v_mean)``, the payloads of `sageflash.reference.quantize_v`."""
-    scale_max = PVAccum.parse(pv_accum, "pv_accum").v_scale_max
-    batch, heads, seq, head_dim = v.shape
-    padded = groups.padded_head_dim(head_dim)
-    n_chunks = triton.cdiv(seq, V_STATS_ROWS)
-    partial = torch.empty(3, batch, heads, n_chunks, padded, dtype=torch.float32, device=v.device)
-    strides = (v.stride(0), v.stride(1), v.stride(2))
-    _v_partial_stats_kernel[(n_chunks, heads, batch)](
-        v, partial[0], partial[1], partial[2], seq, head_dim, n_chunks, *strides, D=padded,
-        ROWS=V_STATS_ROWS)
-    v_scale = torch.empty(batch, heads, padded, dtype=torch.float32, device=v.device)
-    v_mean = torch.empty_like(v_scale) if smooth_v else None
-    inv_scale = torch.empty_like(v_scale)
-    window = groups.ceil_to(seq, groups.V_WINDOW)
-    _v_scales_kernel[(batch * heads,)](
-        partial[0], partial[1], partial[2], v_scale, v_mean if smooth_v else v_scale, inv_scale,
-        n_chunks, window, scale_max, PAD_IN_WINDOW=window > seq, SMOOTH=smooth_v, D=padded)
-    padded_seq = groups.ceil_to(seq, groups.K_TILE)
-    v_fp8 = torch.empty(batch, heads, padded, padded_seq, dtype=torch.float8_e4m3fn, device=v.device)
-    _v_quantize_kernel[(padded_seq // groups.K_TILE, heads, batch)](
-        v, v_mean if smooth_v else v_scale, inv_scale, v_fp8, seq, head_dim, *strides,
-        v_fp8.stride(0), v_fp8.stride(1), v_fp8.stride(2), D=padded, ROWS=groups.K_TILE,
-        SMOOTH=smooth_v)
-    return v_fp8, v_scale, v_mean
+    return quantize_qkv(None, None, v, granularity="per_thread", smooth_k=False, pv_accum=pv_accum,
+                        smooth_v=smooth_v)[5:]

@@ -32,6 +32,16 @@ def visible_keys(rows: torch.Tensor, seq_q: int, seq_k: int, is_causal: bool) ->
     return mask
 
 
+def mask_bias(attn_mask: torch.Tensor, padded_keys: int) -> torch.Tensor:
+    """``attn_mask`` rows as float32 offsets of the log2-domain logits, keys zero-padded to
+    ``padded_keys``: bool False -> -inf (True keeps), an additive float mask times log2(e)."""
+    if attn_mask.dtype == torch.bool:
+        bias = torch.zeros(attn_mask.shape, device=attn_mask.device).masked_fill_(~attn_mask, -math.inf)
+    else:
+        bias = attn_mask.float() * groups.LOG2E
+    return torch.nn.functional.pad(bias, (0, padded_keys - attn_mask.shape[-1]))
+
+
 def online_softmax_blocks(logits: torch.Tensor, mask: torch.Tensor):
     """Block-wise running max of SPEC §5 for log2-domain ``logits [..., T, N*64]``.
 
@@ -51,8 +61,17 @@ def online_softmax_blocks(logits: torch.Tensor, mask: torch.Tensor):
 
 def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_mean, *,
                             params: SageParams, seq_q: int, seq_k: int, head_dim: int,
-                            out_dtype: torch.dtype, q=None, km=None, return_lse: bool = False):
+                            out_dtype: torch.dtype, q=None, km=None, return_lse: bool = False,
+                            out=None, attn_mask=None):
     """Attention from the int8/fp8 payloads; returns ``out [B,Hq,Sq,head_dim]`` (and the LSE).
+
+    ``attn_mask`` (bool, True = keep, or additive float; broadcastable to ``[B, Hq, Sq, Sk]``) is
+    added to the scaled logits before the running max: ``logits + mask`` in the natural-log
+    domain, i.e. ``+ mask·log2(e)`` here (`mask_bias`), combined with causal; a row left with no
+    visible key gives 0.
+
+    ``out``, when given, is written and returned: any strides with a unit last one (the op passes
+    an HND view of the caller's NHD output).
 
     The LSE (natural log of the scaled scores' sum of exponentials, float32 ``[B,Hq,Sq]``) adds
     the smooth_k correction ``softmax_scale * q·km`` when ``q`` and ``km`` are given.
@@ -68,8 +87,11 @@ def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_
     keys = torch.nn.functional.pad(k_int8.float(), (0, 0, 0, v_fp8.shape[-1] - seq_k))
     keys = keys[:, :, None]  # [B, Hk, 1, N*64, D]: query heads h = hk*group + g share KV head hk
     values = v_fp8.double()[:, :, None]  # [B, Hk, 1, D, N*64]
+    if attn_mask is not None:
+        attn_mask = attn_mask.expand(batch, q_heads, seq_q, seq_k)
 
-    out = torch.empty(batch, q_heads, seq_q, head_dim, dtype=out_dtype, device=q_int8.device)
+    if out is None:
+        out = torch.empty(batch, q_heads, seq_q, head_dim, dtype=out_dtype, device=q_int8.device)
     lse = torch.empty(batch, q_heads, seq_q, dtype=torch.float32, device=q_int8.device)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, batch * q_heads * keys.shape[-2]))
     for start in range(0, seq_q, chunk):
@@ -77,6 +99,9 @@ def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_
         q_rows = q_int8[:, :, rows].float().unflatten(1, (kv_heads, group))
         scores = q_rows @ keys.transpose(-1, -2)  # exact: |S| < 2**24
         logits = scores * row_scale[:, :, rows].unflatten(1, (kv_heads, group))[..., None] * key_scale
+        if attn_mask is not None:
+            bias = mask_bias(attn_mask[:, :, start:start + rows.numel()], keys.shape[-2])
+            logits = logits + bias.unflatten(1, (kv_heads, group))
         mask = visible_keys(rows, seq_q, seq_k, params.is_causal)
         p_tilde, block_max, weight = online_softmax_blocks(logits, mask)
         key_weight = weight.repeat_interleave(groups.K_TILE, dim=-1)
@@ -97,7 +122,7 @@ def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_
     return (out, lse) if return_lse else out
 
 
-def attention(q, k, v, params: SageParams, return_lse: bool = False):
+def attention(q, k, v, params: SageParams, return_lse: bool = False, out=None, attn_mask=None):
     """Quantize with the reference quantizers, then run `attention_from_payloads`."""
     q_int8, q_scale, k_int8, k_scale, km = quantize_qk(
         q, k, granularity=params.granularity, smooth_k=params.smooth_k)
@@ -105,4 +130,4 @@ def attention(q, k, v, params: SageParams, return_lse: bool = False):
     return attention_from_payloads(
         q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_mean, params=params,
         seq_q=q.shape[2], seq_k=k.shape[2], head_dim=q.shape[-1], out_dtype=q.dtype,
-        q=q, km=km, return_lse=return_lse)
+        q=q, km=km, return_lse=return_lse, out=out, attn_mask=attn_mask)

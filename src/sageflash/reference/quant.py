@@ -46,7 +46,7 @@ def key_mean(k: torch.Tensor) -> torch.Tensor:
 
 def quantize_qk(q: torch.Tensor, k: torch.Tensor, *, granularity, smooth_k: bool,
                 km: torch.Tensor | None = None):
-    """``(q_int8, q_scale, k_int8, k_scale, km)`` with the head dim zero-padded to 64/128.
+    """``(q_int8, q_scale, k_int8, k_scale, km)`` with the head dim zero-padded (`groups.padded_head_dim`).
 
     ``km`` (``[B, Hk, D0 or D]``, cast to k's dtype) replaces the computed K mean; the returned
     ``km`` is ``[B, Hk, D]`` in k's dtype, None without smoothing.

@@ -1,0 +1,74 @@
+"""The official SageAttention 2.x entry points, so existing call sites (ComfyUI, diffusers, xDiT) run
+unchanged: `sageattn` and `sageattn_qk_int8_pv_fp8_cuda` with SageAttention 2.2.0's parameter names
+and defaults (``sageattention/core.py``), both running `sage_attn_sm89_fp16`.
+
+Keywords beyond the official ones: flash-attn's spellings ``causal`` and ``softmax_scale`` (one
+warning per process, none inside ``torch.compile``), what SDPA-style callers pass (``attn_mask``, ``dropout_p=0``) and
+sageflash's ``backend``. Any other keyword is a TypeError (the official functions swallow them).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from .op import sage_attn_sm89_fp16
+from .params import PVAccum, QKGranularity, check_softmax_scale, warn_once
+
+# flash-attn's name -> SageAttention's
+FLASH_SPELLINGS = {"causal": "is_causal", "softmax_scale": "sm_scale"}
+
+
+def sageattn(q, k, v, tensor_layout="HND", is_causal=False, sm_scale=None, return_lse=False, **kwargs):
+    """SageAttention's dispatcher, which picks a kernel per GPU; here always the SM89 path with its
+    defaults. ``kwargs`` may also set `sageattn_qk_int8_pv_fp8_cuda`'s knobs (the official
+    `sageattn` ignores them)."""
+    return _run("sageattn", q, k, v, dict(tensor_layout=tensor_layout, is_causal=is_causal,
+                                          sm_scale=sm_scale, return_lse=return_lse), kwargs)
+
+
+def sageattn_qk_int8_pv_fp8_cuda(q, k, v, tensor_layout="HND", is_causal=False, qk_quant_gran="per_thread",
+                                 sm_scale=None, pv_accum_dtype="fp32+fp16", smooth_k=True, smooth_v=False,
+                                 return_lse=False, **kwargs):
+    """SageAttention's INT8 Q·Kᵀ, FP8 P·V attention: `sage_attn_sm89_fp16` under the official names
+    (``qk_quant_gran`` = granularity, ``sm_scale`` = softmax_scale, ``pv_accum_dtype`` = pv_accum).
+    Returns ``out`` in ``tensor_layout``, or ``(out, lse)`` with ``return_lse``."""
+    return _run("sageattn_qk_int8_pv_fp8_cuda", q, k, v,
+                dict(tensor_layout=tensor_layout, is_causal=is_causal, qk_quant_gran=qk_quant_gran,
+                     sm_scale=sm_scale, pv_accum_dtype=pv_accum_dtype, smooth_k=smooth_k,
+                     smooth_v=smooth_v, return_lse=return_lse), kwargs)
+
+
+# The official knobs and their defaults, read off the signature above.
+_DEFAULTS = {name: p.default for name, p in inspect.signature(sageattn_qk_int8_pv_fp8_cuda).parameters.items()
+             if p.default is not p.empty}
+
+
+def _run(function: str, q, k, v, official: dict, extra: dict):
+    """Call `sage_attn_sm89_fp16` for ``function``: ``official`` its named arguments, ``extra`` the
+    other keywords (sorted out here, errors naming ``function``)."""
+    extra = dict(extra)
+    args = {**_DEFAULTS, **official}
+    args.update({name: extra.pop(name) for name in _DEFAULTS if name not in official and name in extra})
+    for flash_name, name in FLASH_SPELLINGS.items():
+        if flash_name in extra:
+            if args[name] != _DEFAULTS[name]:
+                raise TypeError(f"{function}() got both {name!r} and its flash-attn spelling {flash_name!r}")
+            if not torch.compiler.is_compiling():  # Dynamo cannot trace logging: silent when compiled
+                warn_once(("compat-spelling", flash_name), "%s(): taking flash-attn's %r as SageAttention's %r",
+                          function, flash_name, name)
+            args[name] = extra.pop(flash_name)
+    attn_mask = extra.pop("attn_mask", None)
+    dropout_p = extra.pop("dropout_p", 0.0)
+    if dropout_p != 0:
+        raise ValueError(f"{function}(): dropout_p must be 0 (SageAttention has no dropout), got {dropout_p!r}")
+    backend = extra.pop("backend", "auto")
+    if extra:
+        raise TypeError(f"{function}() got an unexpected keyword argument {next(iter(extra))!r}")
+    return sage_attn_sm89_fp16(
+        q, k, v, check_softmax_scale(args["sm_scale"], "sm_scale"), args["is_causal"], args["smooth_k"],
+        args["smooth_v"], PVAccum.parse(args["pv_accum_dtype"], "pv_accum_dtype"),
+        QKGranularity.parse(args["qk_quant_gran"], "qk_quant_gran"),
+        tensor_layout=args["tensor_layout"], return_lse=args["return_lse"], attn_mask=attn_mask,
+        backend=backend)

@@ -1,0 +1,138 @@
+"""The registered op ``torch.ops.sageflash.sage_attn_sm89``: opcheck, torch.compile, and
+`sageflash.is_supported`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sageflash
+from conftest import HAS_CUDA
+from helpers import no_env_overrides, random_qkv  # noqa: F401 (fixture)
+from sageflash import debug
+from test_op_validation import BAD_INPUTS, qkv
+
+pytestmark = pytest.mark.usefixtures("no_env_overrides")
+OP = torch.ops.sageflash.sage_attn_sm89.default
+
+
+def op_args(q, k, v, *, softmax_scale=None, is_causal=False, smooth_k=True, smooth_v=False, pv_accum="fp32+fp16",
+            granularity="per_thread", tensor_layout="HND", return_lse=False, attn_mask=None,
+            backend="reference"):
+    """The registered op's arguments, in its schema's order."""
+    return (q, k, v, softmax_scale, is_causal, smooth_k, smooth_v, pv_accum, granularity, tensor_layout,
+            return_lse, attn_mask, backend)
+
+
+@pytest.mark.parametrize("layout,return_lse,masked", [("HND", False, False), ("NHD", True, False),
+                                                      ("HND", True, True)])
+def test_opcheck(layout, return_lse, masked):
+    """Schema, fake (shapes, strides, dtypes) and AOT-dispatch checks of torch.library."""
+    q, k, v = random_qkv(1, 2, 1, 40, 70, 64, seed=1)
+    if layout == "NHD":
+        q, k, v = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    mask = torch.arange(70) % 3 > 0 if masked else None
+    torch.library.opcheck(OP, op_args(q, k, v, is_causal=True, tensor_layout=layout, return_lse=return_lse,
+                                      attn_mask=mask))
+
+
+def test_fake_matches_real_layouts():
+    q, k, v = random_qkv(1, 4, 2, 40, 70, 64, seed=2)
+    nhd = [x.transpose(1, 2) for x in (q, k, v)]  # NHD views with non-standard strides
+    real = OP(*op_args(*nhd, tensor_layout="NHD", return_lse=True))
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake = OP(*op_args(*(mode.from_tensor(x) for x in nhd), tensor_layout="NHD", return_lse=True))
+    for r, f in zip(real, fake):
+        assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype)
+    assert real[0].shape == (1, 40, 4, 64) and real[0].is_contiguous() and real[1].shape == (1, 4, 40)
+    assert OP(*op_args(q, k, v))[1].numel() == 0  # no LSE asked: an empty placeholder
+
+
+def attention(q, k, v):
+    out, lse = sageflash.sage_attn_sm89_fp16(q, k, v, is_causal=True, return_lse=True, backend="reference")
+    return out.float() * 2, lse
+
+
+def test_compile_fullgraph_gives_the_same_numbers():
+    q, k, v = random_qkv(1, 2, 1, 40, 70, 64, seed=3)
+    compiled = torch.compile(attention, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(q, k, v), attention(q, k, v)):
+        assert torch.equal(got, want)
+
+
+def test_compile_compat_nhd_with_dynamic_shapes():
+    """diffusers-style `sageattn` on NHD views, compiled once for several sequence lengths."""
+    def block(x, k, v):  # flash-attn's spelling too: its warning must stay out of the graph
+        return sageflash.sageattn(x.transpose(1, 2), k, v, tensor_layout="NHD", causal=True,
+                                  backend="reference").flatten(2)
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager", dynamic=True)
+    for seq in (40, 70):
+        q, k, v = random_qkv(1, 2, 1, seq, seq + 10, 64, seed=seq)
+        x, k, v = q.contiguous(), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+        assert torch.equal(compiled(x, k, v), block(x, k, v))
+
+
+def test_compiled_graph_reads_overrides_and_toggles_at_run_time(monkeypatch, capfd):
+    """GGML_SAGE_* overrides and debug toggles are read by the registered op, per call."""
+    q, k, v = random_qkv(1, 2, 1, 40, 70, 64, seed=4)
+    compiled = torch.compile(attention, fullgraph=True, backend="aot_eager")
+    compiled(q, k, v)
+    monkeypatch.setenv("GGML_SAGE_PV_ACCUM", "fp32")
+    monkeypatch.setenv(debug.DEBUG_QUANT, "1")
+    got, _ = compiled(q, k, v)
+    assert "sageflash quant:" in capfd.readouterr().err
+    want = sageflash.sage_attn_sm89_fp16(q, k, v, is_causal=True, pv_accum="fp32", backend="reference")
+    assert torch.equal(got, want.float() * 2)
+
+
+@pytest.mark.gpu
+def test_gpu_compile_inductor():
+    """The Triton backend inside an inductor-compiled graph on CUDA, NHD with the LSE."""
+    q, k, v = (x.transpose(1, 2).contiguous() for x in random_qkv(2, 8, 2, 500, 700, 128, seed=5, device="cuda"))
+    def block(q, k, v):
+        out, lse = sageflash.sageattn(q, k, v, tensor_layout="NHD", is_causal=True, return_lse=True)
+        return out.flatten(2) * 2, lse
+
+    for got, want in zip(torch.compile(block, fullgraph=True)(q, k, v), block(q, k, v)):
+        assert torch.equal(got, want)
+
+
+# --- is_supported ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_is_supported_says_what_the_op_says(case):
+    """is_supported(...) is False with the op's own message exactly when the op raises."""
+    changes, _, _, _ = BAD_INPUTS[case]
+    args = qkv()
+    knobs = {"backend": "reference", **{key: value for key, value in changes.items() if key not in args}}
+    args.update({key: value for key, value in changes.items() if key in args})
+    support = sageflash.is_supported(args["q"], args["k"], args["v"], **knobs)
+    try:
+        sageflash.sage_attn_sm89_fp16(args["q"], args["k"], args["v"], **knobs)
+    except (TypeError, ValueError) as err:
+        assert not support and support.reason == str(err)
+    else:
+        assert support and support.reason == ""
+
+
+def test_is_supported_result():
+    q, k, v = random_qkv(seed=6)
+    ok, reason = sageflash.is_supported(q, k, v, is_causal=True, tensor_layout="HND")
+    assert ok is True and reason == ""
+    nhd = [x.transpose(1, 2) for x in (q, k, v)]
+    assert sageflash.is_supported(*nhd, tensor_layout="NHD")
+    assert not sageflash.is_supported(*nhd, tensor_layout="NHD", window=(1, 1))
+    assert "window" in sageflash.is_supported(q, k, v, window=(1, 1)).reason
+    assert "tensor_layout" in sageflash.is_supported(q, k, v, tensor_layout="BHSD").reason
+
+
+def test_is_supported_checks_overrides_and_device(monkeypatch):
+    q, k, v = random_qkv(seed=7)
+    monkeypatch.setenv("GGML_SAGE_PV_ACCUM", "fp64")
+    assert "GGML_SAGE_PV_ACCUM" in sageflash.is_supported(q, k, v).reason
+    monkeypatch.delenv("GGML_SAGE_PV_ACCUM")
+    if not HAS_CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        assert "TRITON_INTERPRET" in sageflash.is_supported(q, k, v, backend="triton").reason
