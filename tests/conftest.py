@@ -24,7 +24,7 @@ def refdump_dir() -> Path | None:
     candidates = [os.environ.get("SAGEFLASH_REFDUMPS"), ROOT / "refdumps", ROOT.parent / "shared" / "refdumps"]
     for path in candidates:
         if path and Path(path, "index.json").is_file():
-            return Path(path)
+            return Path(path).resolve()
     return None
 
 

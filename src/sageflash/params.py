@@ -55,11 +55,9 @@ class _KnobEnum(str, enum.Enum):
             return value
         if isinstance(value, bool) or not isinstance(value, (str, int)):
             raise TypeError(f"{argument} must be a string or an integer code, got {type(value).__name__}")
-        for member in cls:
-            if (isinstance(value, int) and value == member.code) or (
-                isinstance(value, str) and value.strip().lower() == member.value
-            ):
-                return member
+        member = _KNOB_LOOKUP[cls].get(value.strip().lower() if isinstance(value, str) else value)
+        if member is not None:
+            return member
         raise ValueError(f"{argument} must be one of {cls.choices()}, got {value!r}")
 
     @classmethod
@@ -86,6 +84,11 @@ class QKGranularity(_KnobEnum):
     PER_WARP = ("per_warp", 2)
     PER_THREAD = ("per_thread", 3)
 
+
+# Each knob enum's members by string and by ggml code: a plain dict, so `_KnobEnum.parse` never
+# iterates an Enum class (torch.compile's tracer cannot, in torch 2.11).
+_KNOB_LOOKUP = {cls: {**{m.value: m for m in cls}, **{m.code: m for m in cls}}
+                for cls in (PVAccum, QKGranularity)}
 
 ENV_SMOOTH_K = "GGML_SAGE_SMOOTH_K"
 ENV_SMOOTH_V = "GGML_SAGE_SMOOTH_V"

@@ -21,6 +21,15 @@ pytestmark = pytest.mark.usefixtures("poisoned_cuda_allocator")
 B, HQ, HK, SQ, SK, D = 2, 2, 1, 70, 100, 64  # two query tiles, a partial key block
 
 
+def assert_same_numbers(out, want):
+    """Bit-equal in the interpreter; on a GPU, equal up to where ptxas fuses a multiply and an add
+    into an FMA, which differs between kernels compiled for different mask types and strides."""
+    if HAS_CUDA:
+        assert nmse(out, want) <= 1e-7, nmse(out, want)
+    else:
+        assert torch.equal(out, want)
+
+
 def both_backends(q, k, v, mask, **knobs):
     out = sageflash.sage_attn_sm89_fp16(q, k, v, attn_mask=mask, backend="triton", **knobs)
     ref = sageflash.sage_attn_sm89_fp16(q.cpu(), k.cpu(), v.cpu(), attn_mask=mask.cpu(),
@@ -46,16 +55,16 @@ def test_strided_and_expanded_masks_read_in_place():
     assert not mask.is_contiguous()
     want = sageflash.sage_attn_sm89_fp16(q, k, v, attn_mask=mask.contiguous(), backend="triton")
     for view in (mask, mask.expand(1, HQ, SQ, SK)):
-        assert torch.equal(sageflash.sage_attn_sm89_fp16(q, k, v, attn_mask=view, backend="triton"), want)
+        assert_same_numbers(sageflash.sage_attn_sm89_fp16(q, k, v, attn_mask=view, backend="triton"), want)
 
 
 def test_neutral_masks_change_nothing():
-    """All-True and all-zero masks leave every logit as it is: the unmasked output, bit for bit."""
+    """All-True and all-zero masks leave every logit as it is: the unmasked output."""
     q, k, v = random_qkv(1, HQ, HK, SQ, SK, D, seed=4, device=DEVICE)
     plain = sageflash.sage_attn_sm89_fp16(q, k, v, is_causal=True, backend="triton")
     for mask in (torch.ones(SQ, SK, dtype=torch.bool), torch.zeros(SK, dtype=torch.bfloat16)):
         out = sageflash.sage_attn_sm89_fp16(q, k, v, is_causal=True, attn_mask=mask.to(DEVICE), backend="triton")
-        assert torch.equal(out, plain)
+        assert_same_numbers(out, plain)
 
 
 @pytest.mark.filterwarnings("ignore:divide by zero encountered in log2")  # the interpreter's log2(0) = -inf

@@ -284,7 +284,8 @@ def quantize_qkv(q, k, v, *, granularity, smooth_k: bool, km=None, pv_accum=None
         *_strides(v if v is not None else dummy), *_strides(q8 if q8 is not None else dummy),
         *_strides(k8 if k8 is not None else dummy), *_strides(v8 if v8 is not None else dummy),
         D=padded, PER_THREAD=per_thread, DO_Q=q is not None, DO_K=q is not None,
-        DO_V=v is not None, SMOOTH_K=km is not None, SMOOTH_V=smooth_v)
+        DO_V=v is not None, SMOOTH_K=km is not None, SMOOTH_V=smooth_v,
+        enable_fp_fusion=False)  # per_warp rounds x·(127/amax) as the reference does, not by an FMA
     return q8, q_scale, k8, k_scale, km, v8, v_scale, v_mean
 
 
