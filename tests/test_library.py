@@ -53,6 +53,22 @@ def attention(q, k, v):
     return out.float() * 2, lse
 
 
+def test_eager_calls_skip_the_dispatcher_but_autograd_sees_the_op(monkeypatch):
+    """Plain eager calls run the implementation directly (no custom-op overhead); a call autograd
+    records goes through the registered op, so backward fails clearly instead of silently."""
+    q, k, v = random_qkv(1, 2, 2, 40, 40, 64, seed=40)
+    dispatched = []
+    real = torch.ops.sageflash.sage_attn_sm89
+    monkeypatch.setattr(torch.ops.sageflash, "sage_attn_sm89",
+                        lambda *args: dispatched.append(True) or real(*args), raising=False)
+    plain = sageflash.sage_attn_sm89_fp16(q, k, v, backend="reference")
+    assert not dispatched and plain.grad_fn is None
+    out = sageflash.sage_attn_sm89_fp16(q.requires_grad_(), k, v, backend="reference")
+    assert dispatched and torch.equal(out.detach(), plain)
+    with pytest.raises(RuntimeError, match="sage_attn_sm89"):
+        out.float().sum().backward()
+
+
 def test_compile_fullgraph_gives_the_same_numbers():
     q, k, v = random_qkv(1, 2, 1, 40, 70, 64, seed=3)
     compiled = torch.compile(attention, fullgraph=True, backend="aot_eager")
