@@ -53,7 +53,7 @@ def test_attention_from_official_payloads(refdump_prefix):
 
 
 # (batch, q_heads, kv_heads, seq_q, seq_k, head_dim, knobs): odd lengths, Sq != Sk both ways,
-# GQA, every padded head dim, every knob value, bf16.
+# GQA, every padded head dim (160 as in SD/SDXL, 256 as in Gemma), every knob value, bf16.
 EXACT_CASES = {
     "one_token": (1, 2, 2, 1, 1, 64, {}),
     "d40_causal_square": (2, 4, 2, 37, 37, 40, {"is_causal": True}),
@@ -65,6 +65,11 @@ EXACT_CASES = {
     "d8_scale": (1, 2, 1, 45, 45, 8, {"softmax_scale": 0.3, "granularity": 2, "pv_accum": 1}),
     "bf16_d80": (1, 4, 2, 70, 90, 80, {"is_causal": True, "dtype": torch.bfloat16}),
     "bf16_d128_per_warp": (2, 2, 1, 64, 257, 128, {"granularity": "per_warp", "dtype": torch.bfloat16}),
+    "d160": (2, 4, 2, 77, 133, 160, {}),
+    "d192_causal_per_warp": (1, 4, 1, 100, 100, 192, {"is_causal": True, "granularity": "per_warp"}),
+    "d200_fp32_smooth_v": (1, 2, 2, 65, 190, 200, {"pv_accum": "fp32", "smooth_v": True}),
+    "d256_causal_sq_lt_sk": (1, 6, 2, 50, 150, 256, {"is_causal": True, "pv_accum": "fp32+fp32"}),
+    "d256_bf16": (1, 2, 1, 129, 64, 256, {"dtype": torch.bfloat16, "smooth_k": False}),
 }
 
 
