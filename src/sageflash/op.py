@@ -5,8 +5,9 @@ A backend is a module with ``quantize_qk``, ``quantize_v`` and ``attention(q, k,
 tensors under ``TRITON_INTERPRET=1``). Nothing falls back silently from one to the other.
 
 `sage_attn_sm89_fp16` checks its arguments (`check_call`: pure Python, which ``torch.compile``
-traces) and calls the registered op ``torch.ops.sageflash.sage_attn_sm89``, which reads the
-``GGML_SAGE_*`` overrides and debug toggles and runs the backend when the call really runs.
+traces), then runs `_attend`, which reads the ``GGML_SAGE_*`` overrides and debug toggles and
+calls the backend: directly for a plain eager call, else as the registered op
+``torch.ops.sageflash.sage_attn_sm89`` (under ``torch.compile``, or when autograd records the call).
 """
 
 from __future__ import annotations

@@ -230,6 +230,8 @@ def quantize_qkv(q, k, v, *, granularity, smooth_k: bool, km=None, pv_accum=None
     batch, kv_heads, seq_k, head_dim = (k if k is not None else v).shape
     padded = groups.padded_head_dim(head_dim)
     device = (k if k is not None else v).device
+    if (q is None) != (k is None):
+        raise ValueError("quantize_qkv quantizes q and k together: pass both or neither")
     new = lambda *shape, dtype=torch.float32: torch.empty(*shape, dtype=dtype, device=device)  # noqa: E731
 
     q8 = q_scale = k8 = k_scale = v8 = v_scale = v_mean = inv = None
@@ -254,35 +256,28 @@ def quantize_qkv(q, k, v, *, granularity, smooth_k: bool, km=None, pv_accum=None
         v_scale, inv = new(batch, kv_heads, padded), new(batch, kv_heads, padded)
         v_mean = new(batch, kv_heads, padded) if smooth_v else None
 
+    stand_in = k if k is not None else v  # the pointer argument of a tensor a pass does not use
+    arg = lambda x: stand_in if x is None else x  # noqa: E731
     if k_sum or v is not None:  # passes 1 and 2
         n_chunks = triton.cdiv(seq_k, STATS_ROWS.value)
         partial = new(4, batch, kv_heads, n_chunks, padded)
         window = groups.ceil_to(seq_k, groups.V_WINDOW)
-        kv_or_v = k if k_sum else v
+        k_in = k if k_sum else None
         _stats_kernel[(n_chunks, kv_heads, batch)](
-            kv_or_v, v if v is not None else kv_or_v, *partial, seq_k, head_dim, n_chunks,
-            *_strides(kv_or_v), *_strides(v if v is not None else kv_or_v),
-            D=padded, K_SUM=k_sum, V_STATS=v is not None)
+            arg(k_in), arg(v), *partial, seq_k, head_dim, n_chunks, *_strides(arg(k_in)),
+            *_strides(arg(v)), D=padded, K_SUM=k_sum, V_STATS=v is not None)
         _reduce_kernel[(batch * kv_heads,)](
-            *partial, km if k_sum else partial, v_scale if v is not None else partial,
-            v_mean if smooth_v else partial, inv if v is not None else partial,
+            *partial, arg(km if k_sum else None), arg(v_scale), arg(v_mean), arg(inv),
             n_chunks, float(seq_k), float(window), scale_max if v is not None else 1.0, D=padded,
             K_SUM=k_sum, V_STATS=v is not None, PAD_IN_WINDOW=window > seq_k, SMOOTH_V=smooth_v)
 
-    any_kv = k if q is not None else v
-    dummy = any_kv
     grid = (max(q_tiles, triton.cdiv(seq_k, TILE_ROWS.value)), q_heads + kv_heads, batch)
     _quantize_kernel[grid](
-        q if q is not None else dummy, k if q is not None else dummy, v if v is not None else dummy,
-        km if km is not None else dummy, q8 if q8 is not None else dummy,
-        q_scale if q_scale is not None else dummy, k8 if k8 is not None else dummy,
-        k_scale if k_scale is not None else dummy, v_mean if smooth_v else dummy,
-        inv if inv is not None else dummy, v8 if v8 is not None else dummy,
-        seq_q, seq_k, head_dim, q_heads, kv_heads, q_tiles,
+        arg(q), arg(k), arg(v), arg(km), arg(q8), arg(q_scale), arg(k8), arg(k_scale), arg(v_mean),
+        arg(inv), arg(v8), seq_q, seq_k, head_dim, q_heads, kv_heads, q_tiles,
         q_scale.shape[-1] if q is not None else 0, k_scale.shape[-1] if q is not None else 0,
-        *_strides(q if q is not None else dummy), *_strides(k if q is not None else dummy),
-        *_strides(v if v is not None else dummy), *_strides(q8 if q8 is not None else dummy),
-        *_strides(k8 if k8 is not None else dummy), *_strides(v8 if v8 is not None else dummy),
+        *_strides(arg(q)), *_strides(arg(k)), *_strides(arg(v)), *_strides(arg(q8)),
+        *_strides(arg(k8)), *_strides(arg(v8)),
         D=padded, PER_THREAD=per_thread, DO_Q=q is not None, DO_K=q is not None,
         DO_V=v is not None, SMOOTH_K=km is not None, SMOOTH_V=smooth_v,
         enable_fp_fusion=False)  # per_warp rounds x·(127/amax) as the reference does, not by an FMA
