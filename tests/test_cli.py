@@ -93,10 +93,13 @@ def test_cases_run_in_the_order_given_and_the_summary_picks_the_extremes(capsys)
     code, out, _ = cli(capsys, "--case", order[0], "--cases", f"{order[1]},{order[2]}", "--case", order[3])
     records = parse_report(out)
     assert code == 0 and [r["name"] for r in records] == order
-    fastest = max(records, key=lambda r: r["speedup"])
-    worst = max(records, key=lambda r: r["rms_avg"])
-    assert re.search(rf"best speedup: {fastest['speedup']:.2f}x \({fastest['name']}\)", out)
-    assert re.search(rf"worst rms diff: {worst['rms_avg']:.3e} \({worst['name']}\)", out)
+    # the report prints rounded values: any case tied at the printed precision may be the extreme
+    best = re.search(r"best speedup: (\S+)x \((\S+)\)", out).groups()
+    assert float(best[0]) == max(r["speedup"] for r in records)
+    assert any(r["name"] == best[1] and r["speedup"] == float(best[0]) for r in records)
+    worst = re.search(r"worst rms diff: (\S+) \((\S+)\)", out).groups()
+    assert float(worst[0]) == max(r["rms_avg"] for r in records)
+    assert any(r["name"] == worst[1] and r["rms_avg"] == float(worst[0]) for r in records)
 
 
 def test_all_ten_cases_report_their_table_knobs(capsys):
