@@ -2,6 +2,9 @@
 # One device call: the test suite on the GPU (gpu marker + the Triton suite on CUDA), then the benchmark.
 # Usage on the device machine, from the repo root: bash scripts/device_check.sh [bench args...]
 # RUN_TESTS=0 / RUN_BENCH=0 skip a half; TESTS (paths) and TEST_FILTER (-k) narrow the tests.
+# The official dumps do not travel with the repo: copy them (without the 4 MB .flash.bin files, to
+# stay under the device's 64 MiB carry limit) into the ignored folder refdumps/ and carry it:
+#   mkdir -p refdumps && for f in ../shared/refdumps/*; do case $f in *.flash.bin) ;; *) cp "$f" refdumps/;; esac; done
 set -uo pipefail
 export PYTHONPATH=src SAGEFLASH_REFDUMPS=${SAGEFLASH_REFDUMPS:-refdumps}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
