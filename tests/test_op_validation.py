@@ -160,3 +160,22 @@ def test_triton_backend_on_cpu_needs_the_interpreter():
         assert message is not None, f"{call} did not raise"
         assert "backend" in message and "TRITON_INTERPRET" in message and "cpu" in message, message
     assert not result["kernels_imported"]
+
+
+def test_gpu_below_ada_gets_an_error_naming_its_capability(monkeypatch):
+    """A CUDA device below compute capability 8.9 is refused by name, never run by another kernel;
+    `sageflash run` says it falls back to the CPU reference."""
+    from sageflash import kernels
+    from sageflash.cli.run import pick_backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    with pytest.raises(kernels.UnsupportedDeviceError, match=r"NVIDIA A100 on cuda:0 has compute capability 8\.0"):
+        kernels.check_device(torch.device("cuda", 0))
+    device, backend, line = pick_backend()
+    assert (device.type, backend) == ("cpu", "reference")
+    assert line.startswith("backend: reference (CPU; NVIDIA A100 on cuda:0 has compute capability 8.0")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert kernels.unsupported_reason(torch.device("cuda", 0)) is None

@@ -134,15 +134,13 @@ def pick_backend() -> tuple[torch.device, str, str]:
     that can run them, else the CPU reference."""
     if not torch.cuda.is_available():
         return torch.device("cpu"), "reference", "backend: reference (CPU; no CUDA device)"
-    from ..kernels import MIN_CAPABILITY
+    from ..kernels import unsupported_reason
 
     device = torch.device("cuda", torch.cuda.current_device())
-    name, capability = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
-    if capability < MIN_CAPABILITY:
-        return torch.device("cpu"), "reference", (
-            f"backend: reference (CPU; {name} has compute capability {capability[0]}.{capability[1]}, "
-            f"the kernels need {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]})")
-    return device, "triton", f"backend: triton ({device} {name})"
+    reason = unsupported_reason(device)
+    if reason is not None:
+        return torch.device("cpu"), "reference", f"backend: reference (CPU; {reason})"
+    return device, "triton", f"backend: triton ({device} {torch.cuda.get_device_name(device)})"
 
 
 def flash_call(q, k, v, params: SageParams, dtype: torch.dtype):

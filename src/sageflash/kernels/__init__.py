@@ -26,17 +26,23 @@ class UnsupportedDeviceError(RuntimeError):
     """The GPU cannot run the kernels (fp8 tensor cores need compute capability 8.9)."""
 
 
+def unsupported_reason(device: torch.device) -> str | None:
+    """Why the kernels cannot run on ``device`` (a CUDA device below compute capability 8.9), or None."""
+    if device.type != "cuda":
+        return None
+    capability = torch.cuda.get_device_capability(device)
+    if capability >= MIN_CAPABILITY:
+        return None
+    return (f"{torch.cuda.get_device_name(device)} on {device} has compute capability "
+            f"{capability[0]}.{capability[1]}; sageflash's Triton kernels need fp8 tensor cores "
+            f"(compute capability >= {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}, Ada or Hopper)")
+
+
 def check_device(device: torch.device) -> None:
     """Raise `UnsupportedDeviceError` for a CUDA device below compute capability 8.9."""
-    if device.type != "cuda":
-        return
-    capability = torch.cuda.get_device_capability(device)
-    if capability < MIN_CAPABILITY:
-        name = torch.cuda.get_device_name(device)
-        raise UnsupportedDeviceError(
-            f"sageflash's Triton kernels need fp8 tensor cores (compute capability >= 8.9, Ada or "
-            f"Hopper); {name} on {device} has compute capability {capability[0]}.{capability[1]}. "
-            f"Use backend='reference' to run the CPU reference instead.")
+    reason = unsupported_reason(device)
+    if reason is not None:
+        raise UnsupportedDeviceError(f"{reason}. Use backend='reference' to run the CPU reference instead.")
 
 
 def attention(q, k, v, params, return_lse: bool = False, out=None, attn_mask=None):
@@ -51,4 +57,4 @@ def attention(q, k, v, params, return_lse: bool = False, out=None, attn_mask=Non
 
 
 __all__ = ["UnsupportedDeviceError", "attention", "attention_from_payloads", "check_device",
-           "quantize_qk", "quantize_qkv", "quantize_v"]
+           "quantize_qk", "quantize_qkv", "quantize_v", "unsupported_reason"]
