@@ -36,7 +36,7 @@ def refdump_prefixes() -> list[str]:
 def pytest_generate_tests(metafunc):
     if "refdump_prefix" in metafunc.fixturenames:
         prefixes = refdump_prefixes()
-        metafunc.parametrize("refdump_prefix", prefixes or [None],
+        metafunc.parametrize("refdump_prefix", prefixes or [None], indirect=True,  # via the fixture below
                              ids=[Path(p).name for p in prefixes] or ["no-refdumps"])
 
 

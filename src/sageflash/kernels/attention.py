@@ -14,9 +14,11 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .. import groups
 from ..params import PVAccum, QKGranularity, SageParams, warn_once
+from .launch import Launcher
 from .quant import k_group, q_group
 
 BLOCK_N = tl.constexpr(groups.K_TILE)  # keys per running-max block (SPEC §5)
@@ -49,20 +51,50 @@ def _softmax_step(acc, m_i, l_i, x, x_scale, v, PV_MODE: tl.constexpr):
 
 
 @triton.jit
-def _load_v_block(v_base, cols, dims, seq_k, stride_vd, MASKED: tl.constexpr):
-    """V's fp8 ``[64, D]`` block at key ``cols`` (the payload is zero-padded to 64 keys only)."""
-    ptrs = v_base + dims[None, :].to(tl.int64) * stride_vd + cols[:, None]
-    if MASKED:
-        return tl.load(ptrs, mask=(cols < seq_k)[:, None], other=0.0)
-    return tl.load(ptrs)
+def _load_k_block(k_src, k_row, start, cols, dims, seq_k, stride_ks, MASKED: tl.constexpr,
+                  USE_TMA: tl.constexpr):
+    """K's int8 ``[KEYS, D]`` block from key ``start`` (``cols`` = start + arange(KEYS)).
+
+    With USE_TMA, ``k_src`` is a TMA descriptor of the payload seen as ``[B·Hk·Sk, D]`` and
+    ``k_row`` this head's first row: rows past the head belong to the next one (finite values the
+    caller masks) or, past the tensor, read as zeros.
+    """
+    if USE_TMA:
+        k = k_src.load([k_row + start, 0])
+    elif MASKED:
+        k = tl.load(k_src + cols[:, None].to(tl.int64) * stride_ks + dims[None, :],
+                    mask=(cols < seq_k)[:, None], other=0)
+    else:
+        k = tl.load(k_src + cols[:, None].to(tl.int64) * stride_ks + dims[None, :])
+    return k
 
 
 @triton.jit
-def _attend_block(acc, m_i, l_i, q, row_scale, rows, start, k_base, ks_base, v_base, seq_k,
-                  causal_offset, stride_ks, stride_vd, mask_base, stride_mq, stride_mk, seq_q,
+def _load_v_block(v_src, v_row, start, dims, seq_k, stride_vd, MASKED: tl.constexpr,
+                  USE_TMA: tl.constexpr):
+    """V's fp8 ``[64, D]`` block from key ``start`` (the payload is zero-padded to 64 keys only).
+
+    With USE_TMA, ``v_src`` is a TMA descriptor of the payload seen as ``[B·Hk·D, ceil_64(Sk)]``
+    and ``v_row`` this head's first row; keys past the padded end read as zeros.
+    """
+    if USE_TMA:
+        v = tl.trans(v_src.load([v_row, start]))
+    else:
+        cols = start + tl.arange(0, BLOCK_N)
+        ptrs = v_src + dims[None, :].to(tl.int64) * stride_vd + cols[:, None]
+        if MASKED:
+            v = tl.load(ptrs, mask=(cols < seq_k)[:, None], other=0.0)
+        else:
+            v = tl.load(ptrs)
+    return v
+
+
+@triton.jit
+def _attend_block(acc, m_i, l_i, q, row_scale, rows, start, k_src, k_row, ks_base, v_src, v_row,
+                  seq_k, causal_offset, stride_ks, stride_vd, mask_base, stride_mq, stride_mk, seq_q,
                   D: tl.constexpr, KEYS: tl.constexpr, PER_THREAD: tl.constexpr,
                   PV_MODE: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                  HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr):
+                  HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, USE_TMA: tl.constexpr):
     """KEYS (64 or 128) keys from ``start``: one Q·Kᵀ dot, then a softmax step per 64-key block.
 
     A 128-key step keeps SPEC's per-64-key running max (the scores are split in two) while its
@@ -72,11 +104,7 @@ def _attend_block(acc, m_i, l_i, q, row_scale, rows, start, k_base, ks_base, v_b
     """
     dims = tl.arange(0, D)
     cols = start + tl.arange(0, KEYS)
-    if MASKED:
-        k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_ks + dims[None, :],
-                    mask=(cols < seq_k)[:, None], other=0)
-    else:
-        k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_ks + dims[None, :])
+    k = _load_k_block(k_src, k_row, start, cols, dims, seq_k, stride_ks, MASKED, USE_TMA)
     x = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
     x = x * tl.load(ks_base + k_group(cols, PER_THREAD))[None, :]
     x_scale = row_scale
@@ -94,20 +122,15 @@ def _attend_block(acc, m_i, l_i, q, row_scale, rows, start, k_base, ks_base, v_b
         if IS_CAUSAL:
             visible = visible & (cols[None, :] <= rows[:, None] + causal_offset)
         x = tl.where(visible, x, -float("inf"))
-    first = start + tl.arange(0, BLOCK_N)
     if KEYS == BLOCK_N:
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, x, x_scale,
-                                      _load_v_block(v_base, first, dims, seq_k, stride_vd, MASKED),
-                                      PV_MODE)
+        v = _load_v_block(v_src, v_row, start, dims, seq_k, stride_vd, MASKED, USE_TMA)
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, x, x_scale, v, PV_MODE)
     else:
         x0, x1 = tl.split(tl.permute(tl.reshape(x, [x.shape[0], 2, BLOCK_N]), (0, 2, 1)))
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, x0, x_scale,
-                                      _load_v_block(v_base, first, dims, seq_k, stride_vd, MASKED),
-                                      PV_MODE)
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, x1, x_scale,
-                                      _load_v_block(v_base, first + BLOCK_N, dims, seq_k, stride_vd,
-                                                    MASKED),
-                                      PV_MODE)
+        v = _load_v_block(v_src, v_row, start, dims, seq_k, stride_vd, MASKED, USE_TMA)
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, x0, x_scale, v, PV_MODE)
+        v = _load_v_block(v_src, v_row, start + BLOCK_N, dims, seq_k, stride_vd, MASKED, USE_TMA)
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, x1, x_scale, v, PV_MODE)
     return acc, m_i, l_i
 
 
@@ -121,7 +144,7 @@ def _attention_kernel(Q8, QS, K8, KS, V8, VS, VM, Out, LSE, Mask,
                       D: tl.constexpr, BLOCK_M: tl.constexpr, KEYS: tl.constexpr,
                       PER_THREAD: tl.constexpr, IS_CAUSAL: tl.constexpr, PV_MODE: tl.constexpr,
                       SMOOTH_V: tl.constexpr, WRITE_LSE: tl.constexpr, HAS_MASK: tl.constexpr,
-                      MASK_BOOL: tl.constexpr):
+                      MASK_BOOL: tl.constexpr, USE_TMA: tl.constexpr):
     tile, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if IS_CAUSAL:  # the longest rows first, for a better tail
         tile = tl.num_programs(0) - 1 - tile
@@ -134,9 +157,14 @@ def _attention_kernel(Q8, QS, K8, KS, V8, VS, VM, Out, LSE, Mask,
                 mask=(rows < seq_q)[:, None], other=0)
     qs_base = QS + (batch * q_heads + head).to(tl.int64) * q_groups
     row_scale = tl.load(qs_base + q_group(rows, PER_THREAD)) * log2_scale
-    k_base = K8 + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     ks_base = KS + (batch * kv_heads + kv_head).to(tl.int64) * k_groups
-    v_base = V8 + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    if USE_TMA:  # descriptors of the contiguous payloads: a head starts at a row
+        k_src, v_src = K8, V8
+        k_row, v_row = (batch * kv_heads + kv_head) * seq_k, (batch * kv_heads + kv_head) * D
+    else:
+        k_src = K8 + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+        v_src = V8 + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+        k_row, v_row = 0, 0
     mask_base = Mask + batch.to(tl.int64) * stride_mb + head.to(tl.int64) * stride_mh
 
     m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
@@ -150,15 +178,17 @@ def _attention_kernel(Q8, QS, K8, KS, V8, VS, VM, Out, LSE, Mask,
         full_end = tl.minimum(full_end, tl.maximum(first_row + 1, 0) // KEYS * KEYS)
         key_end = tl.minimum(seq_k, tl.maximum(first_row + BLOCK_M, 0))
     for start in range(0, full_end, KEYS):
-        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, row_scale, rows, start, k_base, ks_base,
-                                      v_base, seq_k, causal_offset, stride_ks, stride_vd,
-                                      mask_base, stride_mq, stride_mk, seq_q, D, KEYS,
-                                      PER_THREAD, PV_MODE, False, IS_CAUSAL, HAS_MASK, MASK_BOOL)
+        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, row_scale, rows, start, k_src, k_row,
+                                      ks_base, v_src, v_row, seq_k, causal_offset, stride_ks,
+                                      stride_vd, mask_base, stride_mq, stride_mk, seq_q, D, KEYS,
+                                      PER_THREAD, PV_MODE, False, IS_CAUSAL, HAS_MASK, MASK_BOOL,
+                                      USE_TMA)
     for start in range(full_end, key_end, KEYS):
-        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, row_scale, rows, start, k_base, ks_base,
-                                      v_base, seq_k, causal_offset, stride_ks, stride_vd,
-                                      mask_base, stride_mq, stride_mk, seq_q, D, KEYS,
-                                      PER_THREAD, PV_MODE, True, IS_CAUSAL, HAS_MASK, MASK_BOOL)
+        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, row_scale, rows, start, k_src, k_row,
+                                      ks_base, v_src, v_row, seq_k, causal_offset, stride_ks,
+                                      stride_vd, mask_base, stride_mq, stride_mk, seq_q, D, KEYS,
+                                      PER_THREAD, PV_MODE, True, IS_CAUSAL, HAS_MASK, MASK_BOOL,
+                                      USE_TMA)
 
     bh = (batch * kv_heads + kv_head).to(tl.int64) * D
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None] * tl.load(VS + bh + dims)[None, :]
@@ -173,22 +203,41 @@ def _attention_kernel(Q8, QS, K8, KS, V8, VS, VM, Out, LSE, Mask,
         tl.store(LSE + (batch * q_heads + head).to(tl.int64) * seq_q + rows, lse, mask=rows < seq_q)
 
 
+_launch_attention = Launcher(_attention_kernel)
+
+
 class LaunchConfig(NamedTuple):
     block_m: int  # query rows per program
     keys: int  # keys per loop step: 64, or 128 as two 64-key softmax blocks
     num_warps: int
     num_stages: int
+    tma: bool = False  # K and V tiles through TMA descriptors (Hopper), not pointer loads
 
 
-def launch_config(padded_dim: int, capability: int) -> LaunchConfig:
-    """The launch for a padded head dim and a compute capability (major*10+minor).
+TMA_MIN_KEYS = 2048  # below, a call is host-bound and two descriptors cost more than they save
 
-    Measured on an H200 (benchmarks/NOTES.md, v2): a 64-row tile with 128-key steps and 4 warps
-    beats every 128-row or 8-warp variant at D=64 and D=128; 4 stages help D=64 (causal).
+
+def launch_config(padded_dim: int, capability: int, pv_mode: int = PVAccum.FP32_FP16.code,
+                  is_causal: bool = False, seq_k: int = TMA_MIN_KEYS) -> LaunchConfig:
+    """The launch for a padded head dim, a compute capability (major*10+minor), the pv_accum code,
+    causality and the key count.
+
+    Measured on an H200 (benchmarks/NOTES.md, v2 and v4): a 64-row tile with 128-key steps and
+    4 warps beats every 128-row or 8-warp variant at D=64 and D=128; 4 stages help D=64. TMA
+    loads of K and V (sm_90) gain 11-15% for fp32+fp32 at D=128 and 4-12% for causal D=64, and
+    lose 1-6% elsewhere; warp specialisation crashed Triton 3.6's compiler or changed nothing.
     """
     if padded_dim == 256:  # a 64x256 fp32 accumulator: 8 warps keep the spills to the D=128 level
         return LaunchConfig(64, 64, 8, 2)
-    return LaunchConfig(64, 128, 4, 4 if padded_dim == 64 else 3)
+    tma = capability >= 90 and seq_k >= TMA_MIN_KEYS and (
+        (padded_dim == 128 and pv_mode == PVAccum.FP32_FP32.code) or (padded_dim == 64 and is_causal))
+    return LaunchConfig(64, 128, 4, 4 if padded_dim == 64 else 3, tma=tma)
+
+
+def _tma_addressable(k_int8, v_fp8) -> bool:
+    """TMA reads the payloads as 2-D row-major tensors with int32 row coordinates."""
+    return (k_int8.is_contiguous() and v_fp8.is_contiguous()
+            and k_int8.numel() // k_int8.shape[-1] < 2 ** 31 and v_fp8.numel() // v_fp8.shape[-1] < 2 ** 31)
 
 
 def _capability(device: torch.device) -> int:
@@ -201,9 +250,10 @@ def _capability(device: torch.device) -> int:
 def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_mean, *,
                             params: SageParams, seq_q: int, seq_k: int, head_dim: int,
                             out_dtype: torch.dtype, q=None, km=None, return_lse: bool = False,
-                            out=None, attn_mask=None):
+                            out=None, attn_mask=None, launch: LaunchConfig | None = None):
     """Attention from the payloads; the signature of `sageflash.reference.attention_from_payloads`.
 
+    ``launch`` replaces `launch_config`'s choice (benchmarks/sweep_attention.py compares them).
     ``attn_mask`` is read in place through broadcast strides (0 on the broadcast dims; a bool
     mask as its bytes), with the semantics of the reference.
     """
@@ -213,7 +263,7 @@ def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_
         out = torch.empty(batch, q_heads, seq_q, head_dim, dtype=out_dtype, device=q_int8.device)
     lse = torch.empty(batch, q_heads, seq_q, dtype=torch.float32, device=q_int8.device) if return_lse else out
     capability = _capability(q_int8.device)
-    config = launch_config(padded, capability)
+    config = launch or launch_config(padded, capability, params.pv_accum.code, params.is_causal, seq_k)
     if params.pv_accum is PVAccum.FP32 and capability >= 90 and seq_k > LONG_FP32_KEYS:
         warn_once(("fp32-accumulator",), "pv_accum='fp32' sums P·V in Hopper's reduced-precision fp8 "
                   "tensor-core accumulator and drifts on long rows (NMSE against exact attention, H200: "
@@ -222,9 +272,15 @@ def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_
     mask = out if attn_mask is None else attn_mask.expand(batch, q_heads, seq_q, seq_k)
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
+    k_src, v_src = k_int8, v_fp8
+    if config.tma and not _tma_addressable(k_int8, v_fp8):
+        config = config._replace(tma=False)
+    if config.tma:
+        k_src = TensorDescriptor.from_tensor(k_int8.view(-1, padded), [config.keys, padded])
+        v_src = TensorDescriptor.from_tensor(v_fp8.view(-1, v_fp8.shape[-1]), [padded, BLOCK_N.value])
     grid = (triton.cdiv(seq_q, config.block_m), q_heads, batch)
-    _attention_kernel[grid](
-        q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_mean if v_mean is not None else v_scale,
+    _launch_attention(
+        grid, q_int8, q_scale, k_src, k_scale, v_src, v_scale, v_mean if v_mean is not None else v_scale,
         out, lse, mask, seq_q, seq_k, groups.causal_offset(seq_q, seq_k),
         params.softmax_scale * groups.LOG2E, head_dim, q_heads // kv_heads, q_heads, kv_heads,
         q_scale.shape[-1], k_scale.shape[-1],
@@ -235,7 +291,7 @@ def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_
         D=padded, BLOCK_M=config.block_m, KEYS=config.keys,
         PER_THREAD=params.granularity is QKGranularity.PER_THREAD, IS_CAUSAL=params.is_causal,
         PV_MODE=params.pv_accum.code, SMOOTH_V=v_mean is not None, WRITE_LSE=return_lse,
-        HAS_MASK=attn_mask is not None, MASK_BOOL=mask.dtype == torch.uint8,
+        HAS_MASK=attn_mask is not None, MASK_BOOL=mask.dtype == torch.uint8, USE_TMA=config.tma,
         num_warps=config.num_warps, num_stages=config.num_stages)
     if not return_lse:
         return out

@@ -1,7 +1,10 @@
 """Ahead-of-time compilation of the attention kernel for a given GPU architecture, no GPU needed.
 
 Lets CI (and a curious user) check what the tensor-core products lower to: ``wgmma`` on sm_90,
-``mma.sync ... s8`` / ``e4m3`` on sm_89.
+``mma.sync ... s8`` / ``e4m3`` on sm_89, and how much shared memory a launch needs. Arguments get
+the specialisation a real launch of a typical shape gives them (16-byte aligned pointers, strides
+and lengths divisible by 16): without it Triton cannot prove the loads wide enough to pipeline,
+and the kernel compiled here would not be the one that runs.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from .attention import _attention_kernel, launch_config
 _POINTER_TYPES = {"Q8": "*i8", "K8": "*i8", "V8": "*fp8e4nv", "QS": "*fp32", "KS": "*fp32",
                   "VS": "*fp32", "VM": "*fp32", "LSE": "*fp32"}
 _FLOAT_ARGS = {"log2_scale"}
+# Integer arguments a typical launch passes as multiples of 16 (Triton specialises on that).
+_DIVISIBLE_INTS = {"seq_q", "seq_k", "head_dim", "q_heads", "kv_heads", "q_groups", "k_groups"}
 MMA_PATTERN = re.compile(r"(wgmma\.mma_async[\w.]*|mma\.sync[\w.]*)")
 
 
@@ -32,22 +37,32 @@ def compile_attention(capability: int, *, head_dim: int = 128, pv_accum="fp32+fp
     "fp16", "bf16" or "fp32" (additive).
     """
     padded = groups.padded_head_dim(head_dim)
-    config = launch_config(padded, capability)
+    pv_mode = PVAccum.parse(pv_accum, "pv_accum").code
+    config = launch_config(padded, capability, pv_mode, is_causal)
     constants = dict(D=padded, BLOCK_M=config.block_m, KEYS=config.keys,
                      PER_THREAD=QKGranularity.parse(granularity, "granularity") is QKGranularity.PER_THREAD,
-                     IS_CAUSAL=is_causal, PV_MODE=PVAccum.parse(pv_accum, "pv_accum").code,
-                     SMOOTH_V=False, WRITE_LSE=False, HAS_MASK=mask != "none", MASK_BOOL=mask == "u8")
-    signature = {}
-    for name in inspect.signature(_attention_kernel.fn).parameters:
+                     IS_CAUSAL=is_causal, PV_MODE=pv_mode,
+                     SMOOTH_V=False, WRITE_LSE=False, HAS_MASK=mask != "none", MASK_BOOL=mask == "u8",
+                     USE_TMA=config.tma)
+    descriptors = {"K8": f"tensordesc<i8[{config.keys}, {padded}]>",
+                   "V8": f"tensordesc<fp8e4nv[{padded}, {groups.K_TILE}]>"} if config.tma else {}
+    signature, attrs = {}, {}
+    for index, name in enumerate(inspect.signature(_attention_kernel.fn).parameters):
         if name in constants:
             signature[name] = "constexpr"
-        elif name == "Out":
+            continue
+        if name in descriptors:
+            signature[name] = descriptors[name]
+            continue
+        if name == "Out":
             signature[name] = f"*{out_dtype}"
         elif name == "Mask":
             signature[name] = f"*{out_dtype if mask == 'none' else mask}"
         else:
             signature[name] = _POINTER_TYPES.get(name, "fp32" if name in _FLOAT_ARGS else "i32")
-    source = ASTSource(_attention_kernel, signature, constexprs=constants)
+        if signature[name].startswith("*") or name.startswith("stride_") or name in _DIVISIBLE_INTS:
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    source = ASTSource(_attention_kernel, signature, constexprs=constants, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", capability, 32),
                           options={"num_warps": config.num_warps, "num_stages": config.num_stages})
 

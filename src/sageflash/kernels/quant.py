@@ -22,6 +22,7 @@ import triton.language as tl
 
 from .. import groups
 from ..params import PVAccum, QKGranularity
+from .launch import Launcher
 
 
 
@@ -41,6 +42,9 @@ k_group = _jit_rule(groups.k_group)
 TILE_ROWS = tl.constexpr(groups.K_TILE)  # tokens per quantization program: whole Q and K groups
 STATS_ROWS = tl.constexpr(128)  # tokens per statistics program
 REDUCE_CHUNKS = tl.constexpr(32)  # partial statistics folded per step of the reduction
+# Warps per quantization program: 8 streamed 4-7% faster than 4 at 4k-16k tokens on an H200
+# (benchmarks/NOTES.md, v4).
+QUANT_WARPS = 8
 
 
 @triton.jit
@@ -215,6 +219,11 @@ def _quantize_kernel(Q, K, V, KM, Q8, QS, K8, KS, VMEAN, INV, V8,
                                stride_v8d, D, SMOOTH_V)
 
 
+_launch_stats = Launcher(_stats_kernel)
+_launch_reduce = Launcher(_reduce_kernel)
+_launch_quantize = Launcher(_quantize_kernel)
+
+
 def _strides(x):
     return x.stride(0), x.stride(1), x.stride(2)
 
@@ -263,23 +272,26 @@ def quantize_qkv(q, k, v, *, granularity, smooth_k: bool, km=None, pv_accum=None
         partial = new(4, batch, kv_heads, n_chunks, padded)
         window = groups.ceil_to(seq_k, groups.V_WINDOW)
         k_in = k if k_sum else None
-        _stats_kernel[(n_chunks, kv_heads, batch)](
-            arg(k_in), arg(v), *partial, seq_k, head_dim, n_chunks, *_strides(arg(k_in)),
+        _launch_stats(
+            (n_chunks, kv_heads, batch), arg(k_in), arg(v), *partial, seq_k, head_dim, n_chunks,
+            *_strides(arg(k_in)),
             *_strides(arg(v)), D=padded, K_SUM=k_sum, V_STATS=v is not None)
-        _reduce_kernel[(batch * kv_heads,)](
-            *partial, arg(km if k_sum else None), arg(v_scale), arg(v_mean), arg(inv),
+        _launch_reduce(
+            (batch * kv_heads, 1, 1), *partial, arg(km if k_sum else None), arg(v_scale), arg(v_mean),
+            arg(inv),
             n_chunks, float(seq_k), float(window), scale_max if v is not None else 1.0, D=padded,
             K_SUM=k_sum, V_STATS=v is not None, PAD_IN_WINDOW=window > seq_k, SMOOTH_V=smooth_v)
 
     grid = (max(q_tiles, triton.cdiv(seq_k, TILE_ROWS.value)), q_heads + kv_heads, batch)
-    _quantize_kernel[grid](
-        arg(q), arg(k), arg(v), arg(km), arg(q8), arg(q_scale), arg(k8), arg(k_scale), arg(v_mean),
+    _launch_quantize(
+        grid, arg(q), arg(k), arg(v), arg(km), arg(q8), arg(q_scale), arg(k8), arg(k_scale),
+        arg(v_mean),
         arg(inv), arg(v8), seq_q, seq_k, head_dim, q_heads, kv_heads, q_tiles,
         q_scale.shape[-1] if q is not None else 0, k_scale.shape[-1] if q is not None else 0,
         *_strides(arg(q)), *_strides(arg(k)), *_strides(arg(v)), *_strides(arg(q8)),
         *_strides(arg(k8)), *_strides(arg(v8)),
         D=padded, PER_THREAD=per_thread, DO_Q=q is not None, DO_K=q is not None,
-        DO_V=v is not None, SMOOTH_K=km is not None, SMOOTH_V=smooth_v,
+        DO_V=v is not None, SMOOTH_K=km is not None, SMOOTH_V=smooth_v, num_warps=QUANT_WARPS,
         enable_fp_fusion=False)  # per_warp rounds x·(127/amax) as the reference does, not by an FMA
     return q8, q_scale, k8, k_scale, km, v8, v_scale, v_mean
 
