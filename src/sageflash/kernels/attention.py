@@ -278,7 +278,7 @@ def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_
     if config.tma:
         k_src = TensorDescriptor.from_tensor(k_int8.view(-1, padded), [config.keys, padded])
         v_src = TensorDescriptor.from_tensor(v_fp8.view(-1, v_fp8.shape[-1]), [padded, BLOCK_N.value])
-    grid = (triton.cdiv(seq_q, config.block_m), q_heads, batch)
+    grid = (groups.cdiv(seq_q, config.block_m), q_heads, batch)
     _launch_attention(
         grid, q_int8, q_scale, k_src, k_scale, v_src, v_scale, v_mean if v_mean is not None else v_scale,
         out, lse, mask, seq_q, seq_k, groups.causal_offset(seq_q, seq_k),

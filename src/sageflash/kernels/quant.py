@@ -6,7 +6,7 @@ with no host synchronisation:
 1. statistics: per chunk of tokens, K's channel sums (for smooth_k's mean) and V's channel max,
    min and sum;
 2. reduction: per (batch, kv head), the K mean and V's scales (and mean);
-3. quantization: one program per 64-token tile of a Q head or of a K/V head, each input read once.
+3. quantization: one program per 64-token tile of a Q, K or V head, each input read once.
 
 `quantize_qkv` (what the attention path uses) runs the three for Q, K and V together; a pass with
 nothing to do (no smoothing, a given K mean, Q/K only) is skipped.
@@ -45,6 +45,7 @@ REDUCE_CHUNKS = tl.constexpr(32)  # partial statistics folded per step of the re
 # Warps per quantization program: 8 streamed 4-7% faster than 4 at 4k-16k tokens on an H200
 # (benchmarks/NOTES.md, v4).
 QUANT_WARPS = 8
+_KSUM, _VMAX, _VMIN, _VSUM = (tl.constexpr(i) for i in range(4))  # planes of the statistics buffer
 
 
 @triton.jit
@@ -130,10 +131,14 @@ def _quantize_fp8_tile(V, VMEAN, INV, V8, batch, head, tile, seq, head_dim, num_
 
 
 @triton.jit
-def _stats_kernel(K, V, KSUM, VMAX, VMIN, VSUM, seq, head_dim, n_chunks,
+def _stats_kernel(K, V, STATS, stat_stride, seq, head_dim, n_chunks,
                   stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                   D: tl.constexpr, K_SUM: tl.constexpr, V_STATS: tl.constexpr):
-    """Pass 1: channel statistics of STATS_ROWS tokens of one (batch, kv head)."""
+    """Pass 1: channel statistics of STATS_ROWS tokens of one (batch, kv head).
+
+    ``STATS`` holds four ``[B, Hk, n_chunks, D]`` float32 planes ``stat_stride`` apart: K's sum,
+    V's max, min and sum (`_KSUM`, `_VMAX`, `_VMIN`, `_VSUM`).
+    """
     chunk, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = chunk * STATS_ROWS + tl.arange(0, STATS_ROWS)
     cols = tl.arange(0, D)
@@ -142,17 +147,17 @@ def _stats_kernel(K, V, KSUM, VMAX, VMIN, VSUM, seq, head_dim, n_chunks,
     if K_SUM:
         k = tl.load(K + _tile_offsets(batch, head, rows, cols, stride_kb, stride_kh, stride_ks),
                     mask=valid, other=0.0)
-        tl.store(KSUM + out, tl.sum(k.to(tl.float32), axis=0))
+        tl.store(STATS + _KSUM * stat_stride + out, tl.sum(k.to(tl.float32), axis=0))
     if V_STATS:
         v = tl.load(V + _tile_offsets(batch, head, rows, cols, stride_vb, stride_vh, stride_vs),
                     mask=valid, other=0.0).to(tl.float32)
-        tl.store(VMAX + out, tl.max(tl.where(valid, v, -float("inf")), axis=0))
-        tl.store(VMIN + out, tl.min(tl.where(valid, v, float("inf")), axis=0))
-        tl.store(VSUM + out, tl.sum(v, axis=0))
+        tl.store(STATS + _VMAX * stat_stride + out, tl.max(tl.where(valid, v, -float("inf")), axis=0))
+        tl.store(STATS + _VMIN * stat_stride + out, tl.min(tl.where(valid, v, float("inf")), axis=0))
+        tl.store(STATS + _VSUM * stat_stride + out, tl.sum(v, axis=0))
 
 
 @triton.jit
-def _reduce_kernel(KSUM, VMAX, VMIN, VSUM, KM, VSCALE, VMEAN, INV, n_chunks, key_count, window,
+def _reduce_kernel(STATS, stat_stride, KM, VSCALE, VMEAN, INV, n_chunks, key_count, window,
                    scale_max,
                    D: tl.constexpr, K_SUM: tl.constexpr, V_STATS: tl.constexpr,
                    PAD_IN_WINDOW: tl.constexpr, SMOOTH_V: tl.constexpr):
@@ -168,11 +173,13 @@ def _reduce_kernel(KSUM, VMAX, VMIN, VSUM, KM, VSCALE, VMEAN, INV, n_chunks, key
         at = (bh * n_chunks + first + chunks[:, None]) * D + cols[None, :]
         present = (first + chunks < n_chunks)[:, None]
         if K_SUM:
-            ksum += tl.sum(tl.load(KSUM + at, mask=present, other=0.0), axis=0)
+            ksum += tl.sum(tl.load(STATS + _KSUM * stat_stride + at, mask=present, other=0.0), axis=0)
         if V_STATS:
-            vmax = tl.maximum(vmax, tl.max(tl.load(VMAX + at, mask=present, other=-float("inf")), axis=0))
-            vmin = tl.minimum(vmin, tl.min(tl.load(VMIN + at, mask=present, other=float("inf")), axis=0))
-            vsum += tl.sum(tl.load(VSUM + at, mask=present, other=0.0), axis=0)
+            vmax = tl.maximum(vmax, tl.max(tl.load(STATS + _VMAX * stat_stride + at, mask=present,
+                                                   other=-float("inf")), axis=0))
+            vmin = tl.minimum(vmin, tl.min(tl.load(STATS + _VMIN * stat_stride + at, mask=present,
+                                                   other=float("inf")), axis=0))
+            vsum += tl.sum(tl.load(STATS + _VSUM * stat_stride + at, mask=present, other=0.0), axis=0)
     if K_SUM:
         tl.store(KM + bh * D + cols, tl.div_rn(ksum, key_count).to(KM.dtype.element_ty))
     if V_STATS:
@@ -200,21 +207,24 @@ def _quantize_kernel(Q, K, V, KM, Q8, QS, K8, KS, VMEAN, INV, V8,
                      D: tl.constexpr, PER_THREAD: tl.constexpr, DO_Q: tl.constexpr,
                      DO_K: tl.constexpr, DO_V: tl.constexpr, SMOOTH_K: tl.constexpr,
                      SMOOTH_V: tl.constexpr):
-    """Pass 3: programs with head < q_heads (when DO_Q) quantize a Q tile, the others a K/V tile."""
+    """Pass 3: one tile per program; along grid axis 1 the Q heads (DO_Q), then the K heads (DO_K),
+    then the V heads (DO_V), so a program holds one tensor's tile (fewer registers, more programs
+    in flight)."""
     tile, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    first_kv = q_heads if DO_Q else 0
-    if head < first_kv:
+    first_k = q_heads if DO_Q else 0
+    first_v = first_k + (kv_heads if DO_K else 0)
+    if head < first_k:
         if tile < q_tiles:
             _quantize_int8_tile(Q, KM, Q8, QS, batch, head, tile, seq_q, head_dim, q_heads, q_groups,
                                 stride_qb, stride_qh, stride_qs, stride_q8b, stride_q8h, stride_q8s,
                                 D, False, PER_THREAD, False)
     elif tile * TILE_ROWS < seq_k:
-        if DO_K:
-            _quantize_int8_tile(K, KM, K8, KS, batch, head - first_kv, tile, seq_k, head_dim, kv_heads,
+        if head < first_v:
+            _quantize_int8_tile(K, KM, K8, KS, batch, head - first_k, tile, seq_k, head_dim, kv_heads,
                                 k_groups, stride_kb, stride_kh, stride_ks, stride_k8b, stride_k8h,
                                 stride_k8s, D, True, PER_THREAD, SMOOTH_K)
-        if DO_V:
-            _quantize_fp8_tile(V, VMEAN, INV, V8, batch, head - first_kv, tile, seq_k, head_dim,
+        else:
+            _quantize_fp8_tile(V, VMEAN, INV, V8, batch, head - first_v, tile, seq_k, head_dim,
                                kv_heads, stride_vb, stride_vh, stride_vs, stride_v8b, stride_v8h,
                                stride_v8d, D, SMOOTH_V)
 
@@ -225,7 +235,7 @@ _launch_quantize = Launcher(_quantize_kernel)
 
 
 def _strides(x):
-    return x.stride(0), x.stride(1), x.stride(2)
+    return x.stride()[:3]
 
 
 def quantize_qkv(q, k, v, *, granularity, smooth_k: bool, km=None, pv_accum=None,
@@ -268,25 +278,24 @@ def quantize_qkv(q, k, v, *, granularity, smooth_k: bool, km=None, pv_accum=None
     stand_in = k if k is not None else v  # the pointer argument of a tensor a pass does not use
     arg = lambda x: stand_in if x is None else x  # noqa: E731
     if k_sum or v is not None:  # passes 1 and 2
-        n_chunks = triton.cdiv(seq_k, STATS_ROWS.value)
-        partial = new(4, batch, kv_heads, n_chunks, padded)
+        n_chunks = groups.cdiv(seq_k, STATS_ROWS.value)
+        stats = new(4, batch, kv_heads, n_chunks, padded)
         window = groups.ceil_to(seq_k, groups.V_WINDOW)
         k_in = k if k_sum else None
         _launch_stats(
-            (n_chunks, kv_heads, batch), arg(k_in), arg(v), *partial, seq_k, head_dim, n_chunks,
-            *_strides(arg(k_in)),
-            *_strides(arg(v)), D=padded, K_SUM=k_sum, V_STATS=v is not None)
+            (n_chunks, kv_heads, batch), arg(k_in), arg(v), stats, stats.stride(0), seq_k, head_dim,
+            n_chunks, *_strides(arg(k_in)), *_strides(arg(v)), D=padded, K_SUM=k_sum,
+            V_STATS=v is not None)
         _launch_reduce(
-            (batch * kv_heads, 1, 1), *partial, arg(km if k_sum else None), arg(v_scale), arg(v_mean),
-            arg(inv),
-            n_chunks, float(seq_k), float(window), scale_max if v is not None else 1.0, D=padded,
+            (batch * kv_heads, 1, 1), stats, stats.stride(0), arg(km if k_sum else None),
+            arg(v_scale), arg(v_mean), arg(inv), n_chunks, float(seq_k), float(window), scale_max if v is not None else 1.0, D=padded,
             K_SUM=k_sum, V_STATS=v is not None, PAD_IN_WINDOW=window > seq_k, SMOOTH_V=smooth_v)
 
-    grid = (max(q_tiles, triton.cdiv(seq_k, TILE_ROWS.value)), q_heads + kv_heads, batch)
+    grid = (max(q_tiles, groups.cdiv(seq_k, TILE_ROWS.value)),
+            q_heads + (kv_heads if q is not None else 0) + (kv_heads if v is not None else 0), batch)
     _launch_quantize(
         grid, arg(q), arg(k), arg(v), arg(km), arg(q8), arg(q_scale), arg(k8), arg(k_scale),
-        arg(v_mean),
-        arg(inv), arg(v8), seq_q, seq_k, head_dim, q_heads, kv_heads, q_tiles,
+        arg(v_mean), arg(inv), arg(v8), seq_q, seq_k, head_dim, q_heads, kv_heads, q_tiles,
         q_scale.shape[-1] if q is not None else 0, k_scale.shape[-1] if q is not None else 0,
         *_strides(arg(q)), *_strides(arg(k)), *_strides(arg(v)), *_strides(arg(q8)),
         *_strides(arg(k8)), *_strides(arg(v8)),
