@@ -19,7 +19,8 @@ import torch
 import sageflash
 from sageflash.bench import parse_size
 from sageflash.kernels import attention_from_payloads, quantize_qkv
-from sageflash.op import check_call, resolve_params
+from sageflash.op import check_call
+from sageflash.params import resolve_params
 
 CALLS = 200
 

@@ -3,7 +3,7 @@
     python benchmarks/sweep_attention.py --head-dim 64,128 --seq 4k,16k --json sweep.json
 
 For every (head dim, sequence, causal, pv_accum) it quantizes fresh random inputs once, runs each
-candidate `LaunchConfig` on the same payloads, checks its output against the current
+candidate `LaunchConfig` on the same payloads, checks its output against the
 pointer-load launch (NMSE, poisoned output first) and times it with `triton.testing.do_bench`
 (median, L2 flushed), beside cuDNN SDPA on the same inputs. Kernels are compiled first in parallel
 worker processes (Triton's cache), so the timing loop does not wait on the compiler.

@@ -217,8 +217,8 @@ class LaunchConfig(NamedTuple):
 TMA_MIN_KEYS = 2048  # below, a call is host-bound and two descriptors cost more than they save
 
 
-def launch_config(padded_dim: int, capability: int, pv_mode: int = PVAccum.FP32_FP16.code,
-                  is_causal: bool = False, seq_k: int = TMA_MIN_KEYS) -> LaunchConfig:
+def launch_config(padded_dim: int, capability: int, pv_mode: int, is_causal: bool,
+                  seq_k: int) -> LaunchConfig:
     """The launch for a padded head dim, a compute capability (major*10+minor), the pv_accum code,
     causality and the key count.
 

@@ -20,6 +20,8 @@ from .. import groups
 from ..params import PVAccum, QKGranularity
 from .attention import _attention_kernel, launch_config
 
+LONG_SEQUENCE = 4096  # the launch compiled is the one of a call with this many keys
+
 _POINTER_TYPES = {"Q8": "*i8", "K8": "*i8", "V8": "*fp8e4nv", "QS": "*fp32", "KS": "*fp32",
                   "VS": "*fp32", "VM": "*fp32", "LSE": "*fp32"}
 _FLOAT_ARGS = {"log2_scale"}
@@ -38,7 +40,7 @@ def compile_attention(capability: int, *, head_dim: int = 128, pv_accum="fp32+fp
     """
     padded = groups.padded_head_dim(head_dim)
     pv_mode = PVAccum.parse(pv_accum, "pv_accum").code
-    config = launch_config(padded, capability, pv_mode, is_causal)
+    config = launch_config(padded, capability, pv_mode, is_causal, LONG_SEQUENCE)
     constants = dict(D=padded, BLOCK_M=config.block_m, KEYS=config.keys,
                      PER_THREAD=QKGranularity.parse(granularity, "granularity") is QKGranularity.PER_THREAD,
                      IS_CAUSAL=is_causal, PV_MODE=pv_mode,

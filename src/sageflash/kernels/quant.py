@@ -42,8 +42,8 @@ k_group = _jit_rule(groups.k_group)
 TILE_ROWS = tl.constexpr(groups.K_TILE)  # tokens per quantization program: whole Q and K groups
 STATS_ROWS = tl.constexpr(128)  # tokens per statistics program
 REDUCE_CHUNKS = tl.constexpr(32)  # partial statistics folded per step of the reduction
-# Warps per quantization program: 8 streamed 4-7% faster than 4 at 4k-16k tokens on an H200
-# (benchmarks/NOTES.md, v4).
+# Warps per quantization program, measured on an H200 at 4k-16k tokens (benchmarks/NOTES.md): 8
+# beat 4 by 4-7% when a program held a K and a V tile (v4), by 0-2% with one tile (v5).
 QUANT_WARPS = 8
 _KSUM, _VMAX, _VMIN, _VSUM = (tl.constexpr(i) for i in range(4))  # planes of the statistics buffer
 
@@ -144,16 +144,17 @@ def _stats_kernel(K, V, STATS, stat_stride, seq, head_dim, n_chunks,
     cols = tl.arange(0, D)
     valid = (rows < seq)[:, None] & (cols < head_dim)[None, :]
     out = ((batch * tl.num_programs(1) + head).to(tl.int64) * n_chunks + chunk) * D + cols
+    plane = stat_stride.to(tl.int64)
     if K_SUM:
         k = tl.load(K + _tile_offsets(batch, head, rows, cols, stride_kb, stride_kh, stride_ks),
                     mask=valid, other=0.0)
-        tl.store(STATS + _KSUM * stat_stride + out, tl.sum(k.to(tl.float32), axis=0))
+        tl.store(STATS + _KSUM * plane + out, tl.sum(k.to(tl.float32), axis=0))
     if V_STATS:
         v = tl.load(V + _tile_offsets(batch, head, rows, cols, stride_vb, stride_vh, stride_vs),
                     mask=valid, other=0.0).to(tl.float32)
-        tl.store(STATS + _VMAX * stat_stride + out, tl.max(tl.where(valid, v, -float("inf")), axis=0))
-        tl.store(STATS + _VMIN * stat_stride + out, tl.min(tl.where(valid, v, float("inf")), axis=0))
-        tl.store(STATS + _VSUM * stat_stride + out, tl.sum(v, axis=0))
+        tl.store(STATS + _VMAX * plane + out, tl.max(tl.where(valid, v, -float("inf")), axis=0))
+        tl.store(STATS + _VMIN * plane + out, tl.min(tl.where(valid, v, float("inf")), axis=0))
+        tl.store(STATS + _VSUM * plane + out, tl.sum(v, axis=0))
 
 
 @triton.jit
@@ -165,6 +166,7 @@ def _reduce_kernel(STATS, stat_stride, KM, VSCALE, VMEAN, INV, n_chunks, key_cou
     bh = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, D)
     chunks = tl.arange(0, REDUCE_CHUNKS)
+    plane = stat_stride.to(tl.int64)
     ksum = tl.zeros([D], tl.float32)
     vmax = tl.full([D], -float("inf"), tl.float32)
     vmin = tl.full([D], float("inf"), tl.float32)
@@ -173,13 +175,13 @@ def _reduce_kernel(STATS, stat_stride, KM, VSCALE, VMEAN, INV, n_chunks, key_cou
         at = (bh * n_chunks + first + chunks[:, None]) * D + cols[None, :]
         present = (first + chunks < n_chunks)[:, None]
         if K_SUM:
-            ksum += tl.sum(tl.load(STATS + _KSUM * stat_stride + at, mask=present, other=0.0), axis=0)
+            ksum += tl.sum(tl.load(STATS + _KSUM * plane + at, mask=present, other=0.0), axis=0)
         if V_STATS:
-            vmax = tl.maximum(vmax, tl.max(tl.load(STATS + _VMAX * stat_stride + at, mask=present,
+            vmax = tl.maximum(vmax, tl.max(tl.load(STATS + _VMAX * plane + at, mask=present,
                                                    other=-float("inf")), axis=0))
-            vmin = tl.minimum(vmin, tl.min(tl.load(STATS + _VMIN * stat_stride + at, mask=present,
+            vmin = tl.minimum(vmin, tl.min(tl.load(STATS + _VMIN * plane + at, mask=present,
                                                    other=float("inf")), axis=0))
-            vsum += tl.sum(tl.load(STATS + _VSUM * stat_stride + at, mask=present, other=0.0), axis=0)
+            vsum += tl.sum(tl.load(STATS + _VSUM * plane + at, mask=present, other=0.0), axis=0)
     if K_SUM:
         tl.store(KM + bh * D + cols, tl.div_rn(ksum, key_count).to(KM.dtype.element_ty))
     if V_STATS:
@@ -288,7 +290,8 @@ def quantize_qkv(q, k, v, *, granularity, smooth_k: bool, km=None, pv_accum=None
             V_STATS=v is not None)
         _launch_reduce(
             (batch * kv_heads, 1, 1), stats, stats.stride(0), arg(km if k_sum else None),
-            arg(v_scale), arg(v_mean), arg(inv), n_chunks, float(seq_k), float(window), scale_max if v is not None else 1.0, D=padded,
+            arg(v_scale), arg(v_mean), arg(inv), n_chunks, float(seq_k), float(window),
+            scale_max if v is not None else 1.0, D=padded,
             K_SUM=k_sum, V_STATS=v is not None, PAD_IN_WINDOW=window > seq_k, SMOOTH_V=smooth_v)
 
     grid = (max(q_tiles, groups.cdiv(seq_k, TILE_ROWS.value)),
