@@ -13,7 +13,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from conftest import HAS_CUDA, nmse
 from sageflash import kernels, reference
 from sageflash.kernels.attention import LaunchConfig, _tma_addressable, attention_from_payloads, launch_config
-from sageflash.kernels.launch import _specialisation
+from sageflash.kernels.launch import launch_key
 from sageflash.params import PVAccum, resolve_params
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -71,17 +71,74 @@ def test_tma_needs_contiguous_payloads():
     assert not _tma_addressable(k8.transpose(1, 2), v8)
 
 
-def test_specialisation_key_is_finer_than_tritons():
-    """Two arguments Triton may compile differently never share a key."""
+def test_launch_key_is_finer_than_tritons_specialisation():
+    """Two argument lists Triton may compile differently never share a key; equal ones do."""
     t = torch.empty(64, dtype=torch.float16)
-    assert _specialisation(t) != _specialisation(t[1:])  # 16-byte aligned or not
-    assert _specialisation(t) != _specialisation(t.view(torch.int16))
-    assert len({_specialisation(n) for n in (1, 16, 17, 2 ** 31, 2 ** 31 + 1)}) == 5
-    assert _specialisation(True) != _specialisation(1) and _specialisation(None) != _specialisation(0.5)
-    desc = TensorDescriptor.from_tensor(torch.empty(128, 64, dtype=torch.int8), [64, 64])
-    assert _specialisation(desc) != _specialisation(TensorDescriptor.from_tensor(desc.base, [32, 64]))
-    with pytest.raises(TypeError):
-        _specialisation("x")
+    key = lambda *args: launch_key(args)  # noqa: E731
+    assert key(t) != key(t[1:])  # 16-byte aligned or not
+    assert key(t) != key(t.view(torch.int16))
+    assert len({key(n) for n in (1, 16, 17, 2 ** 31, 2 ** 31 + 1)}) == 5
+    assert key(True) != key(1) and key(1.0) != key(1) and key(None) != key(0.5)
+    base = torch.empty(128, 64, dtype=torch.int8)
+    desc = lambda block: TensorDescriptor.from_tensor(base, block)  # noqa: E731
+    assert key(desc([64, 64])) == key(desc([64, 64])) and key(desc([64, 64])) != key(desc([32, 64]))
+    assert key(t, 5, desc([64, 64])) == key(t, 5, desc([64, 64]))
+    hash(key(t, 5, 0.5, None, True, desc([64, 64])))
+
+
+class _FakeCompiled:
+    """Stands in for Triton's CompiledKernel: ``compiled[grid](*args, stream=...)`` is logged."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def __getitem__(self, grid):
+        return lambda *args, stream: self.log.append(("fast", grid, args, stream))
+
+
+class _FakeKernel:
+    """Stands in for a JITFunction: ``kernel[grid](*args, **meta)`` is logged and returns the
+    compiled kernel."""
+
+    arg_names = ["X", "n", "D", "FLAG"]
+
+    def __init__(self):
+        self.log = []
+        self.compiled = _FakeCompiled(self.log)
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.log.append(("slow", grid, args, meta))
+            return self.compiled
+        return launch
+
+
+def test_launcher_reuses_the_compiled_kernel_per_pattern(monkeypatch):
+    """The cached path (GPU only) on the CPU, with Triton's driver and kernel faked: a repeated
+    pattern launches the compiled kernel with the constexprs appended in signature order; a new
+    pattern goes through Triton; past MAX_PATTERNS the cache starts again."""
+    from sageflash.kernels import launch
+
+    class Active:
+        get_current_device = staticmethod(lambda: 0)
+        get_current_stream = staticmethod(lambda device: 1234)
+
+    monkeypatch.setattr(launch, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(launch, "driver", type("Driver", (), {"active": Active}))
+    kernel = _FakeKernel()
+    run = launch.Launcher(kernel)
+    x = torch.empty(8)
+    run((1, 1, 1), x, 16, FLAG=True, D=64, num_warps=4)
+    run((2, 1, 1), x, 16, FLAG=True, D=64, num_warps=4)
+    run((2, 1, 1), x, 17, FLAG=True, D=64, num_warps=4)
+    assert [entry[0] for entry in kernel.log] == ["slow", "fast", "slow"]
+    assert kernel.log[0] == ("slow", (1, 1, 1), (x, 16), dict(FLAG=True, D=64, num_warps=4))
+    assert kernel.log[1] == ("fast", (2, 1, 1), (x, 16, 64, True), 1234)
+    monkeypatch.setattr(launch, "MAX_PATTERNS", 2)
+    run((1, 1, 1), x, 18, FLAG=True, D=64, num_warps=4)  # a third pattern: the cache restarts
+    assert len(run.compiled) == 1
+    run((1, 1, 1), x, 16, FLAG=True, D=64, num_warps=4)
+    assert kernel.log[-1][0] == "slow"
 
 
 @pytest.mark.gpu

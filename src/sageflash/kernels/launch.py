@@ -3,15 +3,16 @@
 Triton's ``JITFunction.run`` binds and specialises every argument again on each call and reads
 its knobs: on an H200 host that is ≈30 µs for a 46-argument kernel on top of the ≈20 µs the
 launch itself takes (benchmarks/NOTES.md, v4) — at 1k tokens one attention call launches four
-kernels and is host-bound. `Launcher` keeps the `CompiledKernel` of each specialisation and
+kernels and is host-bound. `Launcher` keeps the `CompiledKernel` of each argument pattern and
 launches it through Triton's API for compiled kernels, ``compiled[grid](*args, stream=...)``.
 
-Its cache key is at least as fine as Triton's own specialisation (per tensor the dtype and
-whether the address is 16-byte aligned; per int whether it is 1, a multiple of 16, within int32;
-floats, bools and None by kind; descriptors by dtype, block shape and padding; the keyword
-arguments by value; the device), so a hit reuses exactly the kernel Triton would have picked and
-a miss goes through ``kernel[grid](...)``, which compiles if needed. Under TRITON_INTERPRET=1
-every call takes that path.
+The pattern (`launch_key`) is finer than Triton's specialisation, which looks at each tensor's
+dtype and 16-byte alignment and at whether an int is 1, a multiple of 16 or within int32: tensors
+by dtype and address mod 16, descriptors by their fields, every other argument by value, plus the
+keyword arguments and the device. So a hit reuses exactly the kernel Triton would have picked;
+a miss goes through ``kernel[grid](...)``, which compiles if needed. Models with a few fixed
+shapes hit after their first calls; a workload whose shapes never repeat misses every time, with
+the cache bounded by `MAX_PATTERNS`. Under TRITON_INTERPRET=1 every call takes Triton's path.
 """
 
 from __future__ import annotations
@@ -22,20 +23,21 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..op import interpreter_enabled
 
-INT32 = range(-(2 ** 31), 2 ** 31)
+MAX_PATTERNS = 256  # argument patterns kept per kernel; past it the cache starts again
 
 
-def _specialisation(arg):
-    """What Triton may specialise a kernel on for ``arg``, or at least as much."""
-    if isinstance(arg, torch.Tensor):
-        return arg.dtype, arg.data_ptr() % 16 == 0
-    if isinstance(arg, bool) or arg is None or isinstance(arg, float):
-        return type(arg)
-    if isinstance(arg, int):
-        return arg == 1, arg % 16 == 0, arg in INT32
-    if isinstance(arg, TensorDescriptor):
-        return "descriptor", arg.base.dtype, tuple(arg.block_shape), arg.padding
-    raise TypeError(f"unsupported kernel argument type {type(arg).__name__}")
+def _descriptor_key(desc: TensorDescriptor) -> tuple:
+    return (desc.base.dtype, desc.base.data_ptr() & 15, tuple(desc.shape), tuple(desc.strides),
+            tuple(desc.block_shape), desc.padding)
+
+
+def launch_key(args) -> tuple:
+    """The argument pattern of a launch: tensors by dtype and address mod 16, descriptors by their
+    fields, anything else (ints, floats, bools, None) by type and value (``True == 1``, yet Triton
+    compiles them apart). One comprehension, no call per argument: this runs on every launch."""
+    return tuple([(a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor)
+                  else _descriptor_key(a) if isinstance(a, TensorDescriptor) else (a.__class__, a)
+                  for a in args])
 
 
 class Launcher:
@@ -52,11 +54,13 @@ class Launcher:
             self.kernel[grid](*args, **meta)
             return
         device = driver.active.get_current_device()
-        key = (device, tuple(map(_specialisation, args)), tuple(meta.items()))
+        key = (device, launch_key(args), tuple(meta.items()))
         compiled = self.compiled.get(key)
         if compiled is None:
             compiled = self.kernel[grid](*args, **meta)  # Triton's path: binds, compiles, launches
             if compiled is not None:
+                if len(self.compiled) >= MAX_PATTERNS:
+                    self.compiled.clear()
                 self.compiled[key] = compiled
             return
         constexprs = tuple(meta[name] for name in self.kernel.arg_names[len(args):])
