@@ -1,7 +1,7 @@
 """Launch choices: TMA loads against pointer loads, `launch_config`'s table, the cached launcher.
 
 The TMA comparisons run in the interpreter (CI) and on the GPU; the cached launcher's fast path
-exists on the GPU only.
+runs on the GPU, and on the CPU with Triton's driver and kernel faked.
 """
 
 from __future__ import annotations
