@@ -123,10 +123,10 @@ def test_launcher_reuses_the_compiled_kernel_per_pattern(monkeypatch):
         get_current_device = staticmethod(lambda: 0)
         get_current_stream = staticmethod(lambda device: 1234)
 
-    monkeypatch.setattr(launch, "interpreter_enabled", lambda: False)
     monkeypatch.setattr(launch, "driver", type("Driver", (), {"active": Active}))
     kernel = _FakeKernel()
     run = launch.Launcher(kernel)
+    run.interpreted = False  # the GPU path, whatever this process runs
     x = torch.empty(8)
     run((1, 1, 1), x, 16, FLAG=True, D=64, num_warps=4)
     run((2, 1, 1), x, 16, FLAG=True, D=64, num_warps=4)

@@ -48,9 +48,11 @@ class Launcher:
     def __init__(self, kernel):
         self.kernel = kernel
         self.compiled = {}
+        # Fixed when the kernel was decorated (TRITON_INTERPRET is read then), so checked once.
+        self.interpreted = interpreter_enabled()
 
     def __call__(self, grid, *args, **meta):
-        if interpreter_enabled():
+        if self.interpreted:
             self.kernel[grid](*args, **meta)
             return
         device = driver.active.get_current_device()
