@@ -34,6 +34,12 @@ CANDIDATES = {
     "tma-s2": dict(tma=True, num_stages=2),
     "tma-s4": dict(tma=True, num_stages=4),
     "tma-m128w8": dict(tma=True, block_m=128, num_warps=8),
+    # Register caps for more programs per SM (offline, sm_90: 254 registers and 107 KB of shared
+    # memory hold D=128 to 2 per SM; <=168 and 2 stages fit 3, with 17-132 spill stores; D=64 has
+    # 167 and 71 KB, 3 per SM; <=128 and 3 stages fit 4, with 2).
+    "ptr-s2-r168": dict(tma=False, num_stages=2, max_registers=168),
+    "tma-s2-r168": dict(tma=True, num_stages=2, max_registers=168),
+    "ptr-s3-r128": dict(tma=False, num_stages=3, max_registers=128),
 }
 BATCH, HEADS = 4, 32
 
@@ -85,7 +91,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seq", default="4k,16k")
     parser.add_argument("--causal", choices=("on", "off", "both"), default="both")
     parser.add_argument("--pv-accum", default="fp32+fp16")
-    parser.add_argument("--configs", default="auto,ptr,tma,tma-s2,tma-s4,tma-m128w8")
+    parser.add_argument("--configs", default=",".join(CANDIDATES))
     parser.add_argument("--rep", type=float, default=100.0)
     parser.add_argument("--json")
     args = parser.parse_args(argv)

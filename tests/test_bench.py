@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import sageflash.op
 from sageflash import bench
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,10 +184,18 @@ def test_cpu_run_table_and_csv_match_json(cpu_run):
         assert cells[cells.index(row["mode"]) + 2] == format(row["tops"], ".4g")
 
 
+def test_graph_mode_is_a_skipped_row_without_cuda(no_cuda, tmp_path):
+    out = tmp_path / "b.json"
+    argv = [*TINY, "--allow-cpu", "--causal", "off", "--providers", "sageflash", "--modes", "e2e,graph",
+            "--json", str(out)]
+    assert bench.run(parse(argv)) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["mode"], r["error"]) for r in rows] == [
+        ("e2e", None), ("graph", "skipped: graph mode needs a CUDA device")]
+
+
 def test_benchmark_script_writes_csv(no_cuda, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_attention", ROOT / "benchmarks" / "bench_attention.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("bench_attention")
     path = tmp_path / "attention.csv"
     argv = [*TINY, "--allow-cpu", "--causal", "off", "--providers", "sdpa-flash", "--csv", str(path)]
     assert script.main(argv) == 0
@@ -203,3 +212,28 @@ def test_plot_writes_png(cpu_run, tmp_path):
                             **{k: v for k, v in r.items() if k not in fields}) for r in report["results"]]
     bench.write_plot(str(tmp_path / "p.png"), results)
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_quant_benchmark_compares_a_baseline_module(no_cuda, capsys):
+    """bench_quant's A/B plumbing on the CPU (Triton interpreter): a quant.py loaded as the
+    baseline gives identical payloads, a changed payload is caught; no GPU is a clear exit 2."""
+    script = load_script("bench_quant")
+    assert script.main([]) == 2 and "CUDA GPU" in capsys.readouterr().err
+    if not sageflash.op.interpreter_enabled():
+        pytest.skip("the CPU comparison runs the kernels in the Triton interpreter")
+    baseline = script.load_baseline(str(ROOT / "src" / "sageflash" / "kernels" / "quant.py"))
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 70, 64, generator=gen).half() for _ in range(3))
+    ours = script.run_pass(script.quant, q, k, v, "per_thread")
+    theirs = script.run_pass(baseline, q, k, v, "per_thread")
+    assert script.identical(ours, theirs)
+    theirs[0][0, 0, 0, 0] += 1
+    assert not script.identical(ours, theirs)
+    assert script.compulsory_bytes(q, k, v) == 2 * (70 * 64 * 2) * 5 + 3 * 70 * 64 * 2

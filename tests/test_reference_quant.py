@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sageflash
-from sageflash import dumps
+from sageflash import dumps, groups
 from helpers import (assert_fp8_match, assert_int8_match, assert_scales_match, fp8_ordinal,
                      load_refdump, random_qkv)
 
@@ -71,6 +71,20 @@ def k_group_members(g: int, per_thread: bool) -> list[int]:
         return list(range(64 * g, 64 * g + 64))
     block, pair = divmod(g, 4)
     return [64 * block + 8 * c + 2 * pair + e for c in range(8) for e in range(2)]
+
+
+@pytest.mark.parametrize("per_thread", [False, True])
+def test_a_quantization_tile_holds_whole_consecutive_groups(per_thread):
+    """The Triton quantizer finds group maxima over `groups.groups_per_tile` ids from a tile's
+    first token: every 64-token tile must hold exactly those groups, each whole."""
+    tile = 64
+    for rule, members in ((groups.q_group, q_group_members), (groups.k_group, k_group_members)):
+        count = groups.groups_per_tile(rule, tile, per_thread)
+        for start in range(0, 4 * tile, tile):
+            first = rule(start, per_thread)
+            ids = list(range(first, first + count))
+            assert sorted({rule(t, per_thread) for t in range(start, start + tile)}) == ids
+            assert sorted(t for g in ids for t in members(g, per_thread)) == list(range(start, start + tile))
 
 
 def expected_int8(x: torch.Tensor, members, num_groups: int, per_thread: bool):

@@ -6,8 +6,10 @@ same way (`attention_flops`). Each (shape, provider, knobs, mode) is timed as th
 peak extra GPU memory of one call is measured on top of the inputs already allocated.
 
 Modes: ``e2e`` is what a user sees (quantization included); ``kernel`` quantizes once outside the
-timed region and times the attention kernel on the payloads. Providers without a quantization
-step (SDPA, the official SageAttention call) have one timing, labelled ``e2e``.
+timed region and times the attention kernel on the payloads; ``graph`` (opt-in) is the e2e call
+captured once in a CUDA graph and replayed, what a caller that captures its step (CUDA graphs,
+``torch.compile(mode="reduce-overhead")``) sees: no host time. Providers without a quantization
+step (SDPA, the official SageAttention call) have one timing, labelled ``e2e``, run eagerly.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from . import __version__
 from .op import quantize_qk, quantize_v, sage_attn_sm89_fp16, select_backend
 from .params import PVAccum, QKGranularity, resolve_params
 
-MODES = ("e2e", "kernel")
+MODES = ("e2e", "kernel", "graph")
+DEFAULT_MODES = ("e2e", "kernel")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 BASELINE = "sdpa-cudnn"
 MIB = 1 << 20
@@ -122,12 +125,34 @@ def _sageflash_backend(device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "reference"
 
 
+def captured(fn: Callable, device: torch.device) -> Callable:
+    """``fn`` captured in a CUDA graph (after warm-up calls on a side stream, as capture requires);
+    returns a call that replays it and gives the captured output."""
+    if device.type != "cuda":
+        raise ProviderSkipped("skipped: graph mode needs a CUDA device")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
+
+
 def _build_sageflash(q, k, v, causal, knobs: Knobs, mode):
     backend = _sageflash_backend(q.device)
-    if mode == "e2e":
-        return functools.partial(sage_attn_sm89_fp16, q, k, v, is_causal=causal,
+    if mode in ("e2e", "graph"):
+        call = functools.partial(sage_attn_sm89_fp16, q, k, v, is_causal=causal,
                                  smooth_k=knobs.smooth_k, pv_accum=knobs.pv_accum,
                                  granularity=knobs.granularity, backend=backend)
+        return captured(call, q.device) if mode == "graph" else call
     params = resolve_params(None, causal, knobs.smooth_k, False, knobs.pv_accum, knobs.granularity,
                             head_dim=q.shape[-1])
     q_int8, q_scale, k_int8, k_scale, _ = quantize_qk(
@@ -305,7 +330,8 @@ def measure(provider: Provider, knobs: Knobs | None, mode: str, inputs, shape: S
     try:
         fn = provider.build(q, k, v, shape.causal, knobs, mode)
         result.ms = time_ms(fn, settings.warmup, settings.rep, device)
-        peak = peak_extra_bytes(fn, device)
+        # A replayed graph allocates nothing: its memory is the e2e row's.
+        peak = None if mode == "graph" else peak_extra_bytes(fn, device)
     except Exception as exc:
         result.error, result.ms = short_error(exc), None
     fn = None
@@ -530,8 +556,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     runs.add_argument("--baseline", choices=tuple(PROVIDERS), default=BASELINE,
                       help=f"the provider every row is compared to (default: {BASELINE})")
     runs.add_argument("--modes", action="append", type=_list_of(_choice(MODES), "modes"),
-                      help="e2e (quantization included), kernel (payloads made outside the timing); "
-                           "default: both")
+                      help="e2e (quantization included), kernel (payloads made outside the timing), "
+                           "graph (e2e replayed from a CUDA graph: no host time); default: e2e,kernel")
     runs.add_argument("--pv-accum", action="append",
                       type=_list_of(lambda w: PVAccum.parse(w, "--pv-accum"), "pv_accum values"),
                       help="sageflash P·V accumulation, comma list (default: fp32+fp16)")
@@ -582,7 +608,7 @@ def settings_from_args(args: argparse.Namespace, device: torch.device) -> Settin
     causals = {"on": [True], "off": [False], "both": [False, True]}[args.causal]
     return Settings(batch=args.batch or preset["batch"], heads=heads, kv_heads=kv_heads,
                     head_dims=head_dims or preset["head_dim"], seqs=seqs or preset["seq"],
-                    causals=causals, providers=providers, modes=_flatten(args.modes) or list(MODES),
+                    causals=causals, providers=providers, modes=_flatten(args.modes) or list(DEFAULT_MODES),
                     knobs=knobs, baseline=baseline, dtype=args.dtype, warmup=args.warmup, rep=args.rep,
                     seed=args.seed)
 

@@ -57,6 +57,12 @@ def k_group(j, per_thread):
     return j // 64
 
 
+def groups_per_tile(rule, rows: int, per_thread: bool) -> int:
+    """Scale groups that ``rows`` tokens from a multiple of ``rows`` span (``rule``: `q_group` or
+    `k_group`, ``rows`` a multiple of 64): consecutive ids from ``rule(first token)``."""
+    return rule(rows - 1, per_thread) - rule(0, per_thread) + 1
+
+
 def q_num_groups(seq_q: int, per_thread: bool) -> int:
     return ceil_to(seq_q, Q_TILE) // Q_TILE * (32 if per_thread else 4)
 

@@ -146,7 +146,8 @@ def check_call(q, k, v, softmax_scale, is_causal, smooth_k, smooth_v, pv_accum, 
     validate_qk(q, k, tensor_layout)
     validate_v(v, like_k=k, tensor_layout=tensor_layout)
     check_attn_mask(attn_mask, q, k, tensor_layout)
-    params = check_knobs(softmax_scale, is_causal, smooth_k, smooth_v, pv_accum, granularity)
+    params = check_knobs(softmax_scale, is_causal, smooth_k, smooth_v, pv_accum, granularity,
+                         head_dim=q.shape[-1])
     return_lse = _check_bool(return_lse, "return_lse")
     check_backend(backend)
     return params, return_lse
@@ -164,10 +165,15 @@ def _attend(q, k, v, softmax_scale, is_causal, smooth_k, smooth_v, pv_accum, gra
     read here, at run time, so compiled graphs follow them too."""
     params = resolve_params(softmax_scale, is_causal, smooth_k, smooth_v, pv_accum, granularity,
                             head_dim=q.shape[-1])
+    return _attend_resolved(q, k, v, params, tensor_layout, return_lse, attn_mask, backend)
+
+
+def _attend_resolved(q, k, v, params: SageParams, tensor_layout, return_lse, attn_mask, backend):
+    """`_attend` once the knobs are checked and the overrides applied (eager calls start here)."""
     module = select_backend(backend, q.device)
     out = q.new_empty(q.shape)
     args = (*(as_hnd(x, tensor_layout) for x in (q, k, v)), params)
-    if debug.enabled():  # GGML_SAGE_* debug toggles (sageflash.debug); unset, this costs an env lookup
+    if debug.enabled():  # GGML_SAGE_* debug toggles (sageflash.debug); unset, a few env lookups
         result = debug.run(module, *args, return_lse=return_lse, out=as_hnd(out, tensor_layout),
                            attn_mask=attn_mask)
     else:
@@ -214,10 +220,14 @@ def sage_attn_sm89_fp16(q, k, v, softmax_scale=None, is_causal=False, smooth_k=T
     # calls that autograd records go through the registered op.
     traced = torch.compiler.is_compiling() or (
         torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-    out, lse = (torch.ops.sageflash.sage_attn_sm89 if traced else _attend)(
-        q, k, v, params.softmax_scale, params.is_causal, params.smooth_k, params.smooth_v,
-        params.pv_accum.value, params.granularity.value, tensor_layout, return_lse, attn_mask,
-        backend)
+    if traced:
+        out, lse = torch.ops.sageflash.sage_attn_sm89(
+            q, k, v, params.softmax_scale, params.is_causal, params.smooth_k, params.smooth_v,
+            params.pv_accum.value, params.granularity.value, tensor_layout, return_lse, attn_mask,
+            backend)
+    else:
+        out, lse = _attend_resolved(q, k, v, apply_overrides(params), tensor_layout, return_lse,
+                                    attn_mask, backend)
     return (out, lse) if return_lse else out
 
 

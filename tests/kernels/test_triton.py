@@ -11,7 +11,7 @@ import torch
 
 import sageflash
 from conftest import HAS_CUDA, nmse
-from sageflash import dumps, groups, reference
+from sageflash import dumps, reference
 from sageflash.params import resolve_params
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -62,6 +62,43 @@ def test_quantize_qk_matches_reference(granularity, smooth_k, dtype, seq_q, seq_
         torch.testing.assert_close(got[4][..., :head_dim].cpu().float(), km_cpu.float(), rtol=1e-3, atol=1e-3)
     else:
         assert got[4] is None
+
+
+def values_at_rounding_ties(dtype, heads, seq, head_dim):
+    """``[1, heads, seq, head_dim]`` inputs whose per_thread codes depend on the last bit of x / scale.
+
+    Searches every ``dtype`` amax for values x next to a tie (k + 0.5) * scale where x times the
+    reciprocal scale rounds to another code than the IEEE x / scale; each head gets one such amax
+    (in every row, so every group's scale is amax / 127 + 1e-7) and its tie values.
+    """
+    amax = torch.arange(2**15, dtype=torch.int32).to(torch.int16).view(dtype).float()
+    amax = amax[torch.isfinite(amax) & (amax > 1e-4) & (amax < 6e4)]
+    scale = amax / 127 + 1e-7
+    ties = (scale.double()[:, None] * (torch.arange(-127, 127) + 0.5)).to(dtype).float()
+    by_division, by_reciprocal = ties / scale[:, None], ties * (1 / scale)[:, None]
+    codes = lambda q: torch.trunc(q + 0.5 * torch.sign(q))  # noqa: E731
+    hard = (codes(by_division) != codes(by_reciprocal)) & (ties.abs() <= amax[:, None])
+    rows = hard.any(dim=1).nonzero().flatten()
+    rows = rows[torch.linspace(0, len(rows) - 1, heads).long()]
+    x = torch.empty(1, heads, seq, head_dim)
+    gen = torch.Generator().manual_seed(heads * seq)
+    for head, row in enumerate(rows.tolist()):
+        values = ties[row][hard[row]]
+        x[0, head] = values[torch.randint(0, len(values), (seq, head_dim), generator=gen)]
+        x[0, head, :, 0] = amax[row]
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("granularity", ["per_warp", "per_thread"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_qk_is_exact_at_rounding_ties(granularity, dtype):
+    """Bit-equal payloads where rounding is decided by the last bit of x / scale."""
+    q = values_at_rounding_ties(DTYPES[dtype], 8, 200, 64).to(DEVICE)
+    k = values_at_rounding_ties(DTYPES[dtype], 8, 130, 64).to(DEVICE)
+    got = sageflash.quantize_qk(q, k, granularity=granularity, smooth_k=False, backend="triton")
+    want = reference.quantize_qk(q.cpu(), k.cpu(), granularity=granularity, smooth_k=False)
+    for name, g, w in zip(("q_int8", "q_scale", "k_int8", "k_scale"), got, want):
+        assert torch.equal(g.cpu(), w), name
 
 
 @pytest.mark.parametrize("pv_accum,smooth_v", [("fp32", True), ("fp32", False), ("fp32+fp16", False)])

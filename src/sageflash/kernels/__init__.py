@@ -1,6 +1,6 @@
 """The Triton backend: quantizers and attention for CUDA GPUs of compute capability >= 8.9.
 
-Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (with exact float casts, see
+Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (with the GPU's float casts and FMA, see
 `interpreter`), which is how CI without a GPU exercises them.
 """
 
@@ -11,10 +11,10 @@ import torch
 from ..op import interpreter_enabled
 
 if interpreter_enabled():
-    from .interpreter import check_numpy, install_exact_casts
+    from .interpreter import check_numpy, install_gpu_arithmetic
 
     check_numpy()
-    install_exact_casts()
+    install_gpu_arithmetic()
 
 from .attention import attention_from_payloads  # noqa: E402
 from .quant import quantize_qk, quantize_qkv, quantize_v  # noqa: E402

@@ -212,6 +212,7 @@ class LaunchConfig(NamedTuple):
     num_warps: int
     num_stages: int
     tma: bool = False  # K and V tiles through TMA descriptors (Hopper), not pointer loads
+    max_registers: int | None = None  # Triton's maxnreg: a cap that fits more programs per SM
 
 
 TMA_MIN_KEYS = 2048  # below, a call is host-bound and two descriptors cost more than they save
@@ -292,7 +293,7 @@ def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_
         PER_THREAD=params.granularity is QKGranularity.PER_THREAD, IS_CAUSAL=params.is_causal,
         PV_MODE=params.pv_accum.code, SMOOTH_V=v_mean is not None, WRITE_LSE=return_lse,
         HAS_MASK=attn_mask is not None, MASK_BOOL=mask.dtype == torch.uint8, USE_TMA=config.tma,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.max_registers)
     if not return_lse:
         return out
     if q is not None and km is not None:  # undo smooth_k's shift of every logit by q·km

@@ -66,7 +66,8 @@ def compile_attention(capability: int, *, head_dim: int = 128, pv_accum="fp32+fp
             attrs[(index,)] = [["tt.divisibility", 16]]
     source = ASTSource(_attention_kernel, signature, constexprs=constants, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                          options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+                          options={"num_warps": config.num_warps, "num_stages": config.num_stages,
+                                   "maxnreg": config.max_registers})
 
 
 def mma_instructions(ptx: str) -> set[str]:

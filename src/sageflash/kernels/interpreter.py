@@ -1,11 +1,13 @@
-"""Exact float casts for Triton's CPU interpreter (``TRITON_INTERPRET=1``).
+"""GPU float arithmetic for Triton's CPU interpreter (``TRITON_INTERPRET=1``): exact casts, fused FMA.
 
 Triton 3.6's interpreter converts floats with its own bit manipulation (``_convert_float``), which
 rounds fp32 -> e4m3 wrongly for about 15% of values: a mantissa carry is lost (0.4965 -> 0.25),
 subnormals round twice and nothing saturates (482 -> NaN). Triton issue #8322, PRs #11897 and
 #11667. On the GPU the same casts are ``cvt.rn.satfinite`` (round to nearest even, saturate to
 ±448), so interpreter runs of our kernels would disagree with both the GPU and the reference.
-`install_exact_casts` swaps in torch's correctly rounded conversion, saturating e4m3 like the GPU.
+`install_gpu_arithmetic` swaps in torch's correctly rounded conversion, saturating e4m3 like the
+GPU, and makes ``tl.fma`` on float32 fused (one rounding, as the GPU's FFMA): the interpreter
+computes ``x * y + z`` with two, which breaks the quantizer's exact-residual division.
 It is only ever installed when the interpreter is on.
 """
 
@@ -32,8 +34,44 @@ def check_numpy() -> None:
                            f"{np.__version__}: pip install 'numpy<2.4'")
 
 
-def install_exact_casts() -> None:
-    """Replace the interpreter's float converter by torch's (idempotent)."""
+def install_gpu_arithmetic() -> None:
+    """Exact float casts and a fused float32 FMA in the interpreter (idempotent)."""
+    _install_exact_casts()
+    _install_fused_fma()
+
+
+def fused_multiply_add(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """float32 ``x * y + z`` rounded once: the product is exact in float64, the sum is rounded to
+    odd there (its exact error from TwoSum), and round-to-odd at 53 bits then to nearest at 24
+    equals one rounding to nearest."""
+    product, addend = x.astype(np.float64) * y.astype(np.float64), z.astype(np.float64)
+    total = product + addend
+    product_part = total - addend
+    error = (product - product_part) + (addend - (total - product_part))
+    even = (total.view(np.int64) & 1) == 0
+    total = np.where((error != 0) & even, np.nextafter(total, np.where(error > 0, np.inf, -np.inf)), total)
+    return total.astype(np.float32)
+
+
+def _install_fused_fma() -> None:
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder.create_fma, "fused", False):
+        return
+    unfused = builder.create_fma
+
+    def create_fma(self, x, y, z):
+        if not all(h.data.dtype == np.float32 for h in (x, y, z)):
+            return unfused(self, x, y, z)
+        return interpreter.TensorHandle(fused_multiply_add(*np.broadcast_arrays(x.data, y.data, z.data)),
+                                        z.dtype.scalar)
+
+    create_fma.fused = True
+    builder.create_fma = create_fma
+
+
+def _install_exact_casts() -> None:
     from triton.runtime import interpreter
 
     if getattr(interpreter._convert_float, "exact_casts", False):

@@ -78,7 +78,7 @@ def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_
     """
     per_thread = params.granularity is QKGranularity.PER_THREAD
     batch, q_heads = q_int8.shape[:2]
-    kv_heads, padded_dim = k_int8.shape[1], k_int8.shape[-1]
+    kv_heads = k_int8.shape[1]
     group = q_heads // kv_heads
     log2_scale = params.softmax_scale * groups.LOG2E
     row_scale = expand_scales(q_scale, groups.q_group, seq_q, per_thread) * log2_scale
