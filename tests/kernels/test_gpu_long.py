@@ -1,4 +1,5 @@
-"""GPU-only accuracy at scale: 32k tokens against exact attention, >2**31-element offsets."""
+"""GPU-only behaviour at scale: 32k tokens against exact attention, >2**31-element offsets, peak
+memory of a call large enough to run in KV-head chunks."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 
 import sageflash
 from conftest import nmse
+from sageflash import kernels
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poisoned_cuda_allocator")]
 
@@ -66,3 +68,23 @@ def test_long_noncontiguous_past_2_31_elements():
     rows = torch.arange(seq - 256, seq, device="cuda")
     exact = exact_attention_rows(q[:, last], k[:, last], v[:, last], rows, dim ** -0.5, True)
     assert nmse(out[:, last][:, :, rows], exact) <= 5e-3
+
+
+def test_large_calls_stay_under_0_6x_extra_memory(monkeypatch):
+    """Peak memory a large call adds (output included) is <= 0.6x the bytes of q+k+v, and the
+    chunked result equals the one-piece one."""
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    shape = (2, 16, 16384, 128)  # 402 MB of q, k and v: chunked
+    q, k, v = (torch.randn(shape, generator=gen, device="cuda", dtype=torch.float16) for _ in range(3))
+    assert kernels.kv_head_chunks(q, k, v) > 1
+    sageflash.sage_attn_sm89_fp16(q, k, v)  # compiled, the allocator warm
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = sageflash.sage_attn_sm89_fp16(q, k, v)
+    torch.cuda.synchronize()
+    extra = (torch.cuda.max_memory_allocated() - before) / (3 * q.numel() * q.element_size())
+    assert extra <= 0.6, f"peak extra memory {extra:.3f}x q+k+v"
+    monkeypatch.setattr(kernels, "CHUNKED_FROM_BYTES", 1 << 62)
+    one_piece = sageflash.sage_attn_sm89_fp16(q, k, v)
+    assert not torch.equal(out, torch.zeros_like(out)) and torch.equal(out, one_piece)

@@ -11,7 +11,7 @@ import torch
 
 import sageflash
 from conftest import HAS_CUDA, nmse
-from sageflash import dumps, reference
+from sageflash import dumps, kernels, reference
 from sageflash.params import resolve_params
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -118,6 +118,46 @@ def test_quantize_v_matches_reference(pv_accum, smooth_v, dtype, seq_k, head_dim
         torch.testing.assert_close(got[2].cpu(), want[2], rtol=1e-5, atol=1e-6)
     else:
         assert got[2] is None
+
+
+def test_kv_head_chunks_policy():
+    """One piece below kernels.CHUNKED_FROM_BYTES; above, enough chunks that the payloads (one byte
+    per padded element) stay within PAYLOAD_FRACTION of the input bytes, at most one per KV head."""
+    meta = lambda *shape: torch.empty(shape, dtype=torch.float16, device="meta")  # noqa: E731
+    small = [meta(4, 32, 1024, 128), meta(4, 32, 1024, 128), meta(4, 32, 1024, 128)]
+    assert kernels.kv_head_chunks(*small) == 1
+    large = [meta(4, 32, 4096, 128), meta(4, 16, 4096, 128), meta(4, 16, 4096, 128)]  # 268 MB
+    assert kernels.kv_head_chunks(*large) == 3  # payloads are half the fp16 bytes
+    padded = [meta(1, 40, 16384, 80), meta(1, 40, 16384, 80), meta(1, 40, 16384, 80)]
+    assert kernels.kv_head_chunks(*padded) == 4  # 80 -> 128 channels: 0.8x the fp16 bytes
+    mqa = [meta(8, 32, 4096, 128), meta(8, 1, 4096, 128), meta(8, 1, 4096, 128)]
+    assert kernels.kv_head_chunks(*mqa) == 1  # one KV head cannot be split
+
+
+@pytest.mark.parametrize("layout", ["HND", "NHD"])
+@pytest.mark.parametrize("case", [
+    dict(shape=(2, 6, 3, 70, 100, 40), is_causal=True, return_lse=True),  # 3 chunks of one KV head
+    dict(shape=(1, 4, 4, 64, 130, 64), pv_accum="fp32+fp32", mask=True),  # 2 chunks, a bool mask
+    dict(shape=(2, 2, 2, 90, 90, 128), pv_accum="fp32", smooth_v=True, return_lse=True),
+], ids=["gqa-causal-lse", "mask", "fp32-smooth_v"])
+def test_chunked_attention_is_the_one_piece_result(monkeypatch, case, layout):
+    """Attention in KV-head chunks (what large calls do) gives the one-piece output and LSE bit
+    for bit: quantization statistics never cross a (batch, KV head)."""
+    case = dict(case)
+    batch, hq, hk, sq, sk, d = case.pop("shape")
+    q, k, v = random_qkv(sq * d + hq, batch, hq, hk, sq, sk, d, torch.float16)
+    if case.pop("mask", False):
+        gen = torch.Generator().manual_seed(9)
+        case["attn_mask"] = (torch.rand(batch, 1, sq, sk, generator=gen) > 0.2).to(q.device)
+    if layout == "NHD":
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    call = lambda: sageflash.sage_attn_sm89_fp16(q, k, v, tensor_layout=layout, backend="triton", **case)  # noqa: E731
+    one_piece = call()
+    monkeypatch.setattr(kernels, "CHUNKED_FROM_BYTES", 0)
+    assert kernels.kv_head_chunks(*(x if layout == "HND" else x.transpose(1, 2) for x in (q, k, v))) > 1
+    chunked = call()
+    for got, want in zip(*((r,) if torch.is_tensor(r) else r for r in (chunked, one_piece))):
+        assert torch.equal(got, want)
 
 
 ATTENTION_SHAPES = [  # batch, q heads, kv heads, seq_q, seq_k, head dim, causal
