@@ -40,6 +40,8 @@ CANDIDATES = {
     "ptr-s2-r168": dict(tma=False, num_stages=2, max_registers=168),
     "tma-s2-r168": dict(tma=True, num_stages=2, max_registers=168),
     "ptr-s3-r128": dict(tma=False, num_stages=3, max_registers=128),
+    # The experimental Gluon kernel (sm_90, D=64/128): QK of the next block overlaps the softmax.
+    "gluon": dict(gluon=True),
 }
 BATCH, HEADS = 4, 32
 

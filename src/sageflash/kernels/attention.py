@@ -213,6 +213,7 @@ class LaunchConfig(NamedTuple):
     num_stages: int
     tma: bool = False  # K and V tiles through TMA descriptors (Hopper), not pointer loads
     max_registers: int | None = None  # Triton's maxnreg: a cap that fits more programs per SM
+    gluon: bool = False  # the experimental Gluon kernel (`attention_gluon`), only when asked for
 
 
 TMA_MIN_KEYS = 2048  # below, a call is host-bound and two descriptors cost more than they save
@@ -273,6 +274,10 @@ def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_
     mask = out if attn_mask is None else attn_mask.expand(batch, q_heads, seq_q, seq_k)
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
+    if config.gluon:
+        _launch_gluon(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_mean, out, lse, return_lse, params,
+                      seq_q, seq_k, head_dim, capability, attn_mask)
+        return _finish(out, lse, q, km, params, q_heads // kv_heads, return_lse)
     k_src, v_src = k_int8, v_fp8
     if config.tma and not _tma_addressable(k_int8, v_fp8):
         config = config._replace(tma=False)
@@ -294,9 +299,42 @@ def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_
         PV_MODE=params.pv_accum.code, SMOOTH_V=v_mean is not None, WRITE_LSE=return_lse,
         HAS_MASK=attn_mask is not None, MASK_BOOL=mask.dtype == torch.uint8, USE_TMA=config.tma,
         num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.max_registers)
+    return _finish(out, lse, q, km, params, q_heads // kv_heads, return_lse)
+
+
+def _finish(out, lse, q, km, params, kv_group, return_lse):
+    """``out``, or ``(out, lse)`` with smooth_k's shift of every logit by q·km undone."""
     if not return_lse:
         return out
-    if q is not None and km is not None:  # undo smooth_k's shift of every logit by q·km
-        km = km[..., : q.shape[-1]].float().repeat_interleave(q_heads // kv_heads, dim=1)
+    if q is not None and km is not None:
+        km = km[..., : q.shape[-1]].float().repeat_interleave(kv_group, dim=1)
         lse += params.softmax_scale * (q.float() * km[:, :, None]).sum(dim=-1)  # no TF32 matmul
     return out, lse
+
+
+def _launch_gluon(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_mean, out, lse, return_lse, params,
+                  seq_q, seq_k, head_dim, capability, attn_mask):
+    """The experimental Gluon kernel; a ValueError for a call it cannot take (it is only ever
+    asked for explicitly, so there is no fallback)."""
+    from . import attention_gluon
+
+    padded = k_int8.shape[-1]
+    if capability != 90 or padded not in attention_gluon.HEAD_DIMS or attn_mask is not None:
+        raise ValueError(f"the Gluon kernel needs sm_90, a padded head dim in {attention_gluon.HEAD_DIMS} and no "
+                         f"attn_mask; got sm_{capability}, head dim {padded}, attn_mask "
+                         f"{'given' if attn_mask is not None else 'None'}")
+    if not (q_int8.is_contiguous() and q_int8.numel() // padded < 2 ** 31 and _tma_addressable(k_int8, v_fp8)):
+        raise ValueError("the Gluon kernel reads the payloads through TMA: they must be contiguous, with fewer "
+                         "than 2**31 rows")
+    batch, q_heads = q_int8.shape[:2]
+    kv_heads = k_int8.shape[1]
+    q_desc, k_desc, v_desc = attention_gluon.descriptors(q_int8, k_int8, v_fp8)
+    grid = (groups.cdiv(seq_q, attention_gluon.BLOCK_M.value), q_heads, batch)
+    attention_gluon._gluon_attention_kernel[grid](
+        q_desc, k_desc, v_desc, q_scale, k_scale, v_scale, v_mean if v_mean is not None else v_scale, out, lse,
+        seq_q, seq_k, groups.causal_offset(seq_q, seq_k), params.softmax_scale * groups.LOG2E, head_dim,
+        q_heads // kv_heads, q_heads, kv_heads, q_scale.shape[-1], k_scale.shape[-1],
+        out.stride(0), out.stride(1), out.stride(2),
+        PER_THREAD=params.granularity is QKGranularity.PER_THREAD, IS_CAUSAL=params.is_causal,
+        PV_MODE=params.pv_accum.code, SMOOTH_V=v_mean is not None, WRITE_LSE=return_lse,
+        num_warps=attention_gluon.NUM_WARPS)
