@@ -34,3 +34,13 @@ def test_fused_multiply_add_rounds_once(case):
     assert np.array_equal(got, np.array(want, dtype=np.float32))
     unfused = x * y + z  # what the interpreter computes without it: two roundings
     assert case == "random" or not np.array_equal(unfused, got)
+
+
+def test_fused_multiply_add_passes_infinities_through():
+    inf = np.float32(np.inf)
+    x = np.array([-inf, inf, 1.0, 2.0], dtype=np.float32)
+    y = np.array([0.5, 0.5, inf, 3.0], dtype=np.float32)
+    z = np.array([-1.0, 4.0, -1.0, -inf], dtype=np.float32)
+    with np.errstate(all="raise"):  # no floating-point warning escapes
+        got = fused_multiply_add(x, y, z)
+    assert np.array_equal(got, np.array([-inf, inf, inf, -inf], dtype=np.float32))

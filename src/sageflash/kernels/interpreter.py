@@ -43,14 +43,15 @@ def install_gpu_arithmetic() -> None:
 def fused_multiply_add(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
     """float32 ``x * y + z`` rounded once: the product is exact in float64, the sum is rounded to
     odd there (its exact error from TwoSum), and round-to-odd at 53 bits then to nearest at 24
-    equals one rounding to nearest."""
-    product, addend = x.astype(np.float64) * y.astype(np.float64), z.astype(np.float64)
-    total = product + addend
-    product_part = total - addend
-    error = (product - product_part) + (addend - (total - product_part))
-    even = (total.view(np.int64) & 1) == 0
-    total = np.where((error != 0) & even, np.nextafter(total, np.where(error > 0, np.inf, -np.inf)), total)
-    return total.astype(np.float32)
+    equals one rounding to nearest. Infinities and NaNs come out as IEEE arithmetic gives them."""
+    with np.errstate(invalid="ignore", over="ignore"):  # infinities (masked logits) pass through as is
+        product, addend = x.astype(np.float64) * y.astype(np.float64), z.astype(np.float64)
+        total = product + addend
+        product_part = total - addend
+        error = (product - product_part) + (addend - (total - product_part))
+        inexact = np.isfinite(total) & (error != 0) & ((total.view(np.int64) & 1) == 0)
+        total = np.where(inexact, np.nextafter(total, np.where(error > 0, np.inf, -np.inf)), total)
+        return total.astype(np.float32)
 
 
 def _install_fused_fma() -> None:
