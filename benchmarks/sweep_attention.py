@@ -111,7 +111,8 @@ def main(argv=None) -> int:
                 print("compile failed:", problem, flush=True)
 
     rows = []
-    print(f"{'D':>4} {'S':>6} {'causal':>6} {'pv':>10} {'config':>12} {'ms':>8} {'TOPS':>7} {'vs cuDNN':>8} {'NMSE':>9}")
+    print(f"{'D':>4} {'S':>6} {'causal':>6} {'pv':>10} {'config':>12} {'ms':>8} {'TOPS':>7} {'vs cuDNN':>8} "
+          f"{'NMSE':>9}")
     for head_dim, seq, causal, pv in itertools.product(head_dims, seqs, causals, pvs):
         inputs, pay, params = payloads(seq, head_dim, causal, pv, seed=seq + head_dim)
         flops = 4.0 * BATCH * HEADS * seq * seq * head_dim / (2 if causal else 1)

@@ -236,10 +236,9 @@ def launch_config(padded_dim: int, capability: int, pv_mode: int, is_causal: boo
     return LaunchConfig(64, 128, 4, 4 if padded_dim == 64 else 3, tma=tma)
 
 
-def _tma_addressable(k_int8, v_fp8) -> bool:
+def _tma_addressable(*payloads) -> bool:
     """TMA reads the payloads as 2-D row-major tensors with int32 row coordinates."""
-    return (k_int8.is_contiguous() and v_fp8.is_contiguous()
-            and k_int8.numel() // k_int8.shape[-1] < 2 ** 31 and v_fp8.numel() // v_fp8.shape[-1] < 2 ** 31)
+    return all(p.is_contiguous() and p.numel() // p.shape[-1] < 2 ** 31 for p in payloads)
 
 
 def _capability(device: torch.device) -> int:
@@ -323,7 +322,7 @@ def _launch_gluon(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_mean, out,
         raise ValueError(f"the Gluon kernel needs sm_90, a padded head dim in {attention_gluon.HEAD_DIMS} and no "
                          f"attn_mask; got sm_{capability}, head dim {padded}, attn_mask "
                          f"{'given' if attn_mask is not None else 'None'}")
-    if not (q_int8.is_contiguous() and q_int8.numel() // padded < 2 ** 31 and _tma_addressable(k_int8, v_fp8)):
+    if not _tma_addressable(q_int8, k_int8, v_fp8):
         raise ValueError("the Gluon kernel reads the payloads through TMA: they must be contiguous, with fewer "
                          "than 2**31 rows")
     batch, q_heads = q_int8.shape[:2]

@@ -14,8 +14,6 @@ the causal diagonal and the tail run one at a time, masked, without overlap.
 
 from __future__ import annotations
 
-import types
-
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, warpgroup_mma, warpgroup_mma_init,
@@ -31,13 +29,9 @@ NUM_WARPS = 4
 HEAD_DIMS = (64, 128)
 
 
-def _gluon_rule(rule):
-    """``gluon.jit`` one of the plain-arithmetic rules of `sageflash.groups`."""
-    return gluon.jit(types.FunctionType(rule.__code__, {**rule.__globals__, "gl": gl}, rule.__name__))
-
-
-q_group = _gluon_rule(groups.q_group)
-k_group = _gluon_rule(groups.k_group)
+# The plain-arithmetic group rules of `sageflash.groups`, as Gluon functions.
+q_group = gluon.jit(groups.q_group)
+k_group = gluon.jit(groups.k_group)
 
 
 @gluon.jit

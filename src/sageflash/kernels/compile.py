@@ -34,6 +34,20 @@ _DIVISIBLE_INTS = {"seq_q", "seq_k", "head_dim", "q_heads", "kv_heads", "q_group
 MMA_PATTERN = re.compile(r"(wgmma\.mma_async[\w.]*|mma\.sync[\w.]*)")
 
 
+def _signature(kernel, constants: dict, types: dict) -> tuple[dict, dict]:
+    """Triton's signature of ``kernel`` (``types`` for the arguments they name, else
+    `_POINTER_TYPES`, float or int32) and the divisibility attributes a typical launch gives."""
+    signature, attrs = {}, {}
+    for index, name in enumerate(inspect.signature(kernel.fn).parameters):
+        if name in constants:
+            signature[name] = "constexpr"
+            continue
+        signature[name] = types.get(name) or _POINTER_TYPES.get(name, "fp32" if name in _FLOAT_ARGS else "i32")
+        if signature[name].startswith("*") or name.startswith("stride_") or name in _DIVISIBLE_INTS:
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return signature, attrs
+
+
 def compile_attention(capability: int, *, head_dim: int = 128, pv_accum="fp32+fp32",
                       granularity="per_thread", is_causal: bool = False, out_dtype: str = "fp16",
                       mask: str = "none"):
@@ -52,22 +66,8 @@ def compile_attention(capability: int, *, head_dim: int = 128, pv_accum="fp32+fp
                      USE_TMA=config.tma)
     descriptors = {"K8": f"tensordesc<i8[{config.keys}, {padded}]>",
                    "V8": f"tensordesc<fp8e4nv[{padded}, {groups.K_TILE}]>"} if config.tma else {}
-    signature, attrs = {}, {}
-    for index, name in enumerate(inspect.signature(_attention_kernel.fn).parameters):
-        if name in constants:
-            signature[name] = "constexpr"
-            continue
-        if name in descriptors:
-            signature[name] = descriptors[name]
-            continue
-        if name == "Out":
-            signature[name] = f"*{out_dtype}"
-        elif name == "Mask":
-            signature[name] = f"*{out_dtype if mask == 'none' else mask}"
-        else:
-            signature[name] = _POINTER_TYPES.get(name, "fp32" if name in _FLOAT_ARGS else "i32")
-        if signature[name].startswith("*") or name.startswith("stride_") or name in _DIVISIBLE_INTS:
-            attrs[(index,)] = [["tt.divisibility", 16]]
+    signature, attrs = _signature(_attention_kernel, constants, {
+        **descriptors, "Out": f"*{out_dtype}", "Mask": f"*{out_dtype if mask == 'none' else mask}"})
     source = ASTSource(_attention_kernel, signature, constexprs=constants, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", capability, 32),
                           options={"num_warps": config.num_warps, "num_stages": config.num_stages,
@@ -90,15 +90,7 @@ def compile_gluon_attention(*, head_dim: int = 128, pv_accum="fp32+fp32", granul
     constants = dict(PER_THREAD=QKGranularity.parse(granularity, "granularity") is QKGranularity.PER_THREAD,
                      IS_CAUSAL=is_causal, PV_MODE=PVAccum.parse(pv_accum, "pv_accum").code, SMOOTH_V=smooth_v,
                      WRITE_LSE=return_lse)
-    signature, attrs = {}, {}
-    for index, name in enumerate(inspect.signature(attention_gluon._gluon_attention_kernel.fn).parameters):
-        if name in constants:
-            signature[name] = "constexpr"
-            continue
-        signature[name] = descriptors.get(name) or ("*fp16" if name == "Out" else _POINTER_TYPES.get(
-            name, "*fp32" if name in ("VS", "VM") else "fp32" if name in _FLOAT_ARGS else "i32"))
-        if signature[name].startswith("*") or name.startswith("stride_") or name in _DIVISIBLE_INTS:
-            attrs[(index,)] = [["tt.divisibility", 16]]
+    signature, attrs = _signature(attention_gluon._gluon_attention_kernel, constants, {**descriptors, "Out": "*fp16"})
     source = GluonASTSource(attention_gluon._gluon_attention_kernel, signature, constexprs=constants, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": attention_gluon.NUM_WARPS})
 
