@@ -20,7 +20,7 @@ import sageflash
 from sageflash.bench import parse_size
 from sageflash.kernels import attention_from_payloads, quantize_qkv
 from sageflash.op import check_call
-from sageflash.params import resolve_params
+from sageflash.params import apply_overrides, resolve_params
 
 CALLS = 200
 
@@ -72,8 +72,7 @@ def main(argv=None) -> int:
                     "e2e call": lambda: sageflash.sage_attn_sm89_fp16(q, k, v, is_causal=causal),
                     "check_call": lambda: check_call(q, k, v, None, causal, True, False, "fp32+fp16",
                                                      "per_thread", "HND", False, None, "auto"),
-                    "resolve_params": lambda: resolve_params(None, causal, True, False, "fp32+fp16",
-                                                             "per_thread", head_dim=head_dim),
+                    "apply_overrides": lambda: apply_overrides(params),  # eager calls: after check_call
                     "quantize_qkv": lambda: quantize_qkv(q, k, v, granularity=params.granularity,
                                                          smooth_k=True, pv_accum=params.pv_accum,
                                                          smooth_v=False),

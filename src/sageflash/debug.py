@@ -257,7 +257,7 @@ def restrict(meta: dumps.DumpMeta, tensors: dict, head: int | None, block: int |
         start, stop = block * groups.Q_TILE, min(meta.seq_q, (block + 1) * groups.Q_TILE)
         if start >= stop:
             raise ValueError(f"{SAMPLE_BLOCK}={block} is out of range: the call has "
-                             f"{-(-meta.seq_q // groups.Q_TILE)} query blocks of {groups.Q_TILE} rows")
+                             f"{groups.cdiv(meta.seq_q, groups.Q_TILE)} query blocks of {groups.Q_TILE} rows")
         per_block = groups.q_num_groups(groups.Q_TILE, meta.params.granularity is QKGranularity.PER_THREAD)
         scale_groups = slice(block * per_block, (block + 1) * per_block)
         tensors = {tag: t[:, :, start:stop] if tag in _QUERY_ROW_TAGS else
