@@ -26,22 +26,21 @@ from sageflash.bench import parse_size
 from sageflash.kernels.attention import LaunchConfig, attention_from_payloads, launch_config
 from sageflash.params import resolve_params
 
-# Candidates by name, as changes to launch_config's choice for the shape and knobs ("auto").
+# Candidates by name, as changes to launch_config's choice for the shape and knobs ("auto"); each
+# names its loads, stages and register cap in full, so that it means the same whatever auto is.
 CANDIDATES = {
     "auto": None,
-    "ptr": dict(tma=False),
-    "tma": dict(tma=True),
-    "tma-s2": dict(tma=True, num_stages=2),
-    "tma-s4": dict(tma=True, num_stages=4),
-    "tma-m128w8": dict(tma=True, block_m=128, num_warps=8),
+    "ptr": dict(tma=False, max_registers=None),  # auto's stages
+    "tma": dict(tma=True, max_registers=None),
+    **{f"{loads}-s{stages}": dict(tma=loads == "tma", num_stages=stages, max_registers=None)
+       for loads in ("ptr", "tma") for stages in (2, 3, 4)},
+    "tma-m128w8": dict(tma=True, block_m=128, num_warps=8, max_registers=None),
     # Register caps for more programs per SM (offline, sm_90: 254 registers and 107 KB of shared
     # memory hold D=128 to 2 per SM; <=168 and 2 stages fit 3, with 17-132 spill stores; D=64 has
     # 167 and 71 KB, 3 per SM; <=128 and 3 stages fit 4, with 2).
     "ptr-s2-r168": dict(tma=False, num_stages=2, max_registers=168),
     "tma-s2-r168": dict(tma=True, num_stages=2, max_registers=168),
     "ptr-s3-r128": dict(tma=False, num_stages=3, max_registers=128),
-    # The experimental Gluon kernel (sm_90, D=64/128): QK of the next block overlaps the softmax.
-    "gluon": dict(gluon=True),
 }
 BATCH, HEADS = 4, 32
 

@@ -62,15 +62,3 @@ def test_head_dim_256_with_a_mask_fits_and_uses_tensor_cores():
     for row in rows:
         assert_tensor_cores(set(row["mma"]), row["capability"], "fp32+fp16")
         assert row["shared_bytes"] <= SM89_SHARED_BYTES, row
-
-
-def test_gluon_kernel_keeps_its_wgmma_pipeline():
-    """The experimental Gluon kernel (sm_90) compiles for every mode onto the tensor cores with no
-    ptxas serialization of its asynchronous wgmma (C7514/C7515: an instruction touching an
-    in-flight accumulator), no spills, and one warpgroup's registers."""
-    rows = compile_rows("--gluon", "--head-dim", "64", "128")
-    assert len(rows) == 2 * 3 * 2
-    for row in rows:
-        assert_tensor_cores(set(row["mma"]), 90, row["pv_accum"])
-        assert row["ptxas_warnings"] == [], row
-        assert row["spill_stores"] == 0 and row["registers"] <= 255, row

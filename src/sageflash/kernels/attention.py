@@ -213,10 +213,22 @@ class LaunchConfig(NamedTuple):
     num_stages: int
     tma: bool = False  # K and V tiles through TMA descriptors (Hopper), not pointer loads
     max_registers: int | None = None  # Triton's maxnreg: a cap that fits more programs per SM
-    gluon: bool = False  # the experimental Gluon kernel (`attention_gluon`), only when asked for
 
 
 TMA_MIN_KEYS = 2048  # below, a call is host-bound and two descriptors cost more than they save
+# Hopper launches past TMA_MIN_KEYS by (padded head dim, pv_accum code, causal), as
+# (tma, num_stages, max_registers); other keys take the default 64x128 tile below with pointer
+# loads. Measured on an H200, kernel-only, 4k and 16k keys (benchmarks/NOTES.md v4 and v7).
+_FP32, _FP32_FP32, _FP32_FP16 = (mode.code for mode in (PVAccum.FP32, PVAccum.FP32_FP32, PVAccum.FP32_FP16))
+_HOPPER_LONG = {
+    (128, _FP32_FP32, False): (True, 3, None),  # TMA: +11-15%
+    (128, _FP32_FP32, True): (True, 3, None),
+    (128, _FP32_FP16, True): (True, 2, 168),  # 3 programs per SM (17 spill stores): +3-7%
+    (64, _FP32_FP32, False): (False, 2, None),  # 2 stages: +8-9%
+    (64, _FP32_FP32, True): (True, 4, None),  # TMA: +4-12%
+    (64, _FP32_FP16, True): (False, 2, None),  # 2 stages: +4-6%
+    (64, _FP32, True): (True, 4, None),
+}
 
 
 def launch_config(padded_dim: int, capability: int, pv_mode: int, is_causal: bool,
@@ -224,16 +236,19 @@ def launch_config(padded_dim: int, capability: int, pv_mode: int, is_causal: boo
     """The launch for a padded head dim, a compute capability (major*10+minor), the pv_accum code,
     causality and the key count.
 
-    Measured on an H200 (benchmarks/NOTES.md, v2 and v4): a 64-row tile with 128-key steps and
-    4 warps beats every 128-row or 8-warp variant at D=64 and D=128; 4 stages help D=64. TMA
-    loads of K and V (sm_90) gain 11-15% for fp32+fp32 at D=128 and 4-12% for causal D=64, and
-    lose 1-6% elsewhere; warp specialisation crashed Triton 3.6's compiler or changed nothing.
+    Measured on an H200 (benchmarks/NOTES.md, v2, v4 and v7): a 64-row tile with 128-key steps and
+    4 warps beats every 128-row or 8-warp variant at D=64 and D=128, with 4 stages at D=64 and 3 at
+    D=128; past TMA_MIN_KEYS on Hopper, `_HOPPER_LONG` changes the loads, stages or register cap
+    where that measured faster. Warp specialisation crashed Triton 3.6's compiler or changed
+    nothing; the Gluon kernel with QK overlapping the softmax was 3-28% slower (v7).
     """
     if padded_dim == 256:  # a 64x256 fp32 accumulator: 8 warps keep the spills to the D=128 level
         return LaunchConfig(64, 64, 8, 2)
-    tma = capability >= 90 and seq_k >= TMA_MIN_KEYS and (
-        (padded_dim == 128 and pv_mode == PVAccum.FP32_FP32.code) or (padded_dim == 64 and is_causal))
-    return LaunchConfig(64, 128, 4, 4 if padded_dim == 64 else 3, tma=tma)
+    default = LaunchConfig(64, 128, 4, 4 if padded_dim == 64 else 3)
+    if capability < 90 or seq_k < TMA_MIN_KEYS:
+        return default
+    tma, stages, registers = _HOPPER_LONG.get((padded_dim, pv_mode, is_causal), (False, default.num_stages, None))
+    return default._replace(tma=tma, num_stages=stages, max_registers=registers)
 
 
 def _tma_addressable(*payloads) -> bool:
@@ -273,10 +288,6 @@ def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_
     mask = out if attn_mask is None else attn_mask.expand(batch, q_heads, seq_q, seq_k)
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
-    if config.gluon:
-        _launch_gluon(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_mean, out, lse, return_lse, params,
-                      seq_q, seq_k, head_dim, capability, attn_mask)
-        return _finish(out, lse, q, km, params, q_heads // kv_heads, return_lse)
     k_src, v_src = k_int8, v_fp8
     if config.tma and not _tma_addressable(k_int8, v_fp8):
         config = config._replace(tma=False)
@@ -309,31 +320,3 @@ def _finish(out, lse, q, km, params, kv_group, return_lse):
         km = km[..., : q.shape[-1]].float().repeat_interleave(kv_group, dim=1)
         lse += params.softmax_scale * (q.float() * km[:, :, None]).sum(dim=-1)  # no TF32 matmul
     return out, lse
-
-
-def _launch_gluon(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_mean, out, lse, return_lse, params,
-                  seq_q, seq_k, head_dim, capability, attn_mask):
-    """The experimental Gluon kernel; a ValueError for a call it cannot take (it is only ever
-    asked for explicitly, so there is no fallback)."""
-    from . import attention_gluon
-
-    padded = k_int8.shape[-1]
-    if capability != 90 or padded not in attention_gluon.HEAD_DIMS or attn_mask is not None:
-        raise ValueError(f"the Gluon kernel needs sm_90, a padded head dim in {attention_gluon.HEAD_DIMS} and no "
-                         f"attn_mask; got sm_{capability}, head dim {padded}, attn_mask "
-                         f"{'given' if attn_mask is not None else 'None'}")
-    if not _tma_addressable(q_int8, k_int8, v_fp8):
-        raise ValueError("the Gluon kernel reads the payloads through TMA: they must be contiguous, with fewer "
-                         "than 2**31 rows")
-    batch, q_heads = q_int8.shape[:2]
-    kv_heads = k_int8.shape[1]
-    q_desc, k_desc, v_desc = attention_gluon.descriptors(q_int8, k_int8, v_fp8)
-    grid = (groups.cdiv(seq_q, attention_gluon.BLOCK_M.value), q_heads, batch)
-    attention_gluon._gluon_attention_kernel[grid](
-        q_desc, k_desc, v_desc, q_scale, k_scale, v_scale, v_mean if v_mean is not None else v_scale, out, lse,
-        seq_q, seq_k, groups.causal_offset(seq_q, seq_k), params.softmax_scale * groups.LOG2E, head_dim,
-        q_heads // kv_heads, q_heads, kv_heads, q_scale.shape[-1], k_scale.shape[-1],
-        out.stride(0), out.stride(1), out.stride(2),
-        PER_THREAD=params.granularity is QKGranularity.PER_THREAD, IS_CAUSAL=params.is_causal,
-        PV_MODE=params.pv_accum.code, SMOOTH_V=v_mean is not None, WRITE_LSE=return_lse,
-        num_warps=attention_gluon.NUM_WARPS)

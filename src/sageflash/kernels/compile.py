@@ -4,17 +4,13 @@ Lets CI (and a curious user) check what the tensor-core products lower to: ``wgm
 ``mma.sync ... s8`` / ``e4m3`` on sm_89, and how much shared memory a launch needs. Arguments get
 the specialisation a real launch of a typical shape gives them (16-byte aligned pointers, strides
 and lengths divisible by 16): without it Triton cannot prove the loads wide enough to pipeline,
-and the kernel compiled here would not be the one that runs. The experimental Gluon kernel
-compiles here too (``--gluon``), with ptxas's report of whether its asynchronous wgmma pipeline
-survived (`ptxas_report`).
+and the kernel compiled here would not be the one that runs.
 """
 
 from __future__ import annotations
 
 import inspect
 import re
-import subprocess
-import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -74,45 +70,6 @@ def compile_attention(capability: int, *, head_dim: int = 128, pv_accum="fp32+fp
                                    "maxnreg": config.max_registers})
 
 
-def compile_gluon_attention(*, head_dim: int = 128, pv_accum="fp32+fp32", granularity="per_thread",
-                            is_causal: bool = False, return_lse: bool = False, smooth_v: bool = False):
-    """Compile the experimental Gluon kernel (`attention_gluon`) for sm_90; returns Triton's kernel."""
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    from . import attention_gluon
-
-    padded = groups.padded_head_dim(head_dim)
-    layouts = attention_gluon.shared_layouts(padded)
-    blocks = {"q": [attention_gluon.BLOCK_M.value, padded], "k": [attention_gluon.BLOCK_N.value, padded],
-              "v": [padded, attention_gluon.BLOCK_N.value]}
-    descriptors = {f"{name}_desc": f"tensordesc<{'fp8e4nv' if name == 'v' else 'i8'}[{blocks[name][0]}, "
-                   f"{blocks[name][1]}],{layouts[name]!r}>" for name in blocks}
-    constants = dict(PER_THREAD=QKGranularity.parse(granularity, "granularity") is QKGranularity.PER_THREAD,
-                     IS_CAUSAL=is_causal, PV_MODE=PVAccum.parse(pv_accum, "pv_accum").code, SMOOTH_V=smooth_v,
-                     WRITE_LSE=return_lse)
-    signature, attrs = _signature(attention_gluon._gluon_attention_kernel, constants, {**descriptors, "Out": "*fp16"})
-    source = GluonASTSource(attention_gluon._gluon_attention_kernel, signature, constexprs=constants, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": attention_gluon.NUM_WARPS})
-
-
-def ptxas_report(kernel, arch: str = "sm_90a") -> tuple[list[str], int, int]:
-    """ptxas run on ``kernel``'s PTX: its performance warnings (e.g. C7514/C7515, wgmma
-    serialization), the registers used and the spill stores."""
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    with tempfile.TemporaryDirectory() as folder:
-        ptx, cubin = f"{folder}/kernel.ptx", f"{folder}/kernel.cubin"
-        with open(ptx, "w") as f:
-            f.write(kernel.asm["ptx"])
-        run = subprocess.run([get_ptxas(90).path, f"-arch={arch}", "-v", ptx, "-o", cubin],
-                             capture_output=True, text=True, check=True)
-    log = run.stdout + run.stderr
-    warnings = [line.strip() for line in log.splitlines() if "Performance Loss" in line or "C75" in line]
-    registers = int(re.search(r"Used (\d+) registers", log).group(1))
-    spills = int(re.search(r"(\d+) bytes spill stores", log).group(1))
-    return warnings, registers, spills
-
-
 def mma_instructions(ptx: str) -> set[str]:
     """The distinct tensor-core instructions of a PTX listing."""
     return set(MMA_PATTERN.findall(ptx))
@@ -133,20 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pv-accum", nargs="+", default=[m.value for m in PVAccum])
     parser.add_argument("--mask", nargs="+", default=["none"], choices=["none", "u8", "fp16", "bf16", "fp32"],
                         help="attn_mask element types to compile for (u8: a bool mask)")
-    parser.add_argument("--gluon", action="store_true",
-                        help="the experimental Gluon kernel instead (sm_90): also ptxas's performance "
-                             "warnings, registers and spill stores, causal and not")
     args = parser.parse_args(argv)
-    if args.gluon:
-        for head_dim, pv_accum, causal in itertools.product(args.head_dim, args.pv_accum, (False, True)):
-            kernel = compile_gluon_attention(head_dim=head_dim, pv_accum=pv_accum, is_causal=causal,
-                                             return_lse=causal)
-            warnings, registers, spills = ptxas_report(kernel)
-            print(json.dumps({"capability": 90, "head_dim": head_dim, "pv_accum": pv_accum, "causal": causal,
-                              "mma": sorted(mma_instructions(kernel.asm["ptx"])),
-                              "shared_bytes": kernel.metadata.shared, "ptxas_warnings": warnings,
-                              "registers": registers, "spill_stores": spills}))
-        return 0
     for capability in args.capability:
         for head_dim in args.head_dim:
             for pv_accum, mask in itertools.product(args.pv_accum, args.mask):

@@ -3,8 +3,8 @@
 Same payloads as `sageflash.reference.quant`, in at most three launches whatever is quantized,
 with no host synchronisation:
 
-1. statistics: per chunk of tokens, K's channel sums (for smooth_k's mean) and V's channel max,
-   min and sum;
+1. statistics: per chunk of tokens of one tensor, K's channel sums (for smooth_k's mean) or V's
+   channel max, min and sum;
 2. reduction: per (batch, kv head), the K mean and V's scales (and mean);
 3. quantization: one program per 64-token tile of a Q, K or V head, each input read once.
 
@@ -167,25 +167,30 @@ def _quantize_fp8_tile(V, VMEAN, INV, V8, batch, head, tile, seq, head_dim, num_
 
 
 @triton.jit
-def _stats_kernel(K, V, STATS, stat_stride, seq, head_dim, n_chunks,
+def _stats_kernel(K, V, STATS, stat_stride, seq, head_dim, kv_heads, n_chunks,
                   stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                   D: tl.constexpr, K_SUM: tl.constexpr, V_STATS: tl.constexpr):
-    """Pass 1: channel statistics of STATS_ROWS tokens of one (batch, kv head).
+    """Pass 1: channel statistics of STATS_ROWS tokens of one (batch, kv head) of K or V: along
+    grid axis 1 the K heads (K_SUM), then the V heads (V_STATS), one tensor per program.
 
     ``STATS`` holds four ``[B, Hk, n_chunks, D]`` float32 planes ``stat_stride`` apart: K's sum,
     V's max, min and sum (`_KSUM`, `_VMAX`, `_VMIN`, `_VSUM`).
     """
     chunk, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    first_v = kv_heads if K_SUM else 0
+    is_key = head < first_v
+    if not is_key:
+        head -= first_v
     rows = chunk * STATS_ROWS + tl.arange(0, STATS_ROWS)
     cols = tl.arange(0, D)
     valid = (rows < seq)[:, None] & (cols < head_dim)[None, :]
-    out = ((batch * tl.num_programs(1) + head).to(tl.int64) * n_chunks + chunk) * D + cols
+    out = ((batch * kv_heads + head).to(tl.int64) * n_chunks + chunk) * D + cols
     plane = stat_stride.to(tl.int64)
-    if K_SUM:
+    if is_key:
         k = tl.load(K + _tile_offsets(batch, head, rows, cols, stride_kb, stride_kh, stride_ks),
                     mask=valid, other=0.0)
         tl.store(STATS + _KSUM * plane + out, tl.sum(k.to(tl.float32), axis=0))
-    if V_STATS:
+    elif V_STATS:
         v = tl.load(V + _tile_offsets(batch, head, rows, cols, stride_vb, stride_vh, stride_vs),
                     mask=valid, other=0.0).to(tl.float32)
         tl.store(STATS + _VMAX * plane + out, tl.max(tl.where(valid, v, -float("inf")), axis=0))
@@ -321,8 +326,8 @@ def quantize_qkv(q, k, v, *, granularity, smooth_k: bool, km=None, pv_accum=None
         window = groups.ceil_to(seq_k, groups.V_WINDOW)
         k_in = k if k_sum else None
         _launch_stats(
-            (n_chunks, kv_heads, batch), arg(k_in), arg(v), stats, stats.stride(0), seq_k, head_dim,
-            n_chunks, *_strides(arg(k_in)), *_strides(arg(v)), D=padded, K_SUM=k_sum,
+            (n_chunks, kv_heads * (k_sum + (v is not None)), batch), arg(k_in), arg(v), stats, stats.stride(0),
+            seq_k, head_dim, kv_heads, n_chunks, *_strides(arg(k_in)), *_strides(arg(v)), D=padded, K_SUM=k_sum,
             V_STATS=v is not None)
         _launch_reduce(
             (batch * kv_heads, 1, 1), stats, stats.stride(0), arg(km if k_sum else None),
