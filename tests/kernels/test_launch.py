@@ -66,7 +66,7 @@ def test_launch_table():
     capped = launch_config(128, 90, fp32_fp16, True, 4096)
     assert (capped.tma, capped.num_stages, capped.max_registers) == (True, 2, 168)
     assert launch_config(128, 90, fp32_fp16, True, 1024).max_registers is None
-    assert launch_config(64, 90, fp32_fp32, False, 4096).num_stages == 2
+    assert launch_config(64, 90, fp32_fp16, True, 4096).tma
     assert launch_config(64, 89, fp32_fp32, False, 4096) == LaunchConfig(64, 128, 4, 4)
 
 

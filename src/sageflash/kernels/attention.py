@@ -223,10 +223,9 @@ _FP32, _FP32_FP32, _FP32_FP16 = (mode.code for mode in (PVAccum.FP32, PVAccum.FP
 _HOPPER_LONG = {
     (128, _FP32_FP32, False): (True, 3, None),  # TMA: +11-15%
     (128, _FP32_FP32, True): (True, 3, None),
-    (128, _FP32_FP16, True): (True, 2, 168),  # 3 programs per SM (17 spill stores): +3-7%
-    (64, _FP32_FP32, False): (False, 2, None),  # 2 stages: +8-9%
+    (128, _FP32_FP16, True): (True, 2, 168),  # 3 programs per SM (17 spill stores): +5-9%
     (64, _FP32_FP32, True): (True, 4, None),  # TMA: +4-12%
-    (64, _FP32_FP16, True): (False, 2, None),  # 2 stages: +4-6%
+    (64, _FP32_FP16, True): (True, 4, None),
     (64, _FP32, True): (True, 4, None),
 }
 
@@ -240,7 +239,7 @@ def launch_config(padded_dim: int, capability: int, pv_mode: int, is_causal: boo
     4 warps beats every 128-row or 8-warp variant at D=64 and D=128, with 4 stages at D=64 and 3 at
     D=128; past TMA_MIN_KEYS on Hopper, `_HOPPER_LONG` changes the loads, stages or register cap
     where that measured faster. Warp specialisation crashed Triton 3.6's compiler or changed
-    nothing; the Gluon kernel with QK overlapping the softmax was 3-28% slower (v7).
+    nothing; an experimental Gluon kernel with QK overlapping the softmax was 2-33% slower (v7).
     """
     if padded_dim == 256:  # a 64x256 fp32 accumulator: 8 warps keep the spills to the D=128 level
         return LaunchConfig(64, 64, 8, 2)
