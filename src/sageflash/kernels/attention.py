@@ -221,12 +221,12 @@ TMA_MIN_KEYS = 2048  # below, a call is host-bound and two descriptors cost more
 # loads. Measured on an H200, kernel-only, 4k and 16k keys (benchmarks/NOTES.md v4 and v7).
 _FP32, _FP32_FP32, _FP32_FP16 = (mode.code for mode in (PVAccum.FP32, PVAccum.FP32_FP32, PVAccum.FP32_FP16))
 _HOPPER_LONG = {
-    (128, _FP32_FP32, False): (True, 3, None),  # TMA: +11-15%
+    (128, _FP32_FP32, False): (True, 3, None),  # TMA: +5-15%
     (128, _FP32_FP32, True): (True, 3, None),
     (128, _FP32_FP16, True): (True, 2, 168),  # 3 programs per SM (17 spill stores): +5-9%
-    (64, _FP32_FP32, False): (False, 2, 168),  # 2 stages under a 168-register cap: +6-9%
+    (64, _FP32_FP32, False): (False, 2, 168),  # 2 stages under a 168-register cap: +6-9% (uncapped: -6-10%)
     (64, _FP32_FP32, True): (True, 4, None),  # TMA: +4-12%
-    (64, _FP32_FP16, True): (False, 2, 168),  # as above: +3-6% (without the cap: 6-27% slower)
+    (64, _FP32_FP16, True): (False, 2, 168),  # as above: +3-6% (uncapped: -27-40%)
     (64, _FP32, True): (True, 4, None),
 }
 
