@@ -309,14 +309,9 @@ def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_
         PV_MODE=params.pv_accum.code, SMOOTH_V=v_mean is not None, WRITE_LSE=return_lse,
         HAS_MASK=attn_mask is not None, MASK_BOOL=mask.dtype == torch.uint8, USE_TMA=config.tma,
         num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.max_registers)
-    return _finish(out, lse, q, km, params, q_heads // kv_heads, return_lse)
-
-
-def _finish(out, lse, q, km, params, kv_group, return_lse):
-    """``out``, or ``(out, lse)`` with smooth_k's shift of every logit by q·km undone."""
     if not return_lse:
         return out
-    if q is not None and km is not None:
-        km = km[..., : q.shape[-1]].float().repeat_interleave(kv_group, dim=1)
+    if q is not None and km is not None:  # undo smooth_k's shift of every logit by q·km
+        km = km[..., : q.shape[-1]].float().repeat_interleave(q_heads // kv_heads, dim=1)
         lse += params.softmax_scale * (q.float() * km[:, :, None]).sum(dim=-1)  # no TF32 matmul
     return out, lse
