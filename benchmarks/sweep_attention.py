@@ -3,9 +3,8 @@
     python benchmarks/sweep_attention.py --head-dim 64,128 --seq 4k,16k --json sweep.json
 
 For every (head dim, sequence, causal, pv_accum) it quantizes fresh random inputs once, runs each
-candidate `LaunchConfig` on the same payloads, with Q quantized in the kernel (``--q kernel``, as
-calls run) or read as the quantization pass's payload (``--q payload``), checks its output against
-the pointer-load launch (NMSE, poisoned output first) and times it with `triton.testing.do_bench`
+candidate `LaunchConfig` on the same payloads, checks its output against the
+pointer-load launch (NMSE, poisoned output first) and times it with `triton.testing.do_bench`
 (median, L2 flushed), beside cuDNN SDPA on the same inputs. Kernels are compiled first in parallel
 worker processes (Triton's cache), so the timing loop does not wait on the compiler.
 This is how `launch_config`'s table is chosen: see benchmarks/NOTES.md.
@@ -40,8 +39,6 @@ CANDIDATES = {
     # memory hold D=128 to 2 per SM; <=168 and 2 stages fit 3, with 17-132 spill stores; D=64 has
     # 167 and 71 KB, 3 per SM; <=128 and 3 stages fit 4, with 2).
     "ptr-s2-r168": dict(tma=False, num_stages=2, max_registers=168),
-    "ptr-s4-r168": dict(tma=False, num_stages=4, max_registers=168),  # D=64's stages, 3 per SM however
-    "tma-s4-r168": dict(tma=True, num_stages=4, max_registers=168),  # Q is quantized (v8's prologue)
     "tma-s2-r168": dict(tma=True, num_stages=2, max_registers=168),
     "ptr-s3-r128": dict(tma=False, num_stages=3, max_registers=128),
 }
@@ -65,20 +62,17 @@ def payloads(seq: int, head_dim: int, causal: bool, pv_accum: str, seed: int):
     return (q, k, v), (q8, qs, k8, ks, v8, vs, vm), params
 
 
-def run_attention(q, pay, q_input, params, seq, head_dim, config, out=None):
-    """The kernel on the payloads ``pay``, Q's payload replaced by ``q`` when ``q_input`` is "kernel"."""
-    args = (None, None, *pay[2:]) if q_input == "kernel" else pay
+def run_attention(args, params, seq, head_dim, config, out=None):
     return attention_from_payloads(*args, params=params, seq_q=seq, seq_k=seq, head_dim=head_dim,
-                                   out_dtype=torch.float16, q=q, out=out, launch=config)
+                                   out_dtype=torch.float16, out=out, launch=config)
 
 
 def compile_job(job) -> str:
-    """Worker: one tiny launch per (config name, head dim, causal, pv_accum, Q input) fills Triton's cache."""
-    name, head_dim, causal, pv_accum, q_input = job
+    """Worker: one tiny launch per (config name, head dim, causal, pv_accum) fills Triton's cache."""
+    name, head_dim, causal, pv_accum = job
     try:  # 256 tokens with the launch of long sequences (the specialisation is the same)
-        inputs, pay, params = payloads(256, head_dim, causal, pv_accum, 0)
-        run_attention(inputs[0], pay, q_input, params, 256, head_dim,
-                      candidate(name, pay[2].shape[-1], params, 1 << 20))
+        _, args, params = payloads(256, head_dim, causal, pv_accum, 0)
+        run_attention(args, params, 256, head_dim, candidate(name, args[2].shape[-1], params, 1 << 20))
         torch.cuda.synchronize()
         return ""
     except Exception as exc:  # reported, the sweep goes on
@@ -99,8 +93,6 @@ def main(argv=None) -> int:
     parser.add_argument("--causal", choices=("on", "off", "both"), default="both")
     parser.add_argument("--pv-accum", default="fp32+fp16")
     parser.add_argument("--configs", default=",".join(CANDIDATES))
-    parser.add_argument("--q", default="kernel", help="comma list of kernel (Q quantized in the kernel, "
-                        "as calls run) and payload (Q's payload from the quantization pass)")
     parser.add_argument("--rep", type=float, default=100.0)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
@@ -109,9 +101,8 @@ def main(argv=None) -> int:
     causals = {"on": [True], "off": [False], "both": [False, True]}[args.causal]
     pvs = args.pv_accum.split(",")
     names = args.configs.split(",")
-    q_inputs = args.q.split(",")
 
-    jobs = list(itertools.product(names, head_dims, causals, pvs, q_inputs))
+    jobs = list(itertools.product(names, head_dims, causals, pvs))
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(min(len(jobs), os.cpu_count() or 1), mp_context=ctx) as pool:
         for problem in pool.map(compile_job, jobs):
@@ -119,8 +110,8 @@ def main(argv=None) -> int:
                 print("compile failed:", problem, flush=True)
 
     rows = []
-    print(f"{'D':>4} {'S':>6} {'causal':>6} {'pv':>10} {'config':>12} {'Q':>7} {'ms':>8} {'TOPS':>7} "
-          f"{'vs cuDNN':>8} {'NMSE':>9}")
+    print(f"{'D':>4} {'S':>6} {'causal':>6} {'pv':>10} {'config':>12} {'ms':>8} {'TOPS':>7} {'vs cuDNN':>8} "
+          f"{'NMSE':>9}")
     for head_dim, seq, causal, pv in itertools.product(head_dims, seqs, causals, pvs):
         inputs, pay, params = payloads(seq, head_dim, causal, pv, seed=seq + head_dim)
         flops = 4.0 * BATCH * HEADS * seq * seq * head_dim / (2 if causal else 1)
@@ -130,30 +121,26 @@ def main(argv=None) -> int:
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                 return torch.nn.functional.scaled_dot_product_attention(*inputs, is_causal=causal)
         base_ms = triton.testing.do_bench(cudnn, rep=args.rep, return_mode="median")
-        reference = run_attention(inputs[0], pay, "payload", params, seq, head_dim,
-                                  candidate("ptr", pay[2].shape[-1], params, seq))
-        for name, q_input in itertools.product(names, q_inputs):
+        reference = run_attention(pay, params, seq, head_dim, candidate("ptr", pay[2].shape[-1], params, seq))
+        for name in names:
             config = candidate(name, pay[2].shape[-1], params, seq)
-            row = dict(head_dim=head_dim, seq=seq, causal=causal, pv_accum=pv, config=name, q=q_input,
-                       launch=config._asdict())
-            attend = lambda out=None: run_attention(inputs[0], pay, q_input, params, seq, head_dim,  # noqa: E731
-                                                    config, out=out)
+            row = dict(head_dim=head_dim, seq=seq, causal=causal, pv_accum=pv, config=name, launch=config._asdict())
             try:
                 out = torch.full_like(reference, float("nan"))
-                attend(out)
+                run_attention(pay, params, seq, head_dim, config, out=out)
                 row["nmse_vs_auto"] = nmse(out, reference)
-                ms = triton.testing.do_bench(attend, rep=args.rep, return_mode="median")
+                ms = triton.testing.do_bench(lambda: run_attention(pay, params, seq, head_dim, config),
+                                             rep=args.rep, return_mode="median")
                 row.update(ms=ms, tops=flops / ms / 1e9, vs_cudnn=base_ms / ms)
-                print(f"{head_dim:4d} {seq:6d} {str(causal):>6} {pv:>10} {name:>12} {q_input:>7} {ms:8.3f} "
-                      f"{row['tops']:7.1f} {row['vs_cudnn']:8.2f} {row['nmse_vs_auto']:9.1e}", flush=True)
+                print(f"{head_dim:4d} {seq:6d} {str(causal):>6} {pv:>10} {name:>12} {ms:8.3f} {row['tops']:7.1f} "
+                      f"{row['vs_cudnn']:8.2f} {row['nmse_vs_auto']:9.1e}", flush=True)
             except Exception as exc:
                 row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                print(f"{head_dim:4d} {seq:6d} {str(causal):>6} {pv:>10} {name:>12} {q_input:>7} error "
-                      f"{row['error']}", flush=True)
+                print(f"{head_dim:4d} {seq:6d} {str(causal):>6} {pv:>10} {name:>12} error {row['error']}", flush=True)
             rows.append(row)
         rows.append(dict(head_dim=head_dim, seq=seq, causal=causal, config="sdpa-cudnn", ms=base_ms,
                          tops=flops / base_ms / 1e9))
-        print(f"{head_dim:4d} {seq:6d} {str(causal):>6} {'':>10} {'sdpa-cudnn':>12} {'':>7} {base_ms:8.3f} "
+        print(f"{head_dim:4d} {seq:6d} {str(causal):>6} {'':>10} {'sdpa-cudnn':>12} {base_ms:8.3f} "
               f"{flops / base_ms / 1e9:7.1f}", flush=True)
     if args.json:
         with open(args.json, "w") as fh:

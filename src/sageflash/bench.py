@@ -5,9 +5,8 @@ same way (`attention_flops`). Each (shape, provider, knobs, mode) is timed as th
 `triton.testing.do_bench` (CUDA events, 256 MB L2 flush before every run) after warm-up; the
 peak extra GPU memory of one call is measured on top of the inputs already allocated.
 
-Modes: ``e2e`` is what a user sees (quantization included); ``kernel`` quantizes K and V once
-outside the timed region and times the attention kernel on their payloads (Q is quantized inside
-it, as in a call); ``graph`` (opt-in) is the e2e call
+Modes: ``e2e`` is what a user sees (quantization included); ``kernel`` quantizes once outside the
+timed region and times the attention kernel on the payloads; ``graph`` (opt-in) is the e2e call
 captured once in a CUDA graph and replayed, what a caller that captures its step (CUDA graphs,
 ``torch.compile(mode="reduce-overhead")``) sees: no host time. Providers without a quantization
 step (SDPA, the official SageAttention call) have one timing, labelled ``e2e``, run eagerly.
@@ -156,14 +155,14 @@ def _build_sageflash(q, k, v, causal, knobs: Knobs, mode):
         return captured(call, q.device) if mode == "graph" else call
     params = resolve_params(None, causal, knobs.smooth_k, False, knobs.pv_accum, knobs.granularity,
                             head_dim=q.shape[-1])
-    _, _, k_int8, k_scale, _ = quantize_qk(
+    q_int8, q_scale, k_int8, k_scale, _ = quantize_qk(
         q, k, granularity=params.granularity, smooth_k=params.smooth_k, backend=backend)
     v_fp8, v_scale, v_mean = quantize_v(v, pv_accum=params.pv_accum, smooth_v=params.smooth_v,
                                         backend=backend)
     return functools.partial(select_backend(backend, q.device).attention_from_payloads,
-                             None, None, k_int8, k_scale, v_fp8, v_scale, v_mean, params=params,
+                             q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_mean, params=params,
                              seq_q=q.shape[2], seq_k=k.shape[2], head_dim=q.shape[-1],
-                             out_dtype=q.dtype, q=q)
+                             out_dtype=q.dtype)
 
 
 def _sdpa_builder(backend_name: str):
@@ -557,7 +556,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     runs.add_argument("--baseline", choices=tuple(PROVIDERS), default=BASELINE,
                       help=f"the provider every row is compared to (default: {BASELINE})")
     runs.add_argument("--modes", action="append", type=_list_of(_choice(MODES), "modes"),
-                      help="e2e (quantization included), kernel (K/V payloads made outside the timing), "
+                      help="e2e (quantization included), kernel (payloads made outside the timing), "
                            "graph (e2e replayed from a CUDA graph: no host time); default: e2e,kernel")
     runs.add_argument("--pv-accum", action="append",
                       type=_list_of(lambda w: PVAccum.parse(w, "--pv-accum"), "pv_accum values"),

@@ -47,9 +47,9 @@ def check_device(device: torch.device) -> None:
 
 
 # Calls whose q, k and v take at least CHUNKED_FROM_BYTES quantize and attend in KV-head chunks,
-# so that K and V payloads of at most PAYLOAD_FRACTION of those bytes are alive at once (Q's is
-# never stored): peak extra memory ~0.33x (the output) + 0.2x + statistics, against 0.33x + 0.33x
-# in one piece. Smaller calls are host-bound, and a chunk costs four more launches: one piece.
+# so that payloads of at most PAYLOAD_FRACTION of those bytes are alive at once: peak extra memory
+# ~0.33x (the output) + 0.2x (three chunks of fp16 inputs) + statistics, against 0.33x + 0.5x in
+# one piece. Smaller calls are host-bound, and a chunk costs four more launches: one piece.
 CHUNKED_FROM_BYTES = 256 << 20
 PAYLOAD_FRACTION = 0.2
 
@@ -59,7 +59,7 @@ def kv_head_chunks(q, k, v) -> int:
     input_bytes = sum(t.numel() * t.element_size() for t in (q, k, v))
     if input_bytes < CHUNKED_FROM_BYTES:
         return 1
-    payload_bytes = (k.numel() + v.numel()) // k.shape[-1] * groups.padded_head_dim(k.shape[-1])
+    payload_bytes = (q.numel() + k.numel() + v.numel()) // q.shape[-1] * groups.padded_head_dim(q.shape[-1])
     return min(k.shape[1], groups.cdiv(payload_bytes, int(PAYLOAD_FRACTION * input_bytes)))
 
 
@@ -87,13 +87,13 @@ def attention(q, k, v, params, return_lse: bool = False, out=None, attn_mask=Non
 
 
 def _attend_heads(q, k, v, params, return_lse, out, attn_mask):
-    """Quantize K and V (three launches), then run the attention kernel, which quantizes Q
-    itself; the payloads are freed on return."""
-    _, _, k_int8, k_scale, km, v_fp8, v_scale, v_mean = quantize_qkv(
-        None, k, v, granularity=params.granularity, smooth_k=params.smooth_k,
+    """Quantize Q, K and V together (three launches), then run the attention kernel; the payloads
+    are freed on return."""
+    q_int8, q_scale, k_int8, k_scale, km, v_fp8, v_scale, v_mean = quantize_qkv(
+        q, k, v, granularity=params.granularity, smooth_k=params.smooth_k,
         pv_accum=params.pv_accum, smooth_v=params.smooth_v)
     return attention_from_payloads(
-        None, None, k_int8, k_scale, v_fp8, v_scale, v_mean, params=params,
+        q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_mean, params=params,
         seq_q=q.shape[2], seq_k=k.shape[2], head_dim=q.shape[-1], out_dtype=q.dtype,
         q=q, km=km, return_lse=return_lse, out=out, attn_mask=attn_mask)
 

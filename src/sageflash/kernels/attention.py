@@ -19,14 +19,11 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from .. import groups
 from ..params import PVAccum, QKGranularity, SageParams, warn_once
 from .launch import Launcher
-from .quant import k_group, q_group, quantize_group_rows
+from .quant import k_group, q_group
 
 BLOCK_N = tl.constexpr(groups.K_TILE)  # keys per running-max block (SPEC §5)
 LOG2E = tl.constexpr(groups.LOG2E)  # additive attn_mask values are natural-log offsets
 FP8_OFFSET_LOG2 = tl.constexpr(groups.FP8_OFFSET_LOG2)
-# No FP contraction: the in-kernel Q quantizer must round as the pass does (`quantize_group_rows`);
-# the loop writes its FMAs out.
-ENABLE_FP_FUSION = False
 LONG_FP32_KEYS = 8192  # pv_accum='fp32' on Hopper past this many keys: warned once (drift, see below)
 
 
@@ -35,23 +32,21 @@ def _softmax_step(acc, m_i, l_i, x, x_scale, v, PV_MODE: tl.constexpr):
     """SPEC §5 for one 64-key block whose log2-domain logits are ``x * x_scale[:, None]``.
 
     ``x_scale`` (> 0, per row) stays outside the row max, which is exact for a positive factor,
-    and goes into exp2 as one FMA; hidden keys hold x = -inf. The kernel compiles without FP
-    contraction (the in-kernel Q quantizer must round as the quantization pass), so every FMA
-    here is written out.
+    and goes into exp2 as one FMA; hidden keys hold x = -inf.
     """
-    m_new = tl.maximum(m_i, tl.fma(tl.max(x, axis=1), x_scale, -FP8_OFFSET_LOG2))
+    m_new = tl.maximum(m_i, tl.max(x, axis=1) * x_scale - FP8_OFFSET_LOG2)
     m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows with no visible key yet
     alpha = tl.math.exp2(m_i - m_safe)
     p = tl.math.exp2(tl.fma(x, x_scale[:, None], -m_safe[:, None]))
-    l_i = tl.fma(l_i, alpha, tl.sum(p, axis=1))
+    l_i = l_i * alpha + tl.sum(p, axis=1)
     p8 = p.to(tl.float8e4nv)
     if PV_MODE == 0:  # PVAccum.FP32.code: one running accumulator, accumulated by the tensor cores
         acc = tl.dot(p8, v, acc * alpha[:, None])
     elif PV_MODE == 1:  # fp32+fp32: a fresh fp32 accumulator per key block
-        acc = tl.fma(acc, alpha[:, None], tl.dot(p8, v))
+        acc = acc * alpha[:, None] + tl.dot(p8, v)
     else:  # fp32+fp16: a fresh fp16 accumulator per key block
         block = tl.dot(p8, v, tl.zeros([acc.shape[0], v.shape[1]], tl.float16), out_dtype=tl.float16)
-        acc = tl.fma(acc, alpha[:, None], block.to(tl.float32))
+        acc = acc * alpha[:, None] + block.to(tl.float32)
     return acc, m_new, l_i
 
 
@@ -140,7 +135,7 @@ def _attend_block(acc, m_i, l_i, q, row_scale, rows, start, k_src, k_row, ks_bas
 
 
 @triton.jit
-def _attention_kernel(Q, QS, K8, KS, V8, VS, VM, Out, LSE, Mask,
+def _attention_kernel(Q8, QS, K8, KS, V8, VS, VM, Out, LSE, Mask,
                       seq_q, seq_k, causal_offset, log2_scale, head_dim, kv_group,
                       q_heads, kv_heads, q_groups, k_groups,
                       stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
@@ -149,11 +144,7 @@ def _attention_kernel(Q, QS, K8, KS, V8, VS, VM, Out, LSE, Mask,
                       D: tl.constexpr, BLOCK_M: tl.constexpr, KEYS: tl.constexpr,
                       PER_THREAD: tl.constexpr, IS_CAUSAL: tl.constexpr, PV_MODE: tl.constexpr,
                       SMOOTH_V: tl.constexpr, WRITE_LSE: tl.constexpr, HAS_MASK: tl.constexpr,
-                      MASK_BOOL: tl.constexpr, USE_TMA: tl.constexpr, QUANTIZE_Q: tl.constexpr,
-                      Q_TILE_GROUPS: tl.constexpr):
-    """``Q`` is Q's int8 payload with its group scales ``QS``, or with QUANTIZE_Q the query itself
-    (fp16/bf16, ``[.., head_dim]``), quantized here as the quantization pass would: the same
-    groups (BLOCK_M holds Q_TILE_GROUPS whole ones) and the same rounding, so the same bits."""
+                      MASK_BOOL: tl.constexpr, USE_TMA: tl.constexpr):
     tile, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if IS_CAUSAL:  # the longest rows first, for a better tail
         tile = tl.num_programs(0) - 1 - tile
@@ -161,16 +152,11 @@ def _attention_kernel(Q, QS, K8, KS, V8, VS, VM, Out, LSE, Mask,
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, D)
 
-    q_ptrs = (Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-              + rows[:, None].to(tl.int64) * stride_qs + dims[None, :])
-    if QUANTIZE_Q:
-        q = tl.load(q_ptrs, mask=(rows < seq_q)[:, None] & (dims < head_dim)[None, :], other=0.0)
-        q, q_scale = quantize_group_rows(q.to(tl.float32), q_group(rows, PER_THREAD),
-                                         q_group(tile * BLOCK_M, PER_THREAD), Q_TILE_GROUPS, PER_THREAD)
-    else:
-        q = tl.load(q_ptrs, mask=(rows < seq_q)[:, None], other=0)
-        q_scale = tl.load(QS + (batch * q_heads + head).to(tl.int64) * q_groups + q_group(rows, PER_THREAD))
-    row_scale = q_scale * log2_scale
+    q = tl.load(Q8 + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+                + rows[:, None].to(tl.int64) * stride_qs + dims[None, :],
+                mask=(rows < seq_q)[:, None], other=0)
+    qs_base = QS + (batch * q_heads + head).to(tl.int64) * q_groups
+    row_scale = tl.load(qs_base + q_group(rows, PER_THREAD)) * log2_scale
     ks_base = KS + (batch * kv_heads + kv_head).to(tl.int64) * k_groups
     if USE_TMA:  # descriptors of the contiguous payloads: a head starts at a row
         k_src, v_src = K8, V8
@@ -283,21 +269,16 @@ def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_
                             out=None, attn_mask=None, launch: LaunchConfig | None = None):
     """Attention from the payloads; the signature of `sageflash.reference.attention_from_payloads`.
 
-    ``q_int8`` and ``q_scale`` None: the kernel quantizes ``q`` itself (what `attention` does:
-    Q's payload never goes through memory). ``launch`` replaces `launch_config`'s choice
-    (benchmarks/sweep_attention.py compares them). ``attn_mask`` is read in place through
-    broadcast strides (0 on the broadcast dims; a bool mask as its bytes), with the semantics of
-    the reference.
+    ``launch`` replaces `launch_config`'s choice (benchmarks/sweep_attention.py compares them).
+    ``attn_mask`` is read in place through broadcast strides (0 on the broadcast dims; a bool
+    mask as its bytes), with the semantics of the reference.
     """
-    quantize_q = q_int8 is None
-    q_src = q if quantize_q else q_int8
-    batch, q_heads = q_src.shape[:2]
+    batch, q_heads = q_int8.shape[:2]
     kv_heads, padded = k_int8.shape[1], k_int8.shape[-1]
-    device = k_int8.device
     if out is None:
-        out = torch.empty(batch, q_heads, seq_q, head_dim, dtype=out_dtype, device=device)
-    lse = torch.empty(batch, q_heads, seq_q, dtype=torch.float32, device=device) if return_lse else out
-    capability = _capability(device)
+        out = torch.empty(batch, q_heads, seq_q, head_dim, dtype=out_dtype, device=q_int8.device)
+    lse = torch.empty(batch, q_heads, seq_q, dtype=torch.float32, device=q_int8.device) if return_lse else out
+    capability = _capability(q_int8.device)
     config = launch or launch_config(padded, capability, params.pv_accum.code, params.is_causal, seq_k)
     if params.pv_accum is PVAccum.FP32 and capability >= 90 and seq_k > LONG_FP32_KEYS:
         warn_once(("fp32-accumulator",), "pv_accum='fp32' sums P·V in Hopper's reduced-precision fp8 "
@@ -313,24 +294,21 @@ def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_
     if config.tma:
         k_src = TensorDescriptor.from_tensor(k_int8.view(-1, padded), [config.keys, padded])
         v_src = TensorDescriptor.from_tensor(v_fp8.view(-1, v_fp8.shape[-1]), [padded, BLOCK_N.value])
-    per_thread = params.granularity is QKGranularity.PER_THREAD
     grid = (groups.cdiv(seq_q, config.block_m), q_heads, batch)
     _launch_attention(
-        grid, q_src, k_scale if quantize_q else q_scale, k_src, k_scale, v_src, v_scale,
-        v_mean if v_mean is not None else v_scale, out, lse, mask, seq_q, seq_k,
-        groups.causal_offset(seq_q, seq_k), params.softmax_scale * groups.LOG2E, head_dim,
-        q_heads // kv_heads, q_heads, kv_heads, 0 if quantize_q else q_scale.shape[-1], k_scale.shape[-1],
-        q_src.stride(0), q_src.stride(1), q_src.stride(2),
+        grid, q_int8, q_scale, k_src, k_scale, v_src, v_scale, v_mean if v_mean is not None else v_scale,
+        out, lse, mask, seq_q, seq_k, groups.causal_offset(seq_q, seq_k),
+        params.softmax_scale * groups.LOG2E, head_dim, q_heads // kv_heads, q_heads, kv_heads,
+        q_scale.shape[-1], k_scale.shape[-1],
+        q_int8.stride(0), q_int8.stride(1), q_int8.stride(2),
         k_int8.stride(0), k_int8.stride(1), k_int8.stride(2),
         v_fp8.stride(0), v_fp8.stride(1), v_fp8.stride(2),
         out.stride(0), out.stride(1), out.stride(2), *mask.stride(),
         D=padded, BLOCK_M=config.block_m, KEYS=config.keys,
-        PER_THREAD=per_thread, IS_CAUSAL=params.is_causal,
+        PER_THREAD=params.granularity is QKGranularity.PER_THREAD, IS_CAUSAL=params.is_causal,
         PV_MODE=params.pv_accum.code, SMOOTH_V=v_mean is not None, WRITE_LSE=return_lse,
         HAS_MASK=attn_mask is not None, MASK_BOOL=mask.dtype == torch.uint8, USE_TMA=config.tma,
-        QUANTIZE_Q=quantize_q, Q_TILE_GROUPS=groups.groups_per_tile(groups.q_group, config.block_m, per_thread),
-        num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.max_registers,
-        enable_fp_fusion=ENABLE_FP_FUSION)
+        num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.max_registers)
     if not return_lse:
         return out
     if q is not None and km is not None:  # undo smooth_k's shift of every logit by q·km

@@ -18,11 +18,11 @@ from triton.compiler import ASTSource
 
 from .. import groups
 from ..params import PVAccum, QKGranularity
-from .attention import ENABLE_FP_FUSION, _attention_kernel, launch_config
+from .attention import _attention_kernel, launch_config
 
 LONG_SEQUENCE = 4096  # the launch compiled is the one of a call with this many keys
 
-_POINTER_TYPES = {"K8": "*i8", "V8": "*fp8e4nv", "QS": "*fp32", "KS": "*fp32",
+_POINTER_TYPES = {"Q8": "*i8", "K8": "*i8", "V8": "*fp8e4nv", "QS": "*fp32", "KS": "*fp32",
                   "VS": "*fp32", "VM": "*fp32", "LSE": "*fp32"}
 _FLOAT_ARGS = {"log2_scale"}
 # Integer arguments a typical launch passes as multiples of 16 (Triton specialises on that).
@@ -46,31 +46,28 @@ def _signature(kernel, constants: dict, types: dict) -> tuple[dict, dict]:
 
 def compile_attention(capability: int, *, head_dim: int = 128, pv_accum="fp32+fp32",
                       granularity="per_thread", is_causal: bool = False, out_dtype: str = "fp16",
-                      mask: str = "none", quantize_q: bool = True):
+                      mask: str = "none"):
     """Compile `_attention_kernel` for ``sm_<capability>`` (e.g. 89, 90); returns Triton's kernel.
 
     ``mask``: "none", or the Triton type of an attn_mask's elements: "u8" (a bool mask's bytes),
-    "fp16", "bf16" or "fp32" (additive). ``quantize_q``: the kernel quantizes Q (of ``out_dtype``)
-    itself, as in a call; False: it reads Q's int8 payload.
+    "fp16", "bf16" or "fp32" (additive).
     """
     padded = groups.padded_head_dim(head_dim)
     pv_mode = PVAccum.parse(pv_accum, "pv_accum").code
     config = launch_config(padded, capability, pv_mode, is_causal, LONG_SEQUENCE)
-    per_thread = QKGranularity.parse(granularity, "granularity") is QKGranularity.PER_THREAD
-    constants = dict(D=padded, BLOCK_M=config.block_m, KEYS=config.keys, PER_THREAD=per_thread,
+    constants = dict(D=padded, BLOCK_M=config.block_m, KEYS=config.keys,
+                     PER_THREAD=QKGranularity.parse(granularity, "granularity") is QKGranularity.PER_THREAD,
                      IS_CAUSAL=is_causal, PV_MODE=pv_mode,
                      SMOOTH_V=False, WRITE_LSE=False, HAS_MASK=mask != "none", MASK_BOOL=mask == "u8",
-                     USE_TMA=config.tma, QUANTIZE_Q=quantize_q,
-                     Q_TILE_GROUPS=groups.groups_per_tile(groups.q_group, config.block_m, per_thread))
+                     USE_TMA=config.tma)
     descriptors = {"K8": f"tensordesc<i8[{config.keys}, {padded}]>",
                    "V8": f"tensordesc<fp8e4nv[{padded}, {groups.K_TILE}]>"} if config.tma else {}
     signature, attrs = _signature(_attention_kernel, constants, {
-        **descriptors, "Q": f"*{out_dtype}" if quantize_q else "*i8", "Out": f"*{out_dtype}",
-        "Mask": f"*{out_dtype if mask == 'none' else mask}"})
+        **descriptors, "Out": f"*{out_dtype}", "Mask": f"*{out_dtype if mask == 'none' else mask}"})
     source = ASTSource(_attention_kernel, signature, constexprs=constants, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", capability, 32),
                           options={"num_warps": config.num_warps, "num_stages": config.num_stages,
-                                   "maxnreg": config.max_registers, "enable_fp_fusion": ENABLE_FP_FUSION})
+                                   "maxnreg": config.max_registers})
 
 
 def mma_instructions(ptx: str) -> set[str]:

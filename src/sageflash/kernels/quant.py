@@ -52,16 +52,13 @@ _TILE_GROUPS = {per_thread: tuple(groups.groups_per_tile(rule, TILE_ROWS.value, 
                 for per_thread in (False, True)}
 _SIGN_BIT = tl.constexpr(-2**31)  # float32 bit patterns, as int32
 _HALF_BITS = tl.constexpr(0x3F000000)
-_ROUNDER = tl.constexpr(12582912.0)  # 1.5 * 2**23, whose float32 bits are _ROUNDER_BITS
-_ROUNDER_BITS = tl.constexpr(0x4B400000)
 
 
 @triton.jit
 def _round_half_even(x):
-    """int32 nearest to float32 ``x`` (|x| < 2**22), ties to even: x + 1.5·2²³ rounds with the
-    FPU's mode and holds the integer in its low mantissa bits (libdevice's rint is not available
-    in the interpreter; this also saves the float-to-int conversion)."""
-    return (x + _ROUNDER).to(tl.int32, bitcast=True) - _ROUNDER_BITS
+    # Adding and removing 1.5 * 2**23 rounds a float32 of magnitude < 2**22 to an integer with the
+    # FPU's round-to-nearest-even (libdevice's rint is not available in the interpreter).
+    return (x + 12582912.0) - 12582912.0
 
 
 @triton.jit
@@ -70,11 +67,11 @@ def _divide_rows(x, divisor, reciprocal):
     reciprocal: ``x * reciprocal`` then two exact-residual corrections (Markstein's theorem: the
     first makes the quotient faithful, the second correctly rounded). 5 FP32 instructions per
     element instead of an IEEE division's 12 (reciprocal, Newton steps, range check, branch)."""
-    minus_divisor = tl.broadcast_to(-divisor[:, None], x.shape)  # negated once per row, not per element
+    divisor = tl.broadcast_to(divisor[:, None], x.shape)
     reciprocal = tl.broadcast_to(reciprocal[:, None], x.shape)
     quotient = x * reciprocal
-    quotient = tl.fma(tl.fma(quotient, minus_divisor, x), reciprocal, quotient)
-    return tl.fma(tl.fma(quotient, minus_divisor, x), reciprocal, quotient)
+    quotient = tl.fma(tl.fma(-quotient, divisor, x), reciprocal, quotient)
+    return tl.fma(tl.fma(-quotient, divisor, x), reciprocal, quotient)
 
 
 @triton.jit
@@ -94,16 +91,13 @@ def _group_amax(row_amax, groups_of_rows, first_group, N_GROUPS: tl.constexpr):
 
 
 @triton.jit
-def quantize_group_rows(x, groups_of_rows, first_group, N_GROUPS: tl.constexpr,
-                        PER_THREAD: tl.constexpr):
+def _quantize_group_rows(x, groups_of_rows, first_group, N_GROUPS: tl.constexpr,
+                         PER_THREAD: tl.constexpr):
     """int8 values and per-row scales of float32 rows ``x`` whose group ids are ``groups_of_rows``
-    (the N_GROUPS ids from ``first_group``): the quantization pass's, and the attention kernel's
-    when it quantizes Q itself.
+    (the N_GROUPS ids from ``first_group``).
 
     Rounded exactly as the reference: IEEE divisions (`_divide_rows`), and per_warp's inverse
-    scale reciprocal-then-multiply, as in the official quantizers. A kernel calling this compiles
-    with ``enable_fp_fusion=False``: contracting per_warp's x·(127/amax) + 1.5·2²³ into one FMA
-    would round differently.
+    scale reciprocal-then-multiply, as in the official quantizers.
     """
     amax = _group_amax(tl.max(tl.abs(x), axis=1), groups_of_rows, first_group, N_GROUPS)
     if PER_THREAD:
@@ -112,11 +106,8 @@ def quantize_group_rows(x, groups_of_rows, first_group, N_GROUPS: tl.constexpr,
     else:
         amax = tl.maximum(amax, 1e-7)
         scale = tl.div_rn(amax, 127.0)
-        values = _round_half_even(x * (tl.div_rn(1.0, amax) * 127.0)[:, None])
-    # |x| <= amax keeps every code within [-127, 127] (the reference's clamp never binds for
-    # finite inputs), so the int8 is the int32's low byte: no clamp, which costs ~4 instructions
-    # an element in the attention kernel's prologue.
-    return values.to(tl.int8), scale
+        values = _round_half_even(x * (tl.div_rn(1.0, amax) * 127.0)[:, None]).to(tl.int32)
+    return tl.minimum(tl.maximum(values, -128), 127).to(tl.int8), scale
 
 
 @triton.jit
@@ -150,7 +141,7 @@ def _quantize_int8_tile(X, KM, X8, XS, batch, head, tile, seq, head_dim, num_hea
     else:
         row_groups = q_group(rows, PER_THREAD)
         first_group = q_group(tile * TILE_ROWS, PER_THREAD)
-    values, scale = quantize_group_rows(xf, row_groups, first_group, N_GROUPS, PER_THREAD)
+    values, scale = _quantize_group_rows(xf, row_groups, first_group, N_GROUPS, PER_THREAD)
     tl.store(X8 + _tile_offsets(batch, head, rows, cols, stride_8b, stride_8h, stride_8s), values,
              mask=in_seq[:, None])
     tl.store(XS + (batch * num_heads + head).to(tl.int64) * n_groups + row_groups, scale)
@@ -295,15 +286,14 @@ def quantize_qkv(q, k, v, *, granularity, smooth_k: bool, km=None, pv_accum=None
     """Any of Q, K (int8) and V (fp8) in at most three launches; None for a tensor not asked for.
 
     Returns ``(q_int8, q_scale, k_int8, k_scale, km, v_fp8, v_scale, v_mean)``: the payloads of
-    `sageflash.reference.quantize_qk` / `quantize_v`. Q needs K (the two share the call's shape);
-    K alone is what `attention` asks for, its kernel quantizing Q itself.
+    `sageflash.reference.quantize_qk` / `quantize_v` (q and k go together, v may be None).
     """
     per_thread = QKGranularity.parse(granularity, "granularity") is QKGranularity.PER_THREAD
-    if q is not None and k is None:
-        raise ValueError("quantize_qkv quantizes q with k: pass k too")
     batch, kv_heads, seq_k, head_dim = (k if k is not None else v).shape
     padded = groups.padded_head_dim(head_dim)
     device = (k if k is not None else v).device
+    if (q is None) != (k is None):
+        raise ValueError("quantize_qkv quantizes q and k together: pass both or neither")
     new = lambda *shape, dtype=torch.float32: torch.empty(*shape, dtype=dtype, device=device)  # noqa: E731
 
     q8 = q_scale = k8 = k_scale = v8 = v_scale = v_mean = inv = None
@@ -312,13 +302,12 @@ def quantize_qkv(q, k, v, *, granularity, smooth_k: bool, km=None, pv_accum=None
         q_heads, seq_q = q.shape[1], q.shape[2]
         q8 = new(batch, q_heads, seq_q, padded, dtype=torch.int8)
         q_scale = new(batch, q_heads, groups.q_num_groups(seq_q, per_thread))
-        q_tiles = groups.ceil_to(seq_q, groups.Q_TILE) // TILE_ROWS.value  # padding groups get scales too
-    if k is not None:
         k8 = new(batch, kv_heads, seq_k, padded, dtype=torch.int8)
         k_scale = new(batch, kv_heads, groups.k_num_groups(seq_k, per_thread))
+        q_tiles = groups.ceil_to(seq_q, groups.Q_TILE) // TILE_ROWS.value  # padding groups get scales too
         if smooth_k and km is not None:
             km = torch.nn.functional.pad(km[..., :head_dim].to(k.dtype), (0, padded - head_dim)).contiguous()
-    k_sum = k is not None and smooth_k and km is None
+    k_sum = q is not None and smooth_k and km is None
     if k_sum:
         km = new(batch, kv_heads, padded, dtype=k.dtype)
     if not smooth_k:
@@ -347,14 +336,14 @@ def quantize_qkv(q, k, v, *, granularity, smooth_k: bool, km=None, pv_accum=None
             K_SUM=k_sum, V_STATS=v is not None, PAD_IN_WINDOW=window > seq_k, SMOOTH_V=smooth_v)
 
     grid = (max(q_tiles, groups.cdiv(seq_k, TILE_ROWS.value)),
-            q_heads + (kv_heads if k is not None else 0) + (kv_heads if v is not None else 0), batch)
+            q_heads + (kv_heads if q is not None else 0) + (kv_heads if v is not None else 0), batch)
     _launch_quantize(
         grid, arg(q), arg(k), arg(v), arg(km), arg(q8), arg(q_scale), arg(k8), arg(k_scale),
         arg(v_mean), arg(inv), arg(v8), seq_q, seq_k, head_dim, q_heads, kv_heads, q_tiles,
-        q_scale.shape[-1] if q is not None else 0, k_scale.shape[-1] if k is not None else 0,
+        q_scale.shape[-1] if q is not None else 0, k_scale.shape[-1] if q is not None else 0,
         *_strides(arg(q)), *_strides(arg(k)), *_strides(arg(v)), *_strides(arg(q8)),
         *_strides(arg(k8)), *_strides(arg(v8)),
-        D=padded, PER_THREAD=per_thread, DO_Q=q is not None, DO_K=k is not None,
+        D=padded, PER_THREAD=per_thread, DO_Q=q is not None, DO_K=q is not None,
         DO_V=v is not None, SMOOTH_K=km is not None, SMOOTH_V=smooth_v,
         Q_TILE_GROUPS=_TILE_GROUPS[per_thread][0], K_TILE_GROUPS=_TILE_GROUPS[per_thread][1],
         num_warps=QUANT_WARPS,

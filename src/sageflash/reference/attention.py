@@ -13,7 +13,7 @@ import torch
 
 from .. import groups
 from ..params import QKGranularity, SageParams
-from .quant import quantize_q, quantize_qk, quantize_v, to_e4m3
+from .quant import quantize_qk, quantize_v, to_e4m3
 
 _CHUNK_ELEMENTS = 1 << 24  # score elements per query chunk (~64 MiB per float32 buffer)
 
@@ -75,12 +75,7 @@ def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_
 
     The LSE (natural log of the scaled scores' sum of exponentials, float32 ``[B,Hq,Sq]``) adds
     the smooth_k correction ``softmax_scale * q·km`` when ``q`` and ``km`` are given.
-
-    ``q_int8`` and ``q_scale`` None: Q's payload is quantized here from ``q`` (the Triton kernel
-    does it in the attention kernel).
     """
-    if q_int8 is None:
-        q_int8, q_scale = quantize_q(q, granularity=params.granularity)
     per_thread = params.granularity is QKGranularity.PER_THREAD
     batch, q_heads = q_int8.shape[:2]
     kv_heads = k_int8.shape[1]

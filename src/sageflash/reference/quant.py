@@ -44,14 +44,6 @@ def key_mean(k: torch.Tensor) -> torch.Tensor:
     return k.mean(dim=2, dtype=torch.float32).to(k.dtype)
 
 
-def quantize_q(q: torch.Tensor, *, granularity):
-    """``(q_int8, q_scale)`` with the head dim zero-padded (`groups.padded_head_dim`)."""
-    per_thread = QKGranularity.parse(granularity, "granularity") is QKGranularity.PER_THREAD
-    q_tokens = groups.q_group(torch.arange(q.shape[2], device=q.device), per_thread)
-    return quantize_int8_groups(_pad_last(q.float(), groups.padded_head_dim(q.shape[-1])), q_tokens,
-                                groups.q_num_groups(q.shape[2], per_thread), per_thread)
-
-
 def quantize_qk(q: torch.Tensor, k: torch.Tensor, *, granularity, smooth_k: bool,
                 km: torch.Tensor | None = None):
     """``(q_int8, q_scale, k_int8, k_scale, km)`` with the head dim zero-padded (`groups.padded_head_dim`).
@@ -61,9 +53,11 @@ def quantize_qk(q: torch.Tensor, k: torch.Tensor, *, granularity, smooth_k: bool
     """
     per_thread = QKGranularity.parse(granularity, "granularity") is QKGranularity.PER_THREAD
     head_dim = groups.padded_head_dim(q.shape[-1])
-    seq_k = k.shape[2]
+    seq_q, seq_k = q.shape[2], k.shape[2]
 
-    q_int8, q_scale = quantize_q(q, granularity=granularity)
+    q_tokens = groups.q_group(torch.arange(seq_q, device=q.device), per_thread)
+    q_int8, q_scale = quantize_int8_groups(_pad_last(q.float(), head_dim), q_tokens,
+                                           groups.q_num_groups(seq_q, per_thread), per_thread)
     if smooth_k:
         km = key_mean(k) if km is None else km[..., : k.shape[-1]].to(k.dtype)
         # per_thread subtracts in the input dtype, per_warp in float32 (SPEC §3).
