@@ -39,6 +39,7 @@ CANDIDATES = {
     # memory hold D=128 to 2 per SM; <=168 and 2 stages fit 3, with 17-132 spill stores; D=64 has
     # 167 and 71 KB, 3 per SM; <=128 and 3 stages fit 4, with 2).
     "ptr-s2-r168": dict(tma=False, num_stages=2, max_registers=168),
+    "ptr-s4-r168": dict(tma=False, num_stages=4, max_registers=168),  # D=64's short-sequence launch, capped
     "tma-s2-r168": dict(tma=True, num_stages=2, max_registers=168),
     "ptr-s3-r128": dict(tma=False, num_stages=3, max_registers=128),
 }

@@ -229,6 +229,11 @@ _HOPPER_LONG = {
     (64, _FP32_FP16, True): (False, 2, 168),  # as above: +3-6% (uncapped: -27-40%)
     (64, _FP32, True): (True, 4, None),
 }
+# Hopper launches below TMA_MIN_KEYS that cap the registers, by (padded head dim, pv_accum code).
+# D=64 under 168 registers: +7-13% at 1k for fp32+fp32 and causal fp32+fp16, the rest within 3%
+# (H200, two sweeps, benchmarks/NOTES.md v8). Causal fp32+fp32 takes 197 uncapped (2 programs per
+# SM, 3 capped); the other gains come with the same 167-168 registers, so from ptxas's schedule.
+_HOPPER_SHORT_REGISTERS = {(64, _FP32_FP32): 168, (64, _FP32_FP16): 168}
 
 
 def launch_config(padded_dim: int, capability: int, pv_mode: int, is_causal: bool,
@@ -236,17 +241,20 @@ def launch_config(padded_dim: int, capability: int, pv_mode: int, is_causal: boo
     """The launch for a padded head dim, a compute capability (major*10+minor), the pv_accum code,
     causality and the key count.
 
-    Measured on an H200 (benchmarks/NOTES.md, v2, v4 and v7): a 64-row tile with 128-key steps and
-    4 warps beats every 128-row or 8-warp variant at D=64 and D=128, with 4 stages at D=64 and 3 at
-    D=128; past TMA_MIN_KEYS on Hopper, `_HOPPER_LONG` changes the loads, stages or register cap
-    where that measured faster. Warp specialisation crashed Triton 3.6's compiler or changed
-    nothing; an experimental Gluon kernel with QK overlapping the softmax was 2-33% slower (v7).
+    Measured on an H200 (benchmarks/NOTES.md, v2, v4, v7 and v8): a 64-row tile with 128-key steps
+    and 4 warps beats every 128-row or 8-warp variant at D=64 and D=128, with 4 stages at D=64 and
+    3 at D=128; on Hopper, `_HOPPER_SHORT_REGISTERS` caps the registers of short calls and, past
+    TMA_MIN_KEYS, `_HOPPER_LONG` changes the loads, stages or register cap where that measured
+    faster. Warp specialisation crashed Triton 3.6's compiler or changed nothing; an experimental
+    Gluon kernel with QK overlapping the softmax was 2-33% slower (v7).
     """
     if padded_dim == 256:  # a 64x256 fp32 accumulator: 8 warps keep the spills to the D=128 level
         return LaunchConfig(64, 64, 8, 2)
     default = LaunchConfig(64, 128, 4, 4 if padded_dim == 64 else 3)
-    if capability < 90 or seq_k < TMA_MIN_KEYS:
+    if capability < 90:
         return default
+    if seq_k < TMA_MIN_KEYS:
+        return default._replace(max_registers=_HOPPER_SHORT_REGISTERS.get((padded_dim, pv_mode)))
     tma, stages, registers = _HOPPER_LONG.get((padded_dim, pv_mode, is_causal), (False, default.num_stages, None))
     return default._replace(tma=tma, num_stages=stages, max_registers=registers)
 
