@@ -185,6 +185,31 @@ def test_cpu_run_table_and_csv_match_json(cpu_run):
         assert cells[cells.index(row["mode"]) + 2] == format(row["tops"], ".4g")
 
 
+def test_rounds_go_round_robin_and_report_the_median(monkeypatch):
+    """Each round times every run of the shape once (the baseline first), with rep/rounds ms; a
+    row's time is the median of its rounds, so one slow round (a clock drop) does not decide it."""
+    settings = bench.settings_from_args(parse([*TINY, "--rep", "3", "--rounds", "3", "--causal", "off",
+                                               "--modes", "e2e", "--providers", "sageflash,sdpa-flash",
+                                               "--baseline", "sdpa-flash"]), torch.device("cpu"))
+    times = iter([3.0, 10.0, 1.0, 30.0, 2.0, 20.0])  # in call order: sdpa-flash, sageflash, ...
+    budgets = []
+
+    def fake_time_ms(fn, warmup, rep, device):
+        budgets.append(rep)
+        return next(times)
+    monkeypatch.setattr(bench, "time_ms", fake_time_ms)
+    shape = bench.Shape(1, 2, 2, 128, 64, False)
+    rows = bench.run_shape(shape, bench.make_inputs(settings, 128, 64, torch.device("cpu")), settings,
+                           torch.device("cpu"))
+    assert [(r.provider, r.ms) for r in rows] == [("sdpa-flash", 2.0), ("sageflash", 20.0)]
+    assert rows[1].vs_baseline == pytest.approx(0.1) and budgets == [1.0] * 6
+
+
+def test_rounds_must_be_positive():
+    with pytest.raises(ValueError, match="--rounds must be >= 1"):
+        bench.settings_from_args(parse(["--rounds", "0"]), torch.device("cuda"))
+
+
 def test_graph_mode_is_a_skipped_row_without_cuda(no_cuda, tmp_path):
     out = tmp_path / "b.json"
     argv = [*TINY, "--allow-cpu", "--causal", "off", "--providers", "sageflash", "--modes", "e2e,graph",

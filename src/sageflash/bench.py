@@ -1,9 +1,10 @@
 """``sageflash bench``: attention throughput of sageflash against torch SDPA and SageAttention.
 
 TOPS = 4·B·H·S²·D / time, halved when causal (H = query heads), counted for every provider the
-same way (`attention_flops`). Each (shape, provider, knobs, mode) is timed as the median of
-`triton.testing.do_bench` (CUDA events, 256 MB L2 flush before every run) after warm-up; the
-peak extra GPU memory of one call is measured on top of the inputs already allocated.
+same way (`attention_flops`). Each (shape, provider, knobs, mode) is timed with
+`triton.testing.do_bench` (CUDA events, 256 MB L2 flush before every run) after warm-up, in
+``--rounds`` rounds that go round robin over the shape's runs, and reports the median (`run_shape`
+says why); the peak extra GPU memory of one call is measured on top of the inputs already allocated.
 
 Modes: ``e2e`` is what a user sees (quantization included); ``kernel`` quantizes once outside the
 timed region and times the attention kernel on the payloads; ``graph`` (opt-in) is the e2e call
@@ -302,7 +303,8 @@ class Settings:
     baseline: str
     dtype: str
     warmup: float
-    rep: float
+    rep: float  # timed budget per run, shared by its rounds
+    rounds: int
     seed: int
 
     def runs(self):
@@ -322,44 +324,61 @@ def make_inputs(settings: Settings, seq: int, head_dim: int, device: torch.devic
     return tuple(torch.randn(s, generator=gen, dtype=dtype, device=device) for s in shapes)
 
 
-def measure(provider: Provider, knobs: Knobs | None, mode: str, inputs, shape: Shape,
-            settings: Settings, device: torch.device) -> Result:
-    """Time one (provider, knobs, mode) on one shape; any failure becomes the row's error."""
-    result = Result(shape, settings.dtype, provider.name, knobs.label if knobs else "", mode)
+def time_run(provider: Provider, knobs: Knobs | None, mode: str, inputs, shape: Shape, settings: Settings,
+             device: torch.device, memory: bool) -> tuple[float, int | None]:
+    """One round of one (provider, knobs, mode) on one shape: (median ms, peak extra bytes when
+    ``memory``; a replayed graph allocates nothing, its memory is the e2e row's)."""
     q, k, v = inputs
-    try:
-        fn = provider.build(q, k, v, shape.causal, knobs, mode)
-        result.ms = time_ms(fn, settings.warmup, settings.rep, device)
-        # A replayed graph allocates nothing: its memory is the e2e row's.
-        peak = None if mode == "graph" else peak_extra_bytes(fn, device)
-    except Exception as exc:
-        result.error, result.ms = short_error(exc), None
-    fn = None
-    if result.error is not None:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # after an OOM, give the next provider a clean pool
-        return result
-    result.tops = tops(shape, result.ms)
-    if peak is not None:
-        result.peak_mib = peak / MIB
-        result.x_qkv = peak / sum(t.numel() * t.element_size() for t in inputs)
-    return result
+    fn = provider.build(q, k, v, shape.causal, knobs, mode)
+    ms = time_ms(fn, settings.warmup, settings.rep / settings.rounds, device)
+    return ms, peak_extra_bytes(fn, device) if memory and mode != "graph" else None
+
+
+def run_shape(shape: Shape, inputs, settings: Settings, device: torch.device) -> list[Result]:
+    """Every run of one shape, timed in `Settings.rounds` interleaved rounds; a row's time is the
+    median of its rounds and any failure becomes its error.
+
+    Round robin, not one run after another: under sustained tensor work an H200 reaches its 700 W
+    cap and its SM clock drops from 1980 to 1600-1900 MHz (benchmarks/NOTES.md v8), so a run timed
+    right after a long one measured up to 15% slower than the same work timed first."""
+    runs = list(settings.runs())
+    results = [Result(shape, settings.dtype, provider.name, knobs.label if knobs else "", mode)
+               for provider, knobs, mode in runs]
+    samples = [[] for _ in runs]
+    for round_index in range(settings.rounds):
+        for (provider, knobs, mode), result, times in zip(runs, results, samples):
+            if result.error is not None:
+                continue
+            try:
+                ms, peak = time_run(provider, knobs, mode, inputs, shape, settings, device, memory=round_index == 0)
+            except Exception as exc:
+                result.error = short_error(exc)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()  # after an OOM, give the next provider a clean pool
+                continue
+            times.append(ms)
+            if peak is not None:
+                result.peak_mib = peak / MIB
+                result.x_qkv = peak / sum(t.numel() * t.element_size() for t in inputs)
+    baseline_ms = next((statistics.median(times) for result, times in zip(results, samples)
+                        if result.provider == settings.baseline and result.error is None), None)
+    for result, times in zip(results, samples):
+        if result.error is None:
+            result.ms = statistics.median(times)
+            result.tops = tops(shape, result.ms)
+            if baseline_ms is not None:
+                result.vs_baseline = baseline_ms / result.ms
+    return results
 
 
 def run_benchmarks(settings: Settings, device: torch.device, on_result: Callable[[Result], None]):
-    """Every shape x run; calls ``on_result`` as each row completes and returns all rows."""
+    """Every shape x run; calls ``on_result`` for each row as its shape completes and returns all rows."""
     results = []
     for head_dim, seq in itertools.product(settings.head_dims, settings.seqs):
         inputs = make_inputs(settings, seq, head_dim, device)
         for causal in settings.causals:
             shape = Shape(settings.batch, settings.heads, settings.kv_heads, seq, head_dim, causal)
-            baseline_ms = None
-            for provider, knobs, mode in settings.runs():
-                result = measure(provider, knobs, mode, inputs, shape, settings, device)
-                if result.ms is not None and provider.name == settings.baseline and baseline_ms is None:
-                    baseline_ms = result.ms
-                if result.ms is not None and baseline_ms is not None:
-                    result.vs_baseline = baseline_ms / result.ms
+            for result in run_shape(shape, inputs, settings, device):
                 results.append(result)
                 on_result(result)
         del inputs
@@ -442,7 +461,8 @@ def preamble(meta: dict, baseline: str) -> str:
     return "\n".join([
         f"# sageflash bench on {device}: torch {meta['torch']}, triton {meta['triton']}, "
         f"sageflash {meta['sageflash']}, {settings['dtype']}",
-        f"# timer: {meta['timer']}; warmup {settings['warmup']:g} ms, rep {settings['rep']:g} ms",
+        f"# timer: {meta['timer']}; warmup {settings['warmup']:g} ms, rep {settings['rep']:g} ms "
+        f"in {settings['rounds']} interleaved rounds (median)",
         f"# TOPS = {meta['flops']}; vs {baseline} = its time / this time on the same shape",
     ])
 
@@ -570,6 +590,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     timing = parser.add_argument_group("timing and output")
     timing.add_argument("--warmup", type=float, default=25.0, help="warm-up budget in ms (default 25)")
     timing.add_argument("--rep", type=float, default=100.0, help="timed budget in ms (default 100)")
+    timing.add_argument("--rounds", type=int, default=3,
+                        help="time a shape's runs round robin this many times, each with rep/rounds ms, and "
+                             "report the median: spreads a power-capped GPU's clock drops over every "
+                             "provider (default 3)")
     timing.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     timing.add_argument("--json", metavar="PATH", help="write meta + rows as JSON")
     timing.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
@@ -600,6 +624,8 @@ def settings_from_args(args: argparse.Namespace, device: torch.device) -> Settin
         raise ValueError(f"--heads ({heads}) must be a multiple of --kv-heads ({kv_heads})")
     if args.warmup < 0 or args.rep <= 0:
         raise ValueError(f"--warmup must be >= 0 and --rep > 0 (ms), got {args.warmup:g} and {args.rep:g}")
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
     baseline = args.baseline
     providers = _flatten(args.providers) or DEFAULT_PROVIDERS
     providers = sorted(providers, key=lambda name: name != baseline)  # stable: the baseline first
@@ -610,7 +636,7 @@ def settings_from_args(args: argparse.Namespace, device: torch.device) -> Settin
                     head_dims=head_dims or preset["head_dim"], seqs=seqs or preset["seq"],
                     causals=causals, providers=providers, modes=_flatten(args.modes) or list(DEFAULT_MODES),
                     knobs=knobs, baseline=baseline, dtype=args.dtype, warmup=args.warmup, rep=args.rep,
-                    seed=args.seed)
+                    rounds=args.rounds, seed=args.seed)
 
 
 def resolved_knobs(pv_accum, granularity, smooth_k: bool) -> Knobs:
