@@ -339,7 +339,7 @@ def run_shape(shape: Shape, inputs, settings: Settings, device: torch.device) ->
     median of its rounds and any failure becomes its error.
 
     Round robin, not one run after another: under sustained tensor work an H200 reaches its 700 W
-    cap and its SM clock drops from 1980 to 1600-1900 MHz (benchmarks/NOTES.md v8), so a run timed
+    cap and its SM clock drops from 1980 to 1500-1900 MHz (benchmarks/NOTES.md v8), so a run timed
     right after a long one measured up to 15% slower than the same work timed first."""
     runs = list(settings.runs())
     results = [Result(shape, settings.dtype, provider.name, knobs.label if knobs else "", mode)

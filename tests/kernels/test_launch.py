@@ -69,7 +69,7 @@ def test_launch_table():
     assert launch_config(64, 90, fp32_fp16, True, 4096) == LaunchConfig(64, 128, 4, 2, max_registers=168)
     assert launch_config(64, 89, fp32_fp32, False, 4096) == LaunchConfig(64, 128, 4, 4)
     assert launch_config(64, 89, fp32_fp32, False, 1024).max_registers is None  # not measured on Ada
-    for pv_mode in (fp32_fp32, fp32_fp16):  # 3 programs per SM below TMA_MIN_KEYS
+    for pv_mode in (fp32_fp32, fp32_fp16):  # a 168-register cap below TMA_MIN_KEYS (D=64, Hopper)
         assert launch_config(64, 90, pv_mode, True, 1024) == LaunchConfig(64, 128, 4, 4, max_registers=168)
     assert launch_config(64, 90, PVAccum.FP32.code, False, 1024).max_registers is None
 
