@@ -162,12 +162,14 @@ def test_triton_backend_on_cpu_needs_the_interpreter():
     assert not result["kernels_imported"]
 
 
-def test_gpu_below_ada_gets_an_error_naming_its_capability(monkeypatch):
+def test_gpu_below_ada_gets_an_error_naming_its_capability(monkeypatch, request):
     """A CUDA device below compute capability 8.9 is refused by name, never run by another kernel;
     `sageflash run` says it falls back to the CPU reference."""
     from sageflash import kernels
     from sageflash.cli.run import pick_backend
 
+    kernels.unsupported_reason.cache_clear()  # kept per device: cleared around the faked ones
+    request.addfinalizer(kernels.unsupported_reason.cache_clear)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
@@ -178,4 +180,5 @@ def test_gpu_below_ada_gets_an_error_naming_its_capability(monkeypatch):
     assert (device.type, backend) == ("cpu", "reference")
     assert line.startswith("backend: reference (CPU; NVIDIA A100 on cuda:0 has compute capability 8.0")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    kernels.unsupported_reason.cache_clear()
     assert kernels.unsupported_reason(torch.device("cuda", 0)) is None

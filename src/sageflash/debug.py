@@ -66,8 +66,8 @@ def _env_int(name: str, default: int | None, minimum: int) -> int | None:
 
 
 def enabled() -> bool:
-    """True when a toggle that changes what the op does is set (cheap: a few env lookups)."""
-    return any(_is_set(name) for name in ACTIVATING)
+    """True when a toggle that changes what the op does is set (cheap: one lookup per toggle)."""
+    return any(name in os.environ and _is_set(name) for name in ACTIVATING)
 
 
 def reset() -> None:

@@ -165,11 +165,13 @@ def _attend(q, k, v, softmax_scale, is_causal, smooth_k, smooth_v, pv_accum, gra
     read here, at run time, so compiled graphs follow them too."""
     params = resolve_params(softmax_scale, is_causal, smooth_k, smooth_v, pv_accum, granularity,
                             head_dim=q.shape[-1])
-    return _attend_resolved(q, k, v, params, tensor_layout, return_lse, attn_mask, backend)
+    out, lse = _attend_resolved(q, k, v, params, tensor_layout, return_lse, attn_mask, backend)
+    return out, q.new_empty(0, dtype=torch.float32) if lse is None else lse
 
 
 def _attend_resolved(q, k, v, params: SageParams, tensor_layout, return_lse, attn_mask, backend):
-    """`_attend` once the knobs are checked and the overrides applied (eager calls start here)."""
+    """`_attend` once the knobs are checked and the overrides applied (eager calls start here):
+    ``(out, lse)``, lse None unless ``return_lse``."""
     module = select_backend(backend, q.device)
     out = q.new_empty(q.shape)
     args = (*(as_hnd(x, tensor_layout) for x in (q, k, v)), params)
@@ -179,7 +181,7 @@ def _attend_resolved(q, k, v, params: SageParams, tensor_layout, return_lse, att
     else:
         result = module.attention(*args, return_lse=return_lse, out=as_hnd(out, tensor_layout),
                                   attn_mask=attn_mask)
-    return out, result[1] if return_lse else q.new_empty(0, dtype=torch.float32)
+    return out, result[1] if return_lse else None
 
 
 _sage_attn_sm89 = torch.library.custom_op("sageflash::sage_attn_sm89", _attend, mutates_args=(),

@@ -208,5 +208,8 @@ def apply_overrides(params: SageParams) -> SageParams:
         warn_once(("smooth_v-forced-off",),
                   "smooth_v needs pv_accum='fp32'; forcing smooth_v off with pv_accum=%r", pv_accum.value)
         smooth_v = False
+    if (smooth_k, smooth_v, pv_accum, granularity) == (params.smooth_k, params.smooth_v, params.pv_accum,
+                                                       params.granularity):
+        return params  # the usual case: no override (a copy costs host time on every call)
     return dataclasses.replace(params, smooth_k=smooth_k, smooth_v=smooth_v, pv_accum=pv_accum,
                                granularity=granularity)

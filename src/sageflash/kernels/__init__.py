@@ -6,7 +6,10 @@ Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (with the GPU's
 
 from __future__ import annotations
 
+import functools
+
 import torch
+from triton.runtime import driver
 
 from .. import groups
 from ..op import interpreter_enabled
@@ -17,6 +20,7 @@ if interpreter_enabled():
     check_numpy()
     install_gpu_arithmetic()
 
+from . import replay  # noqa: E402
 from .attention import attention_from_payloads  # noqa: E402
 from .quant import quantize_qk, quantize_qkv, quantize_v  # noqa: E402
 
@@ -27,6 +31,7 @@ class UnsupportedDeviceError(RuntimeError):
     """The GPU cannot run the kernels (fp8 tensor cores need compute capability 8.9)."""
 
 
+@functools.lru_cache(maxsize=None)  # asked on every call of the op
 def unsupported_reason(device: torch.device) -> str | None:
     """Why the kernels cannot run on ``device`` (a CUDA device below compute capability 8.9), or None."""
     if device.type != "cuda":
@@ -86,7 +91,23 @@ def attention(q, k, v, params, return_lse: bool = False, out=None, attn_mask=Non
     return (out, lse) if return_lse else out
 
 
+_REPLAYS = replay.Replays()
+
+
 def _attend_heads(q, k, v, params, return_lse, out, attn_mask):
+    """`_quantize_and_attend`, replayed (`replay`) for a pattern seen before: on CUDA, without
+    ``return_lse`` (whose LSE correction runs torch ops)."""
+    if return_lse or q.device.type != "cuda":
+        return _quantize_and_attend(q, k, v, params, return_lse, out, attn_mask)
+    inputs = (q, k, v, out, attn_mask)
+    device = driver.active.get_current_device()  # where `Launcher` launches
+    _REPLAYS(replay.pattern(inputs, params, device), inputs,
+             lambda: _quantize_and_attend(q, k, v, params, False, out, attn_mask),
+             stream=lambda: driver.active.get_current_stream(device))
+    return out
+
+
+def _quantize_and_attend(q, k, v, params, return_lse, out, attn_mask):
     """Quantize Q, K and V together (three launches), then run the attention kernel; the payloads
     are freed on return."""
     q_int8, q_scale, k_int8, k_scale, km, v_fp8, v_scale, v_mean = quantize_qkv(

@@ -10,7 +10,8 @@ The pattern (`launch_key`) is finer than Triton's specialisation, which looks at
 dtype and 16-byte alignment and at whether an int is 1, a multiple of 16 or within int32: tensors
 by dtype and address mod 16, descriptors by their fields, every other argument by value, plus the
 keyword arguments and the device. So a hit reuses exactly the kernel Triton would have picked;
-a miss goes through ``kernel[grid](...)``, which compiles if needed. Models with a few fixed
+a miss goes through ``kernel[grid](...)``, which compiles if needed. Every launch is also handed
+to `replay.record`, which keeps it while a call is being recorded. Models with a few fixed
 shapes hit after their first calls; a workload whose shapes never repeat misses every time, with
 the cache bounded by `MAX_PATTERNS`. Under TRITON_INTERPRET=1 every call takes Triton's path.
 """
@@ -24,6 +25,7 @@ from triton.runtime import driver
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..op import interpreter_enabled
+from . import replay
 
 MAX_PATTERNS = 256  # argument patterns kept per kernel; past it the cache starts again
 
@@ -88,12 +90,12 @@ class Launcher:
         device = driver.active.get_current_device()
         key = (device, launch_key(args), tuple(meta.items()))
         compiled = self.compiled.get(key)
+        constexprs = tuple(meta[name] for name in self.kernel.arg_names[len(args):])
         if compiled is None:
             compiled = self.kernel[grid](*args, **meta)  # Triton's path: binds, compiles, launches
-            if compiled is not None:
-                if len(self.compiled) >= MAX_PATTERNS:
-                    self.compiled.clear()
-                self.compiled[key] = compiled
-            return
-        constexprs = tuple(meta[name] for name in self.kernel.arg_names[len(args):])
-        compiled[grid](*args, *constexprs, stream=driver.active.get_current_stream(device))
+            if len(self.compiled) >= MAX_PATTERNS:
+                self.compiled.clear()
+            self.compiled[key] = compiled
+        else:
+            compiled[grid](*args, *constexprs, stream=driver.active.get_current_stream(device))
+        replay.record(compiled, grid, (*args, *constexprs))
