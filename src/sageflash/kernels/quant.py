@@ -42,9 +42,12 @@ k_group = _jit_rule(groups.k_group)
 TILE_ROWS = tl.constexpr(groups.K_TILE)  # tokens per quantization program: whole Q and K groups
 STATS_ROWS = tl.constexpr(128)  # tokens per statistics program
 REDUCE_CHUNKS = tl.constexpr(32)  # partial statistics folded per step of the reduction
-# Warps per quantization program, measured on an H200 at 4k-16k tokens (benchmarks/NOTES.md): 8
-# beat 4 by 4-7% when a program held a K and a V tile (v4), by 0-2% with one tile (v5).
-QUANT_WARPS = 8
+# Warps per program, measured on an H200 over 1k-16k tokens, as the whole pass's time
+# (benchmarks/NOTES.md v9): quantization (one [64, D] tile) with 4 warps took 4-9% less than with
+# 8 (which won in v4, when a program held a K and a V tile), 2 lost at D=128; statistics (one
+# [128, D] tile) with 2 warps took 4-10% less than with 4, 1 and 8 lost.
+QUANT_WARPS = 4
+STATS_WARPS = 2
 _KSUM, _VMAX, _VMIN, _VSUM = (tl.constexpr(i) for i in range(4))  # planes of the statistics buffer
 # Q and K scale groups per quantization tile, by per_thread.
 _TILE_GROUPS = {per_thread: tuple(groups.groups_per_tile(rule, TILE_ROWS.value, per_thread)
@@ -333,7 +336,7 @@ def quantize_qkv(q, k, v, *, granularity, smooth_k: bool, km=None, pv_accum=None
         _launch_stats(
             (n_chunks, kv_heads * (k_sum + (v is not None)), batch), arg(k_in), arg(v), stats, stats.stride(0),
             seq_k, head_dim, kv_heads, n_chunks, *_strides(arg(k_in)), *_strides(arg(v)), D=padded, K_SUM=k_sum,
-            V_STATS=v is not None)
+            V_STATS=v is not None, num_warps=STATS_WARPS)
         _launch_reduce(
             (batch * kv_heads, 1, 1), stats, stats.stride(0), arg(km if k_sum else None),
             arg(v_scale), arg(v_mean), arg(inv), n_chunks, float(seq_k), float(window),
