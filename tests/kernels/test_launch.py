@@ -57,7 +57,7 @@ def test_tma_loads_match_pointer_loads(shape, pv_accum):
 def test_launch_table():
     fp32_fp32, fp32_fp16 = PVAccum.FP32_FP32.code, PVAccum.FP32_FP16.code
     assert launch_config(128, 90, fp32_fp32, False, 4096).tma
-    assert not launch_config(128, 90, fp32_fp16, False, 4096).tma
+    assert launch_config(128, 90, fp32_fp16, False, 4096) == LaunchConfig(64, 128, 4, 2, tma=True, max_registers=168)
     assert not launch_config(64, 90, fp32_fp16, False, 4096).tma
     assert not launch_config(128, 90, fp32_fp32, False, 1024).tma  # host-bound: no descriptors
     assert not launch_config(128, 89, fp32_fp32, False, 4096).tma  # Ada has no TMA
