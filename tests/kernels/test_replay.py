@@ -53,6 +53,8 @@ def test_a_plan_reissues_the_launches_at_the_new_addresses():
     replays = replay.Replays()
     key = replay.pattern(first, "knobs")
     replays(key, first, lambda: _record_call(first, log), stream=lambda: 99)
+    assert replays.plans[key] == "seen once"  # a pattern seen once is not worth a plan
+    replays(key, first, lambda: _record_call(first, log), stream=lambda: 99)
     plan = replays.plans[key]
     assert isinstance(plan, replay.CallPlan) and log == []
     assert plan.workspace_bytes == 2 * 64 * 64 + 1280  # two buffers, each rounded up to 256 bytes
@@ -88,13 +90,13 @@ def test_patterns_that_cannot_be_replayed_keep_the_ordinary_path():
         replay.record(_FakeCompiled([], "k"), (1,), (q[:, 1:],))
 
     key = replay.pattern(first, "offset")
-    for _ in range(2):
+    for _ in range(3):
         replays(key, first, offset_view, stream=lambda: 0)
-    assert len(calls) == 2 and replays.plans[key] == "unplannable"
+    assert len(calls) == 3 and replays.plans[key] == "unplannable"
     key = replay.pattern(first, "no launches")
-    for _ in range(2):
+    for _ in range(3):
         replays(key, first, lambda: calls.append(1), stream=lambda: 0)
-    assert len(calls) == 4
+    assert len(calls) == 6
 
 
 def test_the_pattern_sees_layout_alignment_and_aliasing():
@@ -117,10 +119,12 @@ def test_launch_hooks_turn_replays_off(monkeypatch):
     key = replay.pattern(first, "hooks")
     log, calls = [], []
     record = lambda: (calls.append(1), _record_call(first, log))  # noqa: E731
-    replays(key, first, record, stream=lambda: 0)
+    for _ in range(2):
+        replays(key, first, record, stream=lambda: 0)
+    assert isinstance(replays.plans[key], replay.CallPlan)
     monkeypatch.setattr(knobs.runtime, "launch_enter_hook", lambda metadata: None)
     replays(key, first, record, stream=lambda: 0)
-    assert len(calls) == 2 and log == []
+    assert len(calls) == 3 and log == []
 
 
 # On the GPU: the op itself, replayed against the ordinary path.
@@ -140,7 +144,7 @@ def test_replayed_calls_match_the_ordinary_path(case):
     knobs = dict(is_causal=causal, pv_accum=pv_accum, granularity=granularity, tensor_layout=layout)
     kernels._REPLAYS.plans.clear()
     outs = []
-    for seed in range(3):  # recorded, then replayed twice with new data
+    for seed in range(4):  # the ordinary path, recorded, then replayed twice with new data
         q, k, v = random_qkv(batch, hq, hk, seq, head_dim=d, seed=seed + seq, device="cuda", k_offset=2.0)
         if layout == "NHD":
             q, k, v = (x.transpose(1, 2).contiguous() for x in (q, k, v))
@@ -154,7 +158,7 @@ def test_replayed_calls_match_the_ordinary_path(case):
         assert torch.isfinite(got).all()
         assert torch.equal(got, want)
         outs.append(got)
-    assert not torch.equal(outs[1], outs[2])
+    assert not torch.equal(outs[2], outs[3])
     plans = list(kernels._REPLAYS.plans.values())
     assert len(plans) == 1 and isinstance(plans[0], replay.CallPlan)
 
@@ -164,8 +168,9 @@ def test_replays_follow_aliased_inputs():
     """q is k is v in one call, three tensors in the next: two patterns, each right."""
     kernels._REPLAYS.plans.clear()
     x, k, v = random_qkv(1, 2, 2, 400, head_dim=64, seed=11, device="cuda")
-    for _ in range(2):
+    for _ in range(3):  # each pattern: the ordinary path, recorded, replayed
         for args in ((x, x, x), (x, k, v)):
             got = sage_attn_sm89_fp16(*args)
             assert torch.equal(got, sage_attn_sm89_fp16(*args, return_lse=True)[0])
-    assert len(kernels._REPLAYS.plans) == 2
+    plans = list(kernels._REPLAYS.plans.values())
+    assert len(plans) == 2 and all(isinstance(plan, replay.CallPlan) for plan in plans)

@@ -5,8 +5,8 @@ An eager 1k-token call is host-bound: on an H200 host the quantizer's and the at
 nine allocations and four launches took ≈220 of the call's ≈340 µs, against ≈190-230 µs of GPU
 work (benchmarks/NOTES.md, v9). What a call launches (kernels, grids, scalars, the offsets of its
 scratch buffers) depends only on its pattern: the inputs' shapes, strides, dtypes and 16-byte
-alignment, which inputs share an address, and the knobs. `Replays` records the first call of a
-pattern (`recording`, fed by `Launcher`) into a `CallPlan`; a later call of that pattern allocates
+alignment, which inputs share an address, and the knobs. `Replays` records the second call of a
+pattern (every launch `Launcher` makes) into a `CallPlan`; a later call of that pattern allocates
 one workspace for every scratch buffer and re-issues the compiled kernels with the new addresses
 (≈10 µs per launch; Triton's launcher takes an address as an int).
 
@@ -28,7 +28,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 MAX_PATTERNS = 256  # plans kept; past it the cache starts again
 ALIGN = 256  # bytes between the scratch buffers in a workspace (TMA needs 16)
-_UNPLANNABLE = "unplannable"
+_SEEN_ONCE, _UNPLANNABLE = "seen once", "unplannable"
 _local = threading.local()  # .launches: the list `Launcher` appends to while a call is recorded
 
 
@@ -158,17 +158,23 @@ def _launch_hooks_set() -> bool:
 
 class Replays:
     """``replays(key, inputs, call)`` runs ``call()`` (which launches through `Launcher` only) for
-    ``inputs``: the first time per ``key`` (`pattern`) recorded, after that replayed."""
+    ``inputs``: the first time per ``key`` (`pattern`) as it is, the second time recorded, after
+    that replayed. Building a plan costs ≈130 µs of host time (a CI CPU), so a pattern seen once
+    (shapes that never repeat) is not worth recording."""
 
     def __init__(self):
-        self.plans: dict[tuple, CallPlan | str] = {}
+        self.plans: dict[tuple, CallPlan | str] = {}  # a plan, _SEEN_ONCE or _UNPLANNABLE
 
     def __call__(self, key: tuple, inputs: tuple, call: Callable[[], Any], stream: Callable[[], int]) -> None:
         plan = self.plans.get(key)
         if isinstance(plan, CallPlan) and not _launch_hooks_set():
             plan.replay(inputs, stream())
             return
-        if plan == _UNPLANNABLE or _launch_hooks_set() or getattr(_local, "launches", None) is not None:
+        if plan is None:
+            if len(self.plans) >= MAX_PATTERNS:
+                self.plans.clear()
+            self.plans[key] = _SEEN_ONCE
+        if plan != _SEEN_ONCE or _launch_hooks_set() or getattr(_local, "launches", None) is not None:
             call()
             return
         _local.launches = []
@@ -177,6 +183,4 @@ class Replays:
             recorded = _local.launches
         finally:
             _local.launches = None
-        if len(self.plans) >= MAX_PATTERNS:
-            self.plans.clear()
         self.plans[key] = CallPlan.build(recorded, inputs) or _UNPLANNABLE
