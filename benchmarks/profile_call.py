@@ -4,9 +4,10 @@
 
 Host: the median wall time of each stage called back to back without synchronising (the GPU
 queue absorbs the work, so this is the CPU cost alone), over many calls. GPU: `torch.profiler`'s
-CUDA time of every kernel of one call. A call is host-bound when its host time exceeds its GPU time. ``--cprofile N`` also prints the N
-functions with the most own time over many eager calls (cProfile's overhead inflates small Python
-functions; read it for proportions).
+CUDA time of every kernel of one call. A call is host-bound when its host time exceeds its GPU
+time. ``e2e, no replays`` is the same call with `sageflash.kernels.replay` off. ``--cprofile N``
+also prints the N functions with the most own time over many eager calls (cProfile's overhead
+inflates small Python functions; read it for proportions).
 """
 
 from __future__ import annotations

@@ -185,10 +185,10 @@ def test_kernel_telemetry_follows_the_online_softmax_to_the_lse(monkeypatch, cap
     assert sorted({int(row) for row, *_ in lines}) == [128, 129, 130]
     params = resolve_params(is_causal=causal, smooth_k=False, head_dim=64)
     _, lse = reference.attention(q, k, v, params, return_lse=True)
-    for row, block, m, _, l in lines:
+    for row, block, m, _, row_sum in lines:
         if block == "3":  # the last block: m and l are final, LSE = (m + log2 l) ln 2
-            assert (float(m) + math.log2(float(l))) * math.log(2) == pytest.approx(lse[0, 2, int(row)].item(),
-                                                                                   abs=1e-5)
+            assert (float(m) + math.log2(float(row_sum))) * math.log(2) == pytest.approx(
+                lse[0, 2, int(row)].item(), abs=1e-5)
     monkeypatch.setenv(debug.KERNEL_ITERS, "2")
     op(q, k, v, is_causal=causal, smooth_k=False)
     assert len(re.findall(r"sageflash kernel: .* block [01]:", capsys.readouterr().err)) == 3 * 2

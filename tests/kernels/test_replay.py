@@ -7,6 +7,7 @@ arguments, so the address arithmetic is checked without a GPU.
 
 from __future__ import annotations
 
+import functools
 import gc
 import weakref
 
@@ -14,7 +15,6 @@ import pytest
 import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from conftest import HAS_CUDA
 from helpers import random_qkv
 from sageflash import kernels, sage_attn_sm89_fp16
 from sageflash.kernels import replay
@@ -52,9 +52,9 @@ def test_a_plan_reissues_the_launches_at_the_new_addresses():
     first = _inputs(0)
     replays = replay.Replays()
     key = replay.pattern(first, "knobs")
-    replays(key, first, lambda: _record_call(first, log), stream=lambda: 99)
+    replays(key, first, functools.partial(_record_call, first, log), stream=lambda: 99)
     assert replays.plans[key] == "seen once"  # a pattern seen once is not worth a plan
-    replays(key, first, lambda: _record_call(first, log), stream=lambda: 99)
+    replays(key, first, functools.partial(_record_call, first, log), stream=lambda: 99)
     plan = replays.plans[key]
     assert isinstance(plan, replay.CallPlan) and log == []
     assert plan.workspace_bytes == 2 * 64 * 64 + 1280  # two buffers, each rounded up to 256 bytes

@@ -95,8 +95,8 @@ _REPLAYS = replay.Replays()
 
 
 def _attend_heads(q, k, v, params, return_lse, out, attn_mask):
-    """`_quantize_and_attend`, replayed (`replay`) for a pattern seen before: on CUDA, without
-    ``return_lse`` (whose LSE correction runs torch ops)."""
+    """`_quantize_and_attend`, through `replay` on CUDA (recorded on a pattern's second call,
+    replayed from its third), except with ``return_lse`` (whose LSE correction runs torch ops)."""
     if return_lse or q.device.type != "cuda":
         return _quantize_and_attend(q, k, v, params, return_lse, out, attn_mask)
     inputs = (q, k, v, out, attn_mask)
