@@ -3,7 +3,7 @@
 Triton's ``JITFunction.run`` binds and specialises every argument again on each call and reads
 its knobs: on an H200 host that is ≈30 µs for a 46-argument kernel on top of the ≈20 µs the
 launch itself takes (benchmarks/NOTES.md, v4) — at 1k tokens one attention call launches four
-kernels and is host-bound. `Launcher` keeps the `CompiledKernel` of each argument pattern and
+kernels and was host-bound (`replay` now skips even this path for repeated calls). `Launcher` keeps the `CompiledKernel` of each argument pattern and
 launches it through Triton's API for compiled kernels, ``compiled[grid](*args, stream=...)``.
 
 The pattern (`launch_key`) is finer than Triton's specialisation, which looks at each tensor's
