@@ -3,8 +3,9 @@
 Triton's ``JITFunction.run`` binds and specialises every argument again on each call and reads
 its knobs: on an H200 host that is ≈30 µs for a 46-argument kernel on top of the ≈20 µs the
 launch itself takes (benchmarks/NOTES.md, v4) — at 1k tokens one attention call launches four
-kernels and was host-bound (`replay` now skips even this path for repeated calls). `Launcher` keeps the `CompiledKernel` of each argument pattern and
-launches it through Triton's API for compiled kernels, ``compiled[grid](*args, stream=...)``.
+kernels and was host-bound (`replay` now skips even this path for repeated calls). `Launcher`
+keeps the `CompiledKernel` of each argument pattern and launches it through Triton's API for
+compiled kernels, ``compiled[grid](*args, stream=...)``.
 
 The pattern (`launch_key`) is finer than Triton's specialisation, which looks at each tensor's
 dtype and 16-byte alignment and at whether an int is 1, a multiple of 16 or within int32: tensors
