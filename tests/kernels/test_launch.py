@@ -59,7 +59,7 @@ def test_launch_table():
     assert launch_config(128, 90, fp32_fp32, False, 4096).tma
     assert launch_config(128, 90, fp32_fp16, False, 4096) == LaunchConfig(64, 128, 4, 2, tma=True, max_registers=168)
     assert not launch_config(64, 90, fp32_fp16, False, 4096).tma
-    assert not launch_config(128, 90, fp32_fp32, False, 1024).tma  # host-bound: no descriptors
+    assert not launch_config(128, 90, fp32_fp32, False, 1024).tma  # below TMA_MIN_KEYS
     assert not launch_config(128, 89, fp32_fp32, False, 4096).tma  # Ada has no TMA
     assert not launch_config(256, 90, fp32_fp32, False, 4096).tma
     capped = launch_config(128, 90, fp32_fp16, True, 4096)

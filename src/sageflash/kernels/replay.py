@@ -8,7 +8,8 @@ scratch buffers) depends only on its pattern: the inputs' shapes, strides, dtype
 alignment, which inputs share an address, and the knobs. `Replays` records the second call of a
 pattern (every launch `Launcher` makes) into a `CallPlan`; a later call of that pattern allocates
 one workspace for every scratch buffer and re-issues the compiled kernels with the new addresses
-(≈10 µs per launch; Triton's launcher takes an address as an int).
+(Triton's launcher takes an address as an int): the whole eager 1k call then took 115-150 µs of
+host time, against 265-290 µs without replays.
 
 A plan holds only what the recording can prove: every tensor a kernel got is one of the call's
 inputs (at its own address) or lives in a buffer the call allocated, which the kernels write before
