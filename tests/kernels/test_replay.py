@@ -52,9 +52,9 @@ def test_a_plan_reissues_the_launches_at_the_new_addresses():
     first = _inputs(0)
     replays = replay.Replays()
     key = replay.pattern(first, "knobs")
-    replays(key, first, functools.partial(_record_call, first, log), stream=lambda: 99)
+    replays(key, first, functools.partial(_record_call, first, log), stream=99)
     assert replays.plans[key] == "seen once"  # a pattern seen once is not worth a plan
-    replays(key, first, functools.partial(_record_call, first, log), stream=lambda: 99)
+    replays(key, first, functools.partial(_record_call, first, log), stream=99)
     plan = replays.plans[key]
     assert isinstance(plan, replay.CallPlan) and log == []
     assert plan.workspace_bytes == 2 * 64 * 64 + 1280  # two buffers, each rounded up to 256 bytes
@@ -65,7 +65,7 @@ def test_a_plan_reissues_the_launches_at_the_new_addresses():
 
     second = _inputs(1)
     assert replay.pattern(second, "knobs") == key
-    replays(key, second, lambda: pytest.fail("a plan's pattern must not run the call again"), stream=lambda: 99)
+    replays(key, second, lambda: pytest.fail("a plan's pattern must not run the call again"), stream=99)
     (q, k, v, out, _), (quantize, attend) = second, log
     assert quantize[:7] == (4, 2, 1, 99, "quantize", ("quantize", "metadata"), None)
     payload, scales = quantize[9 + 2], quantize[9 + 3]
@@ -91,11 +91,11 @@ def test_patterns_that_cannot_be_replayed_keep_the_ordinary_path():
 
     key = replay.pattern(first, "offset")
     for _ in range(3):
-        replays(key, first, offset_view, stream=lambda: 0)
+        replays(key, first, offset_view, stream=0)
     assert len(calls) == 3 and replays.plans[key] == "unplannable"
     key = replay.pattern(first, "no launches")
     for _ in range(3):
-        replays(key, first, lambda: calls.append(1), stream=lambda: 0)
+        replays(key, first, lambda: calls.append(1), stream=0)
     assert len(calls) == 6
 
 
@@ -120,10 +120,10 @@ def test_launch_hooks_turn_replays_off(monkeypatch):
     log, calls = [], []
     record = lambda: (calls.append(1), _record_call(first, log))  # noqa: E731
     for _ in range(2):
-        replays(key, first, record, stream=lambda: 0)
+        replays(key, first, record, stream=0)
     assert isinstance(replays.plans[key], replay.CallPlan)
     monkeypatch.setattr(knobs.runtime, "launch_enter_hook", lambda metadata: None)
-    replays(key, first, record, stream=lambda: 0)
+    replays(key, first, record, stream=0)
     assert len(calls) == 3 and log == []
 
 

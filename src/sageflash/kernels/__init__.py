@@ -104,7 +104,7 @@ def _attend_heads(q, k, v, params, return_lse, out, attn_mask):
     device = driver.active.get_current_device()  # where `Launcher` launches
     _REPLAYS(replay.pattern(inputs, params, device), inputs,
              lambda: _quantize_and_attend(q, k, v, params, False, out, attn_mask),
-             stream=lambda: driver.active.get_current_stream(device))
+             stream=driver.active.get_current_stream(device))
     return out
 
 

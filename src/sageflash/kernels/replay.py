@@ -158,18 +158,18 @@ def _launch_hooks_set() -> bool:
 
 
 class Replays:
-    """``replays(key, inputs, call)`` runs ``call()`` (which launches through `Launcher` only) for
-    ``inputs``: the first time per ``key`` (`pattern`) as it is, the second time recorded, after
-    that replayed. Building a plan costs ≈130 µs of host time (a CI CPU), so a pattern seen once
-    (shapes that never repeat) is not worth recording."""
+    """``replays(key, inputs, call, stream)`` runs ``call()`` (which launches through `Launcher`
+    only) for ``inputs``: the first time per ``key`` (`pattern`) as it is, the second time
+    recorded, after that replayed on ``stream``. Building a plan costs ≈130 µs of host time (a CI
+    CPU), so a pattern seen once (shapes that never repeat) is not worth recording."""
 
     def __init__(self):
         self.plans: dict[tuple, CallPlan | str] = {}  # a plan, _SEEN_ONCE or _UNPLANNABLE
 
-    def __call__(self, key: tuple, inputs: tuple, call: Callable[[], Any], stream: Callable[[], int]) -> None:
+    def __call__(self, key: tuple, inputs: tuple, call: Callable[[], Any], stream: int) -> None:
         plan = self.plans.get(key)
         if isinstance(plan, CallPlan) and not _launch_hooks_set():
-            plan.replay(inputs, stream())
+            plan.replay(inputs, stream)
             return
         if plan is None:
             if len(self.plans) >= MAX_PATTERNS:
