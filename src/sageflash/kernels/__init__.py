@@ -20,9 +20,7 @@ if interpreter_enabled():
     check_numpy()
     install_gpu_arithmetic()
 
-from . import replay  # noqa: E402
-from .attention import attention_from_payloads  # noqa: E402
-from .quant import quantize_qk, quantize_qkv, quantize_v  # noqa: E402
+from . import attention as _attention, quant as _quant, replay  # noqa: E402
 
 MIN_CAPABILITY = (8, 9)  # fp8 e4m3 tensor cores: Ada (sm_89) and Hopper (sm_90)
 
@@ -51,6 +49,25 @@ def check_device(device: torch.device) -> None:
         raise UnsupportedDeviceError(f"{reason}. Use backend='reference' to run the CPU reference instead.")
 
 
+def _on_tensor_device(fn):
+    """``fn`` run with its first argument's CUDA device current: Triton, `Launcher` and the replays
+    launch on the current device, so a tensor on ``cuda:1`` while ``cuda:0`` is current would
+    otherwise be read by a kernel on the wrong GPU."""
+    @functools.wraps(fn)
+    def on_device(x, *args, **kwargs):
+        if x.is_cuda and x.device.index != torch.cuda.current_device():
+            with torch.cuda.device(x.device):
+                return fn(x, *args, **kwargs)
+        return fn(x, *args, **kwargs)
+    return on_device
+
+
+attention_from_payloads = _on_tensor_device(_attention.attention_from_payloads)
+quantize_qk = _on_tensor_device(_quant.quantize_qk)
+quantize_qkv = _on_tensor_device(_quant.quantize_qkv)
+quantize_v = _on_tensor_device(_quant.quantize_v)
+
+
 # Calls whose q, k and v take at least CHUNKED_FROM_BYTES quantize and attend in KV-head chunks,
 # so that payloads of at most PAYLOAD_FRACTION of those bytes are alive at once: peak extra memory
 # ~0.33x (the output) + 0.2x (three chunks of fp16 inputs) + statistics, against 0.33x + 0.5x in
@@ -69,6 +86,7 @@ def kv_head_chunks(q, k, v) -> int:
     return min(k.shape[1], groups.cdiv(payload_bytes, int(PAYLOAD_FRACTION * input_bytes)))
 
 
+@_on_tensor_device
 def attention(q, k, v, params, return_lse: bool = False, out=None, attn_mask=None):
     """Quantize Q, K and V, then run the attention kernel; large calls in `kv_head_chunks` pieces,
     with the same result (every quantization statistic is per batch and KV head)."""
@@ -111,10 +129,10 @@ def _attend_heads(q, k, v, params, return_lse, out, attn_mask):
 def _quantize_and_attend(q, k, v, params, return_lse, out, attn_mask):
     """Quantize Q, K and V together (three launches), then run the attention kernel; the payloads
     are freed on return."""
-    q_int8, q_scale, k_int8, k_scale, km, v_fp8, v_scale, v_mean = quantize_qkv(
+    q_int8, q_scale, k_int8, k_scale, km, v_fp8, v_scale, v_mean = _quant.quantize_qkv(
         q, k, v, granularity=params.granularity, smooth_k=params.smooth_k,
         pv_accum=params.pv_accum, smooth_v=params.smooth_v)
-    return attention_from_payloads(
+    return _attention.attention_from_payloads(
         q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_mean, params=params,
         seq_q=q.shape[2], seq_k=k.shape[2], head_dim=q.shape[-1], out_dtype=q.dtype,
         q=q, km=km, return_lse=return_lse, out=out, attn_mask=attn_mask)
