@@ -13,7 +13,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from conftest import HAS_CUDA, nmse
 from sageflash import kernels, reference
-from sageflash.kernels.attention import LaunchConfig, _tma_addressable, attention_from_payloads, launch_config
+from sageflash.kernels.attention import _HOPPER, LaunchConfig, _tma_addressable, attention_from_payloads, launch_config
 from sageflash.kernels.launch import launch_key
 from sageflash.params import PVAccum, resolve_params
 
@@ -56,17 +56,20 @@ def test_tma_loads_match_pointer_loads(shape, pv_accum):
 
 def test_launch_table():
     fp32_fp32, fp32_fp16 = PVAccum.FP32_FP32.code, PVAccum.FP32_FP16.code
-    assert launch_config(128, 90, fp32_fp32, False, 4096).tma
-    assert launch_config(128, 90, fp32_fp16, False, 4096) == LaunchConfig(64, 128, 4, 2, tma=True, max_registers=168)
-    assert not launch_config(64, 90, fp32_fp16, False, 4096).tma
+    assert launch_config(128, 90, fp32_fp32, False, 4096) == LaunchConfig(64, 128, 4, 3, tma=True)
+    for causal in (False, True):  # from 1k keys
+        for keys in (1024, 4096):
+            assert launch_config(128, 90, fp32_fp16, causal, keys) == LaunchConfig(64, 128, 4, 2, True, 168)
+        assert launch_config(128, 90, fp32_fp16, causal, 512) == LaunchConfig(64, 128, 4, 3)
+    assert launch_config(64, 90, fp32_fp16, False, 4096) == LaunchConfig(64, 128, 4, 2, True, 168)
+    assert launch_config(64, 90, fp32_fp32, False, 4096) == LaunchConfig(64, 128, 4, 4, tma=True)
     assert not launch_config(128, 90, fp32_fp32, False, 1024).tma  # below TMA_MIN_KEYS
     assert not launch_config(128, 89, fp32_fp32, False, 4096).tma  # Ada has no TMA
+    assert not launch_config(128, 89, fp32_fp16, False, 1024).tma
     assert not launch_config(256, 90, fp32_fp32, False, 4096).tma
-    capped = launch_config(128, 90, fp32_fp16, True, 4096)
-    assert (capped.tma, capped.num_stages, capped.max_registers) == (True, 2, 168)
-    assert launch_config(128, 90, fp32_fp16, True, 1024).max_registers is None
     assert launch_config(64, 90, fp32_fp32, True, 4096).tma
     assert launch_config(64, 90, fp32_fp16, True, 4096) == LaunchConfig(64, 128, 4, 2, max_registers=168)
+    assert launch_config(64, 90, PVAccum.FP32.code, False, 4096) == LaunchConfig(64, 128, 4, 4)
     assert launch_config(64, 89, fp32_fp32, False, 4096) == LaunchConfig(64, 128, 4, 4)
     assert launch_config(64, 89, fp32_fp32, False, 1024).max_registers is None  # not measured on Ada
     for pv_mode in (fp32_fp32, fp32_fp16):  # a 168-register cap below TMA_MIN_KEYS (D=64, Hopper)
@@ -189,3 +192,31 @@ def test_cuda_graph_replays_the_op(seq, head_dim, pv_accum, causal):
         for static, new in zip((q, k, v), draw()):
             static.copy_(new)
     assert not torch.equal(replay(), out)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("row", sorted(_HOPPER), ids=lambda r: "d{}-pv{}-causal{}".format(*r))
+def test_every_hopper_launch_row_matches_the_reference(row):
+    """Each row of the Hopper launch table, from its first key count and at a ragged length past
+    it, gives the reference's output."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("Hopper launches (TMA)")
+    head_dim, pv_mode, causal = row
+    pv_accum = next(mode for mode in PVAccum if mode.code == pv_mode)
+    min_keys = _HOPPER[row][0]
+    for seq in (min_keys, min_keys + 37):
+        gen = torch.Generator().manual_seed(seq + head_dim)
+        q, k, v = (torch.randn(1, 2, seq, head_dim, generator=gen).half() for _ in range(3))
+        params = resolve_params(None, causal, True, False, pv_accum, "per_thread", head_dim=head_dim)
+        payloads = kernels.quantize_qkv(q.cuda(), k.cuda(), v.cuda(), granularity=params.granularity,
+                                        smooth_k=True, pv_accum=params.pv_accum)
+        q8, qs, k8, ks, _, v8, vs, vm = payloads
+        out = torch.full(q.shape, float("nan"), dtype=q.dtype, device="cuda")
+        attention_from_payloads(q8, qs, k8, ks, v8, vs, vm, params=params, seq_q=seq, seq_k=seq,
+                                head_dim=head_dim, out_dtype=q.dtype, out=out,
+                                launch=launch_config(head_dim, 90, pv_mode, causal, seq))
+        ref = reference.attention_from_payloads(*(None if x is None else x.cpu() for x in (q8, qs, k8, ks, v8, vs, vm)),
+                                                params=params,
+                                                seq_q=seq, seq_k=seq, head_dim=head_dim, out_dtype=q.dtype)
+        assert torch.isfinite(out).all()
+        assert nmse(out.cpu(), ref) <= 1e-5, (row, seq)

@@ -28,16 +28,29 @@ LONG_FP32_KEYS = 8192  # pv_accum='fp32' on Hopper past this many keys: warned o
 
 
 @triton.jit
-def _softmax_step(acc, m_i, l_i, x, x_scale, v, PV_MODE: tl.constexpr):
-    """SPEC §5 for one 64-key block whose log2-domain logits are ``x * x_scale[:, None]``.
+def _softmax_step(acc, m_i, l_i, x, x_scale, v, PV_MODE: tl.constexpr, GROUPED: tl.constexpr):
+    """SPEC §5 for one 64-key block whose log2-domain logits are ``x * x_scale[:, None]``, or with
+    GROUPED ``x[:, j] * x_scale[:, (j % 8) // 2]`` (per_thread's 4 K groups within a block).
 
-    ``x_scale`` (> 0, per row) stays outside the row max, which is exact for a positive factor,
-    and goes into exp2 as one FMA; hidden keys hold x = -inf.
+    ``x_scale`` (> 0) stays outside the maxima, which is exact for a positive factor (with GROUPED
+    each group's max is scaled, once per row), and goes into exp2 as one FMA; hidden keys hold
+    x = -inf. The wgmma accumulator gives a thread one group's columns, so on sm_90 the grouped
+    view ``[rows, 8, 4, 2]`` (key 8a + 2g + b at [:, a, g, b]) moves no data (checked in the SASS:
+    no shared-memory traffic; sm_89's loop gained some shuffles, and lost more multiplies).
     """
-    m_new = tl.maximum(m_i, tl.max(x, axis=1) * x_scale - FP8_OFFSET_LOG2)
+    rows_n: tl.constexpr = x.shape[0]
+    if GROUPED:
+        xg = tl.reshape(x, [rows_n, BLOCK_N // 8, 4, 2])
+        m_new = tl.maximum(m_i, tl.max(tl.max(tl.max(xg, axis=3), axis=1) * x_scale, axis=1) - FP8_OFFSET_LOG2)
+    else:
+        m_new = tl.maximum(m_i, tl.max(x, axis=1) * x_scale - FP8_OFFSET_LOG2)
     m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows with no visible key yet
     alpha = tl.math.exp2(m_i - m_safe)
-    p = tl.math.exp2(tl.fma(x, x_scale[:, None], -m_safe[:, None]))
+    if GROUPED:
+        p = tl.math.exp2(tl.fma(xg, x_scale[:, None, :, None], -m_safe[:, None, None, None]))
+        p = tl.reshape(p, [rows_n, BLOCK_N])
+    else:
+        p = tl.math.exp2(tl.fma(x, x_scale[:, None], -m_safe[:, None]))
     l_i = l_i * alpha + tl.sum(p, axis=1)
     p8 = p.to(tl.float8e4nv)
     if PV_MODE == 0:  # PVAccum.FP32.code: one running accumulator, accumulated by the tensor cores
@@ -90,6 +103,24 @@ def _load_v_block(v_src, v_row, start, dims, seq_k, stride_vd, MASKED: tl.conste
 
 
 @triton.jit
+def _block_scale(row_scale, ks_base, start, seq_k, PER_THREAD: tl.constexpr, ADDITIVE: tl.constexpr,
+                 MASKED: tl.constexpr):
+    """`_softmax_step`'s logit scale of the 64-key block from ``start``: the row scale times the
+    block's K scales, ``[rows, 4]`` per_thread (one per group), ``[rows]`` per_warp (one per block);
+    1 where an additive mask already scaled the logits by both. In a MASKED step, a block past
+    the keys (all -inf) takes K scale 1."""
+    present = start < seq_k if MASKED else None
+    absent_scale = 1.0 if MASKED else None
+    if ADDITIVE:
+        return tl.full([row_scale.shape[0]], 1.0, tl.float32)
+    elif PER_THREAD:
+        ks = tl.load(ks_base + k_group(start, PER_THREAD) + tl.arange(0, 4), mask=present, other=absent_scale)
+        return row_scale[:, None] * ks[None, :]
+    else:
+        return row_scale * tl.load(ks_base + k_group(start, PER_THREAD), mask=present, other=absent_scale)
+
+
+@triton.jit
 def _attend_block(acc, m_i, l_i, q, row_scale, rows, start, k_src, k_row, ks_base, v_src, v_row,
                   seq_k, causal_offset, stride_ks, stride_vd, mask_base, stride_mq, stride_mk, seq_q,
                   D: tl.constexpr, KEYS: tl.constexpr, PER_THREAD: tl.constexpr,
@@ -106,31 +137,36 @@ def _attend_block(acc, m_i, l_i, q, row_scale, rows, start, k_src, k_row, ks_bas
     cols = start + tl.arange(0, KEYS)
     k = _load_k_block(k_src, k_row, start, cols, dims, seq_k, stride_ks, MASKED, USE_TMA)
     x = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
-    x = x * tl.load(ks_base + k_group(cols, PER_THREAD))[None, :]
-    x_scale = row_scale
+    # The K scales join the row scale per 64-key block (`_block_scale`), so a score is scaled in
+    # exp2's FMA and not by a multiply of its own; an additive mask needs the logits scaled before
+    # its bias, so it scales each score.
+    ADDITIVE: tl.constexpr = HAS_MASK and not MASK_BOOL
+    GROUPED: tl.constexpr = PER_THREAD and not ADDITIVE
     if HAS_MASK:
         bias = tl.load(mask_base + rows[:, None].to(tl.int64) * stride_mq
                        + cols[None, :].to(tl.int64) * stride_mk,
                        mask=(rows < seq_q)[:, None] & (cols < seq_k)[None, :], other=0)
         if MASK_BOOL:
             x = tl.where(bias != 0, x, -float("inf"))
-        else:  # the bias joins the scaled logits, so the row scale is applied here
-            x = tl.fma(x, row_scale[:, None], bias.to(tl.float32) * LOG2E)
-            x_scale = tl.full([x.shape[0]], 1.0, tl.float32)
+        else:  # the bias joins the scaled logits, so the scales apply here (the same products)
+            k_scale = tl.load(ks_base + k_group(cols, PER_THREAD), mask=cols < seq_k, other=1.0)
+            scale = row_scale[:, None] * k_scale[None, :]
+            x = tl.fma(x, scale, bias.to(tl.float32) * LOG2E)
     if MASKED:
         visible = (cols < seq_k)[None, :]
         if IS_CAUSAL:
             visible = visible & (cols[None, :] <= rows[:, None] + causal_offset)
         x = tl.where(visible, x, -float("inf"))
+    v = _load_v_block(v_src, v_row, start, dims, seq_k, stride_vd, MASKED, USE_TMA)
+    x_scale = _block_scale(row_scale, ks_base, start, seq_k, PER_THREAD, ADDITIVE, MASKED)
     if KEYS == BLOCK_N:
-        v = _load_v_block(v_src, v_row, start, dims, seq_k, stride_vd, MASKED, USE_TMA)
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, x, x_scale, v, PV_MODE)
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, x, x_scale, v, PV_MODE, GROUPED)
     else:
         x0, x1 = tl.split(tl.permute(tl.reshape(x, [x.shape[0], 2, BLOCK_N]), (0, 2, 1)))
-        v = _load_v_block(v_src, v_row, start, dims, seq_k, stride_vd, MASKED, USE_TMA)
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, x0, x_scale, v, PV_MODE)
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, x0, x_scale, v, PV_MODE, GROUPED)
         v = _load_v_block(v_src, v_row, start + BLOCK_N, dims, seq_k, stride_vd, MASKED, USE_TMA)
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, x1, x_scale, v, PV_MODE)
+        x_scale = _block_scale(row_scale, ks_base, start + BLOCK_N, seq_k, PER_THREAD, ADDITIVE, MASKED)
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, x1, x_scale, v, PV_MODE, GROUPED)
     return acc, m_i, l_i
 
 
@@ -215,20 +251,22 @@ class LaunchConfig(NamedTuple):
     max_registers: int | None = None  # Triton's maxnreg: a cap that fits more programs per SM
 
 
-TMA_MIN_KEYS = 2048  # below, TMA measured slower or within 5% (H200: v4, v7 and v9)
-# Hopper launches past TMA_MIN_KEYS by (padded head dim, pv_accum code, causal), as
-# (tma, num_stages, max_registers); other keys take the default 64x128 tile below with pointer
-# loads. Measured on an H200, kernel-only, 4k and 16k keys (benchmarks/NOTES.md v4 and v7).
+TMA_MIN_KEYS = 2048  # below, TMA measured slower or within 5% (H200: v4, v7, v9), except rows below
+# Hopper launches by (padded head dim, pv_accum code, causal), as (min_keys, tma, num_stages,
+# max_registers), for calls of at least min_keys keys; other calls take the default 64x128 tile
+# below with pointer loads. Measured on an H200, kernel-only (benchmarks/NOTES.md v4, v7, v9 and
+# v10: the rows were re-measured after v10's grouped K scales).
 _FP32, _FP32_FP32, _FP32_FP16 = (mode.code for mode in (PVAccum.FP32, PVAccum.FP32_FP32, PVAccum.FP32_FP16))
-_HOPPER_LONG = {
-    (128, _FP32_FP32, False): (True, 3, None),  # TMA: +5-15%
-    (128, _FP32_FP32, True): (True, 3, None),
-    (128, _FP32_FP16, False): (True, 2, 168),  # the same: +4-10% at 2k-16k (v9; v7's 16k run: -3%)
-    (128, _FP32_FP16, True): (True, 2, 168),  # 3 programs per SM (17 spill stores): +5-9%
-    (64, _FP32_FP32, False): (False, 2, 168),  # 2 stages under a 168-register cap: +6-9% (uncapped: -6-10%)
-    (64, _FP32_FP32, True): (True, 4, None),  # TMA: +4-12%
-    (64, _FP32_FP16, True): (False, 2, 168),  # as above: +3-6% (uncapped: -27-40%)
-    (64, _FP32, True): (True, 4, None),
+_HOPPER = {
+    (128, _FP32_FP32, False): (TMA_MIN_KEYS, True, 3, None),  # TMA: +5-15%
+    (128, _FP32_FP32, True): (TMA_MIN_KEYS, True, 3, None),
+    (128, _FP32_FP16, False): (1024, True, 2, 168),  # 3 programs per SM: +4-10% at 2k-16k, +15% at 1k (v10)
+    (128, _FP32_FP16, True): (1024, True, 2, 168),  # the same (17 spill stores): +5-9%, +15% at 1k (v10)
+    (64, _FP32_FP32, False): (TMA_MIN_KEYS, True, 4, None),  # TMA: +3-4% (v10; before v10 2 stages, <=168)
+    (64, _FP32_FP32, True): (TMA_MIN_KEYS, True, 4, None),  # TMA: +4-12%
+    (64, _FP32_FP16, False): (TMA_MIN_KEYS, True, 2, 168),  # +10-11% (v10)
+    (64, _FP32_FP16, True): (TMA_MIN_KEYS, False, 2, 168),  # 2 stages under a 168-register cap: +3-6%
+    (64, _FP32, True): (TMA_MIN_KEYS, True, 4, None),
 }
 # Hopper launches below TMA_MIN_KEYS that cap the registers, by (padded head dim, pv_accum code).
 # D=64 under 168 registers: +7-13% at 1k for fp32+fp32 and causal fp32+fp16, the rest within 3%
@@ -242,22 +280,23 @@ def launch_config(padded_dim: int, capability: int, pv_mode: int, is_causal: boo
     """The launch for a padded head dim, a compute capability (major*10+minor), the pv_accum code,
     causality and the key count.
 
-    Measured on an H200 (benchmarks/NOTES.md, v2, v4, v7 and v8): a 64-row tile with 128-key steps
-    and 4 warps beats every 128-row or 8-warp variant at D=64 and D=128, with 4 stages at D=64 and
-    3 at D=128; on Hopper, `_HOPPER_SHORT_REGISTERS` caps the registers of short calls and, past
-    TMA_MIN_KEYS, `_HOPPER_LONG` changes the loads, stages or register cap where that measured
-    faster. Warp specialisation crashed Triton 3.6's compiler or changed nothing; an experimental
-    Gluon kernel with QK overlapping the softmax was 2-33% slower (v7).
+    Measured on an H200 (benchmarks/NOTES.md, v2, v4, v7, v8 and v10): a 64-row tile with 128-key
+    steps and 4 warps beats every 128-row or 8-warp variant at D=64 and D=128, with 4 stages at
+    D=64 and 3 at D=128; on Hopper, `_HOPPER` changes the loads, stages or register cap where that
+    measured faster, and `_HOPPER_SHORT_REGISTERS` caps the registers of the other short calls.
+    Warp specialisation crashed Triton 3.6's compiler or changed nothing; an experimental Gluon
+    kernel with QK overlapping the softmax was 2-33% slower (v7).
     """
     if padded_dim == 256:  # a 64x256 fp32 accumulator: 8 warps keep the spills to the D=128 level
         return LaunchConfig(64, 64, 8, 2)
     default = LaunchConfig(64, 128, 4, 4 if padded_dim == 64 else 3)
     if capability < 90:
         return default
-    if seq_k < TMA_MIN_KEYS:
-        return default._replace(max_registers=_HOPPER_SHORT_REGISTERS.get((padded_dim, pv_mode)))
-    tma, stages, registers = _HOPPER_LONG.get((padded_dim, pv_mode, is_causal), (False, default.num_stages, None))
-    return default._replace(tma=tma, num_stages=stages, max_registers=registers)
+    min_keys, tma, stages, registers = _HOPPER.get((padded_dim, pv_mode, is_causal),
+                                                   (TMA_MIN_KEYS, False, default.num_stages, None))
+    if seq_k >= min_keys:
+        return default._replace(tma=tma, num_stages=stages, max_registers=registers)
+    return default._replace(max_registers=_HOPPER_SHORT_REGISTERS.get((padded_dim, pv_mode)))
 
 
 def _tma_addressable(*payloads) -> bool:
