@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import sageflash
+from sageflash import kernels
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poisoned_cuda_allocator")]
 
@@ -28,4 +29,6 @@ def test_tensors_on_another_device_than_the_current_one(causal):
             assert out.device == q.device
             assert torch.equal(out, expected)
         q8, *_ = sageflash.quantize_qk(q, k, granularity="per_thread", smooth_k=True)
-        assert q8.device == q.device
+        v8 = kernels.quantize_qkv(None, None, v, granularity="per_thread", smooth_k=False,
+                                  pv_accum="fp32+fp16")[5]
+        assert q8.device == v8.device == q.device

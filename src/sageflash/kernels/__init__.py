@@ -50,15 +50,16 @@ def check_device(device: torch.device) -> None:
 
 
 def _on_tensor_device(fn):
-    """``fn`` run with its first argument's CUDA device current: Triton, `Launcher` and the replays
-    launch on the current device, so a tensor on ``cuda:1`` while ``cuda:0`` is current would
-    otherwise be read by a kernel on the wrong GPU."""
+    """``fn`` run with the CUDA device of its first tensor argument current: Triton, `Launcher` and
+    the replays launch on the current device, so a tensor on ``cuda:1`` while ``cuda:0`` is current
+    would otherwise be read by a kernel on the wrong GPU."""
     @functools.wraps(fn)
-    def on_device(x, *args, **kwargs):
-        if x.is_cuda and x.device.index != torch.cuda.current_device():
-            with torch.cuda.device(x.device):
-                return fn(x, *args, **kwargs)
-        return fn(x, *args, **kwargs)
+    def on_device(*args, **kwargs):
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        if device.type == "cuda" and device.index != torch.cuda.current_device():
+            with torch.cuda.device(device):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
     return on_device
 
 
