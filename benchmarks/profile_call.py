@@ -49,36 +49,35 @@ def host_us(fn, calls: int = CALLS) -> float:
     return statistics.median(samples)
 
 
-def gpu_kernels(fn) -> list[tuple[str, float]]:
-    """(kernel name, CUDA microseconds) of one call of ``fn``."""
+def cuda_events(warm_up, run) -> list:
+    """`torch.profiler`'s CUDA kernel events of ``run()``, profiled after one ``warm_up()``."""
     from torch.profiler import ProfilerActivity, profile
 
-    fn()
+    warm_up()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
+        run()
         torch.cuda.synchronize()
-    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return [(e.name[:60], e.device_time_total) for e in events]
+    return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def gpu_kernels(fn) -> list[tuple[str, float]]:
+    """(kernel name, CUDA microseconds) of one call of ``fn``."""
+    return [(e.name[:60], e.device_time_total) for e in cuda_events(fn, fn)]
 
 
 def call_timelines(fn, calls: int = 10) -> list[list[tuple[str, float, float]]]:
     """Each of ``calls`` calls of ``fn``, each after an L2 flush as in `triton.testing.do_bench`, as
     its kernels' (name, start µs, end µs); the flush kernels separate the calls."""
-    from torch.profiler import ProfilerActivity, profile
-
     flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+
+    def flushed_calls():
         for _ in range(calls):
             flush.zero_()
             fn()
-        torch.cuda.synchronize()
-    kernels_ = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-                      if e.device_type == torch.autograd.DeviceType.CUDA)
+    events = sorted((e.time_range.start, e.time_range.end, e.name) for e in cuda_events(fn, flushed_calls))
     timelines, current = [], None
-    for start, end, name in kernels_:
+    for start, end, name in events:
         if "fill" in name.lower():  # the flush
             current = []
             timelines.append(current)

@@ -202,7 +202,7 @@ def test_every_hopper_launch_row_matches_the_reference(row):
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("Hopper launches (TMA)")
     head_dim, pv_mode, causal = row
-    pv_accum = next(mode for mode in PVAccum if mode.code == pv_mode)
+    pv_accum = PVAccum.parse(pv_mode, "pv_accum")
     min_keys = _HOPPER[row][0]
     for seq in (min_keys, min_keys + 37):
         gen = torch.Generator().manual_seed(seq + head_dim)
