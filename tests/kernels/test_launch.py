@@ -56,14 +56,15 @@ def test_tma_loads_match_pointer_loads(shape, pv_accum):
 
 def test_launch_table():
     fp32_fp32, fp32_fp16 = PVAccum.FP32_FP32.code, PVAccum.FP32_FP16.code
-    assert launch_config(128, 90, fp32_fp32, False, 4096) == LaunchConfig(64, 128, 4, 3, tma=True)
-    for causal in (False, True):  # from 1k keys
+    for causal in (False, True):  # D=128 from 1k keys
         for keys in (1024, 4096):
             assert launch_config(128, 90, fp32_fp16, causal, keys) == LaunchConfig(64, 128, 4, 2, True, 168)
+            assert launch_config(128, 90, fp32_fp32, causal, keys) == LaunchConfig(64, 128, 4, 3, tma=True)
         assert launch_config(128, 90, fp32_fp16, causal, 512) == LaunchConfig(64, 128, 4, 3)
+        assert launch_config(128, 90, fp32_fp32, causal, 512) == LaunchConfig(64, 128, 4, 3)
     assert launch_config(64, 90, fp32_fp16, False, 4096) == LaunchConfig(64, 128, 4, 2, True, 168)
     assert launch_config(64, 90, fp32_fp32, False, 4096) == LaunchConfig(64, 128, 4, 4, tma=True)
-    assert not launch_config(128, 90, fp32_fp32, False, 1024).tma  # below TMA_MIN_KEYS
+    assert not launch_config(64, 90, fp32_fp32, False, 1024).tma  # below TMA_MIN_KEYS
     assert not launch_config(128, 89, fp32_fp32, False, 4096).tma  # Ada has no TMA
     assert not launch_config(128, 89, fp32_fp16, False, 1024).tma
     assert not launch_config(256, 90, fp32_fp32, False, 4096).tma

@@ -32,27 +32,28 @@ def _softmax_step(acc, m_i, l_i, x, x_scale, v, PV_MODE: tl.constexpr, GROUPED: 
     """SPEC §5 for one 64-key block whose log2-domain logits are ``x * x_scale[:, None]``, or with
     GROUPED ``x[:, j] * x_scale[:, (j % 8) // 2]`` (per_thread's 4 K groups within a block).
 
-    ``x_scale`` (> 0) stays outside the maxima, which is exact for a positive factor (with GROUPED
-    each group's max is scaled, once per row), and goes into exp2 as one FMA; hidden keys hold
-    x = -inf. The wgmma accumulator gives a thread one group's columns, so on sm_90 the grouped
-    view ``[rows, 8, 4, 2]`` (key 8a + 2g + b at [:, a, g, b]) moves no data (checked in the SASS:
-    no shared-memory traffic; sm_89's loop gained some shuffles, and lost more multiplies).
+    The scores are viewed as ``[rows, 8, 4, 2]`` (key 8a + 2g + b at [:, a, g, b]): the wgmma/mma
+    accumulator gives a thread only columns of one g, so the view moves no data on sm_90 (checked
+    in the SASS; sm_89's per_warp loop gains a few shuffles). ``x_scale`` (> 0) stays outside the
+    maxima, which is exact for a positive factor (with GROUPED each group's max is scaled, once
+    per row), and goes into exp2 as one FMA; hidden keys hold x = -inf. ``l_i`` is ``[rows, 4]``:
+    each thread's partial row sums, added across the 4 lanes of a row once, after the last block.
     """
     rows_n: tl.constexpr = x.shape[0]
+    xg = tl.reshape(x, [rows_n, BLOCK_N // 8, 4, 2])
+    group_max = tl.max(tl.max(xg, axis=3), axis=1)
     if GROUPED:
-        xg = tl.reshape(x, [rows_n, BLOCK_N // 8, 4, 2])
-        m_new = tl.maximum(m_i, tl.max(tl.max(tl.max(xg, axis=3), axis=1) * x_scale, axis=1) - FP8_OFFSET_LOG2)
+        block_max = tl.max(group_max * x_scale, axis=1)
+        scale = x_scale[:, None, :, None]
     else:
-        m_new = tl.maximum(m_i, tl.max(x, axis=1) * x_scale - FP8_OFFSET_LOG2)
+        block_max = tl.max(group_max, axis=1) * x_scale
+        scale = x_scale[:, None, None, None]
+    m_new = tl.maximum(m_i, block_max - FP8_OFFSET_LOG2)
     m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows with no visible key yet
     alpha = tl.math.exp2(m_i - m_safe)
-    if GROUPED:
-        p = tl.math.exp2(tl.fma(xg, x_scale[:, None, :, None], -m_safe[:, None, None, None]))
-        p = tl.reshape(p, [rows_n, BLOCK_N])
-    else:
-        p = tl.math.exp2(tl.fma(x, x_scale[:, None], -m_safe[:, None]))
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    p8 = p.to(tl.float8e4nv)
+    p = tl.math.exp2(tl.fma(xg, scale, -m_safe[:, None, None, None]))
+    l_i = l_i * alpha[:, None] + tl.sum(tl.sum(p, axis=3), axis=1)
+    p8 = tl.reshape(p, [rows_n, BLOCK_N]).to(tl.float8e4nv)
     if PV_MODE == 0:  # PVAccum.FP32.code: one running accumulator, accumulated by the tensor cores
         acc = tl.dot(p8, v, acc * alpha[:, None])
     elif PV_MODE == 1:  # fp32+fp32: a fresh fp32 accumulator per key block
@@ -204,7 +205,7 @@ def _attention_kernel(Q8, QS, K8, KS, V8, VS, VM, Out, LSE, Mask,
     mask_base = Mask + batch.to(tl.int64) * stride_mb + head.to(tl.int64) * stride_mh
 
     m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+    l_i = tl.zeros([BLOCK_M, 4], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     # Keys [0, full_end) are visible to every row of the tile; [full_end, key_end) need masks.
     full_end = seq_k // KEYS * KEYS
@@ -226,6 +227,7 @@ def _attention_kernel(Q8, QS, K8, KS, V8, VS, VM, Out, LSE, Mask,
                                       PER_THREAD, PV_MODE, True, IS_CAUSAL, HAS_MASK, MASK_BOOL,
                                       USE_TMA)
 
+    l_i = tl.sum(l_i, axis=1)  # the lanes' partial row sums (`_softmax_step`)
     bh = (batch * kv_heads + kv_head).to(tl.int64) * D
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None] * tl.load(VS + bh + dims)[None, :]
     if SMOOTH_V:
@@ -255,11 +257,11 @@ TMA_MIN_KEYS = 2048  # below, TMA measured slower or within 5% (H200: v4, v7, v9
 # Hopper launches by (padded head dim, pv_accum code, causal), as (min_keys, tma, num_stages,
 # max_registers), for calls of at least min_keys keys; other calls take the default 64x128 tile
 # below with pointer loads. Measured on an H200, kernel-only (benchmarks/NOTES.md v4, v7, v9 and
-# v10: the rows were re-measured after v10's grouped K scales).
+# v10: the rows were re-measured after v10's grouped K scales; v11: D=128 fp32+fp32 from 1k).
 _FP32, _FP32_FP32, _FP32_FP16 = (mode.code for mode in (PVAccum.FP32, PVAccum.FP32_FP32, PVAccum.FP32_FP16))
 _HOPPER = {
-    (128, _FP32_FP32, False): (TMA_MIN_KEYS, True, 3, None),  # TMA: +5-15%
-    (128, _FP32_FP32, True): (TMA_MIN_KEYS, True, 3, None),
+    (128, _FP32_FP32, False): (1024, True, 3, None),  # TMA: +5-15%; at 1k +11% (v11: no pointer-load spills)
+    (128, _FP32_FP32, True): (1024, True, 3, None),  # the same; at 1k +18% (v11)
     (128, _FP32_FP16, False): (1024, True, 2, 168),  # 3 programs per SM: +4-10% at 2k-16k, +15% at 1k (v10)
     (128, _FP32_FP16, True): (1024, True, 2, 168),  # the same (17 spill stores): +5-9%, +15% at 1k (v10)
     (64, _FP32_FP32, False): (TMA_MIN_KEYS, True, 4, None),  # TMA: +3-4% (v10; before v10 2 stages, <=168)
