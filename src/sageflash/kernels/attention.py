@@ -24,6 +24,9 @@ from .quant import k_group, q_group
 BLOCK_N = tl.constexpr(groups.K_TILE)  # keys per running-max block (SPEC §5)
 LOG2E = tl.constexpr(groups.LOG2E)  # additive attn_mask values are natural-log offsets
 FP8_OFFSET_LOG2 = tl.constexpr(groups.FP8_OFFSET_LOG2)
+# per_thread's K scale groups per 64-key block, (j % 8) // 2: the 4 lanes of a warp that share an
+# accumulator row hold one group each, which `_softmax_step`'s view of the scores relies on.
+ROW_LANES = tl.constexpr(groups.groups_per_tile(groups.k_group, groups.K_TILE, True))
 LONG_FP32_KEYS = 8192  # pv_accum='fp32' on Hopper past this many keys: warned once (drift, see below)
 
 
@@ -36,11 +39,11 @@ def _softmax_step(acc, m_i, l_i, x, x_scale, v, PV_MODE: tl.constexpr, GROUPED: 
     accumulator gives a thread only columns of one g, so the view moves no data on sm_90 (checked
     in the SASS; sm_89's per_warp loop gains a few shuffles). ``x_scale`` (> 0) stays outside the
     maxima, which is exact for a positive factor (with GROUPED each group's max is scaled, once
-    per row), and goes into exp2 as one FMA; hidden keys hold x = -inf. ``l_i`` is ``[rows, 4]``:
+    per row), and goes into exp2 as one FMA; hidden keys hold x = -inf. ``l_i`` is ``[rows, ROW_LANES]``:
     each thread's partial row sums, added across the 4 lanes of a row once, after the last block.
     """
     rows_n: tl.constexpr = x.shape[0]
-    xg = tl.reshape(x, [rows_n, BLOCK_N // 8, 4, 2])
+    xg = tl.reshape(x, [rows_n, BLOCK_N // (2 * ROW_LANES), ROW_LANES, 2])
     group_max = tl.max(tl.max(xg, axis=3), axis=1)
     if GROUPED:
         block_max = tl.max(group_max * x_scale, axis=1)
@@ -115,7 +118,7 @@ def _block_scale(row_scale, ks_base, start, seq_k, PER_THREAD: tl.constexpr, ADD
     if ADDITIVE:
         return tl.full([row_scale.shape[0]], 1.0, tl.float32)
     elif PER_THREAD:
-        ks = tl.load(ks_base + k_group(start, PER_THREAD) + tl.arange(0, 4), mask=present, other=absent_scale)
+        ks = tl.load(ks_base + k_group(start, PER_THREAD) + tl.arange(0, ROW_LANES), mask=present, other=absent_scale)
         return row_scale[:, None] * ks[None, :]
     else:
         return row_scale * tl.load(ks_base + k_group(start, PER_THREAD), mask=present, other=absent_scale)
@@ -205,7 +208,7 @@ def _attention_kernel(Q8, QS, K8, KS, V8, VS, VM, Out, LSE, Mask,
     mask_base = Mask + batch.to(tl.int64) * stride_mb + head.to(tl.int64) * stride_mh
 
     m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M, 4], tl.float32)
+    l_i = tl.zeros([BLOCK_M, ROW_LANES], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     # Keys [0, full_end) are visible to every row of the tile; [full_end, key_end) need masks.
     full_end = seq_k // KEYS * KEYS
@@ -227,17 +230,17 @@ def _attention_kernel(Q8, QS, K8, KS, V8, VS, VM, Out, LSE, Mask,
                                       PER_THREAD, PV_MODE, True, IS_CAUSAL, HAS_MASK, MASK_BOOL,
                                       USE_TMA)
 
-    l_i = tl.sum(l_i, axis=1)  # the lanes' partial row sums (`_softmax_step`)
+    row_sum = tl.sum(l_i, axis=1)  # the lanes' partial sums (`_softmax_step`)
     bh = (batch * kv_heads + kv_head).to(tl.int64) * D
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None] * tl.load(VS + bh + dims)[None, :]
+    out = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None] * tl.load(VS + bh + dims)[None, :]
     if SMOOTH_V:
         out += tl.load(VM + bh + dims)[None, :]
-    out = tl.where((l_i > 0)[:, None], out, 0.0)  # a row with no visible key gives 0
+    out = tl.where((row_sum > 0)[:, None], out, 0.0)  # a row with no visible key gives 0
     tl.store(Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
              + rows[:, None].to(tl.int64) * stride_os + dims[None, :],
              out.to(Out.dtype.element_ty), mask=(rows < seq_q)[:, None] & (dims < head_dim)[None, :])
     if WRITE_LSE:
-        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+        lse = (m_i + tl.math.log2(row_sum)) * 0.6931471805599453
         tl.store(LSE + (batch * q_heads + head).to(tl.int64) * seq_q + rows, lse, mask=rows < seq_q)
 
 
