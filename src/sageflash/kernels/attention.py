@@ -254,6 +254,8 @@ class LaunchConfig(NamedTuple):
     num_stages: int
     tma: bool = False  # K and V tiles through TMA descriptors (Hopper), not pointer loads
     max_registers: int | None = None  # Triton's maxnreg: a cap that fits more programs per SM
+    warp_specialized: bool = False  # the Gluon kernel of `attention_ws` (sm_90): 128-row tiles, 128-key
+    # steps; num_stages is its ring's depth
 
 
 TMA_MIN_KEYS = 2048  # below, TMA measured slower or within 5% (H200: v4, v7, v9), except rows below
@@ -341,6 +343,15 @@ def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_
     mask = out if attn_mask is None else attn_mask.expand(batch, q_heads, seq_q, seq_k)
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
+    if config.warp_specialized:
+        _check_warp_specialized(q_int8, k_int8, v_fp8, capability, attn_mask)
+        from . import attention_ws
+
+        attention_ws.attend(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_mean, out, lse,
+                            per_thread=params.granularity is QKGranularity.PER_THREAD, is_causal=params.is_causal,
+                            pv_mode=params.pv_accum.code, softmax_scale=params.softmax_scale, seq_q=seq_q,
+                            seq_k=seq_k, head_dim=head_dim, write_lse=return_lse, stages=config.num_stages)
+        return _finish(out, lse, q, km, params, q_heads // kv_heads, return_lse)
     k_src, v_src = k_int8, v_fp8
     if config.tma and not _tma_addressable(k_int8, v_fp8):
         config = config._replace(tma=False)
@@ -362,9 +373,30 @@ def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_
         PV_MODE=params.pv_accum.code, SMOOTH_V=v_mean is not None, WRITE_LSE=return_lse,
         HAS_MASK=attn_mask is not None, MASK_BOOL=mask.dtype == torch.uint8, USE_TMA=config.tma,
         num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.max_registers)
+    return _finish(out, lse, q, km, params, q_heads // kv_heads, return_lse)
+
+
+def _finish(out, lse, q, km, params, kv_group: int, return_lse: bool):
+    """``out``, or ``(out, lse)`` with smooth_k's shift of every logit by q·km undone."""
     if not return_lse:
         return out
-    if q is not None and km is not None:  # undo smooth_k's shift of every logit by q·km
-        km = km[..., : q.shape[-1]].float().repeat_interleave(q_heads // kv_heads, dim=1)
+    if q is not None and km is not None:
+        km = km[..., : q.shape[-1]].float().repeat_interleave(kv_group, dim=1)
         lse += params.softmax_scale * (q.float() * km[:, :, None]).sum(dim=-1)  # no TF32 matmul
     return out, lse
+
+
+WARP_SPECIALIZED_HEAD_DIMS = (64, 128)
+
+
+def _check_warp_specialized(q_int8, k_int8, v_fp8, capability: int, attn_mask) -> None:
+    """What the warp-specialised kernel needs: a ValueError otherwise (it runs where `launch_config`
+    picks it or a caller asks for it, never as a fallback)."""
+    padded = k_int8.shape[-1]
+    if capability != 90 or padded not in WARP_SPECIALIZED_HEAD_DIMS or attn_mask is not None:
+        raise ValueError(f"the warp-specialised kernel needs sm_90, a padded head dim in {WARP_SPECIALIZED_HEAD_DIMS} "
+                         f"and no attn_mask; got sm_{capability}, head dim {padded}, attn_mask "
+                         f"{'given' if attn_mask is not None else 'None'}")
+    if not _tma_addressable(q_int8, k_int8, v_fp8):
+        raise ValueError("the warp-specialised kernel reads the payloads through TMA: they must be contiguous, "
+                         "with fewer than 2**31 rows")
