@@ -42,8 +42,6 @@ CANDIDATES = {
     "ptr-s4-r168": dict(tma=False, num_stages=4, max_registers=168),  # D=64's short-sequence launch, capped
     "tma-s2-r168": dict(tma=True, num_stages=2, max_registers=168),
     "ptr-s3-r128": dict(tma=False, num_stages=3, max_registers=128),
-    # The warp-specialised Gluon kernel (128-row tiles, a producer warp, two consumer warpgroups), by ring stages.
-    **{f"ws-s{stages}": dict(warp_specialized=True, block_m=128, num_stages=stages) for stages in (2, 3, 4)},
 }
 BATCH, HEADS = 4, 32
 

@@ -254,8 +254,6 @@ class LaunchConfig(NamedTuple):
     num_stages: int
     tma: bool = False  # K and V tiles through TMA descriptors (Hopper), not pointer loads
     max_registers: int | None = None  # Triton's maxnreg: a cap that fits more programs per SM
-    warp_specialized: bool = False  # the Gluon kernel of `attention_ws` (sm_90): 128-row tiles, 128-key
-    # steps; num_stages is its ring's depth
 
 
 TMA_MIN_KEYS = 2048  # below, TMA measured slower or within 5% (H200: v4, v7, v9), except rows below
@@ -291,8 +289,10 @@ def launch_config(padded_dim: int, capability: int, pv_mode: int, is_causal: boo
     steps and 4 warps beats every 128-row or 8-warp variant at D=64 and D=128, with 4 stages at
     D=64 and 3 at D=128; on Hopper, `_HOPPER` changes the loads, stages or register cap where that
     measured faster, and `_HOPPER_SHORT_REGISTERS` caps the registers of the other short calls.
-    Warp specialisation crashed Triton 3.6's compiler or changed nothing; an experimental Gluon
-    kernel with QK overlapping the softmax was 2-33% slower (v7).
+    Triton's automatic warp specialisation crashed its 3.6 compiler or changed nothing; experimental
+    Gluon kernels were slower everywhere: QK overlapping the softmax in a 64-row tile by 2-33% (v7),
+    FA3's layout (two consumer warpgroups of 64 rows sharing a TMA ring fed by a producer warp) by
+    2-21% (v12; both kernels are in git history).
     """
     if padded_dim == 256:  # a 64x256 fp32 accumulator: 8 warps keep the spills to the D=128 level
         return LaunchConfig(64, 64, 8, 2)
@@ -343,15 +343,6 @@ def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_
     mask = out if attn_mask is None else attn_mask.expand(batch, q_heads, seq_q, seq_k)
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
-    if config.warp_specialized:
-        _check_warp_specialized(q_int8, k_int8, v_fp8, capability, attn_mask)
-        from . import attention_ws
-
-        attention_ws.attend(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_mean, out, lse,
-                            per_thread=params.granularity is QKGranularity.PER_THREAD, is_causal=params.is_causal,
-                            pv_mode=params.pv_accum.code, softmax_scale=params.softmax_scale, seq_q=seq_q,
-                            seq_k=seq_k, head_dim=head_dim, write_lse=return_lse, stages=config.num_stages)
-        return _finish(out, lse, q, km, params, q_heads // kv_heads, return_lse)
     k_src, v_src = k_int8, v_fp8
     if config.tma and not _tma_addressable(k_int8, v_fp8):
         config = config._replace(tma=False)
@@ -373,30 +364,9 @@ def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_
         PV_MODE=params.pv_accum.code, SMOOTH_V=v_mean is not None, WRITE_LSE=return_lse,
         HAS_MASK=attn_mask is not None, MASK_BOOL=mask.dtype == torch.uint8, USE_TMA=config.tma,
         num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.max_registers)
-    return _finish(out, lse, q, km, params, q_heads // kv_heads, return_lse)
-
-
-def _finish(out, lse, q, km, params, kv_group: int, return_lse: bool):
-    """``out``, or ``(out, lse)`` with smooth_k's shift of every logit by q·km undone."""
     if not return_lse:
         return out
-    if q is not None and km is not None:
-        km = km[..., : q.shape[-1]].float().repeat_interleave(kv_group, dim=1)
+    if q is not None and km is not None:  # undo smooth_k's shift of every logit by q·km
+        km = km[..., : q.shape[-1]].float().repeat_interleave(q_heads // kv_heads, dim=1)
         lse += params.softmax_scale * (q.float() * km[:, :, None]).sum(dim=-1)  # no TF32 matmul
     return out, lse
-
-
-WARP_SPECIALIZED_HEAD_DIMS = (64, 128)
-
-
-def _check_warp_specialized(q_int8, k_int8, v_fp8, capability: int, attn_mask) -> None:
-    """What the warp-specialised kernel needs: a ValueError otherwise (it runs where `launch_config`
-    picks it or a caller asks for it, never as a fallback)."""
-    padded = k_int8.shape[-1]
-    if capability != 90 or padded not in WARP_SPECIALIZED_HEAD_DIMS or attn_mask is not None:
-        raise ValueError(f"the warp-specialised kernel needs sm_90, a padded head dim in {WARP_SPECIALIZED_HEAD_DIMS} "
-                         f"and no attn_mask; got sm_{capability}, head dim {padded}, attn_mask "
-                         f"{'given' if attn_mask is not None else 'None'}")
-    if not _tma_addressable(q_int8, k_int8, v_fp8):
-        raise ValueError("the warp-specialised kernel reads the payloads through TMA: they must be contiguous, "
-                         "with fewer than 2**31 rows")

@@ -23,17 +23,17 @@ import operator
 
 import torch
 from triton.runtime import driver
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..op import interpreter_enabled
 from . import replay
-from .replay import DESCRIPTORS
 
 MAX_PATTERNS = 256  # argument patterns kept per kernel; past it the cache starts again
 
 
-def _descriptor_key(desc) -> tuple:
+def _descriptor_key(desc: TensorDescriptor) -> tuple:
     return (desc.base.dtype, desc.base.data_ptr() & 15, tuple(desc.shape), tuple(desc.strides),
-            tuple(desc.block_shape), desc.padding, getattr(desc, "layout", None))
+            tuple(desc.block_shape), desc.padding)
 
 
 def _pick(positions: list[int]):
@@ -48,8 +48,8 @@ def _key_function(types: tuple):
     """`launch_key` for one tuple of argument types: scalars by value, picked in one call; tensors
     by dtype and address mod 16; descriptors by their fields."""
     tensors = _pick([i for i, t in enumerate(types) if issubclass(t, torch.Tensor)])
-    descriptors = _pick([i for i, t in enumerate(types) if issubclass(t, DESCRIPTORS)])
-    scalars = _pick([i for i, t in enumerate(types) if not issubclass(t, (torch.Tensor, *DESCRIPTORS))])
+    descriptors = _pick([i for i, t in enumerate(types) if issubclass(t, TensorDescriptor)])
+    scalars = _pick([i for i, t in enumerate(types) if not issubclass(t, (torch.Tensor, TensorDescriptor))])
     return lambda args: (scalars(args), tuple([(a.dtype, a.data_ptr() & 15) for a in tensors(args)]),
                          tuple([_descriptor_key(d) for d in descriptors(args)]))
 

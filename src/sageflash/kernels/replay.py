@@ -25,11 +25,9 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 from triton import knobs
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 MAX_PATTERNS = 256  # plans kept; past it the cache starts again
-DESCRIPTORS = (TensorDescriptor, GluonTensorDescriptor)  # TMA descriptors of Triton and of Gluon kernels
 ALIGN = 256  # bytes between the scratch buffers in a workspace (TMA needs 16)
 _SEEN_ONCE, _UNPLANNABLE = "seen once", "unplannable"
 _local = threading.local()  # .launches: the list `Launcher` appends to while a call is recorded
@@ -61,7 +59,6 @@ class _Descriptor(NamedTuple):
     strides: list
     block_shape: list
     padding: str
-    layout: Any  # a Gluon descriptor's shared layout; None for a Triton one
 
 
 class _Launch(NamedTuple):
@@ -116,13 +113,12 @@ class CallPlan:
                     if where is None:
                         return None
                     pointers.append((i, *where))
-                elif isinstance(arg, DESCRIPTORS):
+                elif isinstance(arg, TensorDescriptor):
                     where = locate(arg.base)
                     if where is None or where[0] != workspace:
                         return None
                     descriptors.append((i, _Descriptor(where[1], arg.base.dtype, arg.base.nbytes, arg.shape,
-                                                       arg.strides, arg.block_shape, arg.padding,
-                                                       getattr(arg, "layout", None))))
+                                                       arg.strides, arg.block_shape, arg.padding)))
                 else:
                     continue
                 args[i] = None  # a plan keeps no tensor of the recorded call alive
@@ -142,11 +138,7 @@ class CallPlan:
                 args[i] = bases[base] + offset
             for i, desc in launch.descriptors:
                 view = workspace[desc.offset: desc.offset + desc.nbytes].view(desc.dtype)
-                if desc.layout is None:
-                    args[i] = TensorDescriptor(view, desc.shape, desc.strides, desc.block_shape, desc.padding)
-                else:
-                    args[i] = GluonTensorDescriptor(view, desc.shape, desc.strides, desc.block_shape, desc.layout,
-                                                    desc.padding)
+                args[i] = TensorDescriptor(view, desc.shape, desc.strides, desc.block_shape, desc.padding)
             launch.run(*launch.grid, stream, launch.function, launch.packed_metadata, None, None, None, *args)
 
 
