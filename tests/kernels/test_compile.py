@@ -35,9 +35,13 @@ def compile_rows(*args: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def compiled():
-    rows = compile_rows("--head-dim", "64", "128")
-    return {(r["capability"], r["pv_accum"], r["head_dim"]): set(r["mma"]) for r in rows}
+def compiled_rows():
+    return compile_rows("--head-dim", "64", "128")
+
+
+@pytest.fixture(scope="module")
+def compiled(compiled_rows):
+    return {(r["capability"], r["pv_accum"], r["head_dim"]): set(r["mma"]) for r in compiled_rows}
 
 
 def assert_tensor_cores(found, capability, pv_accum):
@@ -52,6 +56,13 @@ def assert_tensor_cores(found, capability, pv_accum):
 @pytest.mark.parametrize("capability,pv_accum", EXPECTED)
 def test_products_lower_to_tensor_cores(compiled, capability, pv_accum, head_dim):
     assert_tensor_cores(compiled[capability, pv_accum, head_dim], capability, pv_accum)
+
+
+def test_hopper_kernels_wait_for_the_launch_before(compiled_rows):
+    """On sm_90 the attention kernel is a dependent launch (PDL) and waits for the quantizer in the
+    kernel; Ada has no griddepcontrol, so nothing is emitted there."""
+    assert {r["capability"]: r["waits_for_earlier_launch"] for r in compiled_rows} == {89: False, 90: True}
+    assert len({(r["capability"], r["waits_for_earlier_launch"]) for r in compiled_rows}) == 2
 
 
 def test_head_dim_256_with_a_mask_fits_and_uses_tensor_cores():

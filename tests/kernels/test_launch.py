@@ -221,3 +221,38 @@ def test_every_hopper_launch_row_matches_the_reference(row):
                                                 seq_q=seq, seq_k=seq, head_dim=head_dim, out_dtype=q.dtype)
         assert torch.isfinite(out).all()
         assert nmse(out.cpu(), ref) <= 1e-5, (row, seq)
+
+
+@pytest.mark.gpu
+def test_dependent_launches_chain_a_call_and_change_no_bit(monkeypatch):
+    """On Hopper every launch of a call but its first is a dependent launch (PDL), a later KV-head
+    chunk's statistics included (they start in the previous chunk's attention tail); the outputs
+    and LSEs are bitwise those of plain launches, eager, recorded and replayed."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    from sageflash import sage_attn_sm89_fp16
+    from sageflash.kernels import launch, replay
+
+    monkeypatch.setattr(kernels, "CHUNKED_FROM_BYTES", 0)  # chunked from any size
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    q, k, v = (torch.randn(2, 4, 1000, 128, generator=gen, device="cuda", dtype=torch.float16) for _ in range(3))
+    params = resolve_params(None, True, True, False, "fp32+fp16", "per_thread", head_dim=128)
+    replay._local.launches = []
+    try:
+        kernels.attention(q, k, v, params)
+        recorded = replay._local.launches
+    finally:
+        replay._local.launches = None
+    pdl = [r.compiled.metadata.launch_pdl for r in recorded]
+    assert len(pdl) >= 8 and len(pdl) % 4 == 0, pdl  # statistics, reduction, quantization, attention per chunk
+    assert pdl == [False] + [True] * (len(pdl) - 1)
+
+    results = {}
+    for enabled in (True, False):
+        monkeypatch.setattr(launch, "PDL", enabled)
+        monkeypatch.setattr(kernels, "_REPLAYS", replay.Replays())
+        results[enabled] = [sage_attn_sm89_fp16(q, k, v, is_causal=True) for _ in range(4)]  # the last two replayed
+        results[enabled].append(sage_attn_sm89_fp16(q, k, v, is_causal=True, return_lse=True))
+    for with_pdl, plain in zip(results[True][:4], results[False][:4]):
+        assert torch.isfinite(with_pdl).all() and torch.equal(with_pdl, plain)
+    assert all(torch.equal(a, b) for a, b in zip(results[True][4], results[False][4]))

@@ -93,7 +93,7 @@ def attention(q, k, v, params, return_lse: bool = False, out=None, attn_mask=Non
     with the same result (every quantization statistic is per batch and KV head)."""
     chunks = kv_head_chunks(q, k, v)
     if chunks == 1:
-        return _attend_heads(q, k, v, params, return_lse, out, attn_mask)
+        return _attend_heads(q, k, v, params, return_lse, out, attn_mask, chained=False)
     batch, q_heads, seq_q = q.shape[:3]
     kv_heads = k.shape[1]
     group = q_heads // kv_heads
@@ -105,7 +105,7 @@ def attention(q, k, v, params, return_lse: bool = False, out=None, attn_mask=Non
     for first in range(0, kv_heads, step):
         kv, qh = slice(first, first + step), slice(first * group, (first + step) * group)
         result = _attend_heads(q[:, qh], k[:, kv], v[:, kv], params, return_lse, out[:, qh],
-                               None if mask is None else mask[:, qh])
+                               None if mask is None else mask[:, qh], chained=first > 0)
         if return_lse:
             lse[:, qh] = result[1]
     return (out, lse) if return_lse else out
@@ -114,25 +114,27 @@ def attention(q, k, v, params, return_lse: bool = False, out=None, attn_mask=Non
 _REPLAYS = replay.Replays()
 
 
-def _attend_heads(q, k, v, params, return_lse, out, attn_mask):
+def _attend_heads(q, k, v, params, return_lse, out, attn_mask, chained):
     """`_quantize_and_attend`, through `replay` on CUDA (recorded on a pattern's second call,
     replayed from its third), except with ``return_lse`` (whose LSE correction runs torch ops)."""
+    chained = chained and not return_lse  # with the LSE, torch ops run between the chunks
     if return_lse or q.device.type != "cuda":
-        return _quantize_and_attend(q, k, v, params, return_lse, out, attn_mask)
+        return _quantize_and_attend(q, k, v, params, return_lse, out, attn_mask, chained)
     inputs = (q, k, v, out, attn_mask)
     device = driver.active.get_current_device()  # where `Launcher` launches
-    _REPLAYS(replay.pattern(inputs, params, device), inputs,
-             lambda: _quantize_and_attend(q, k, v, params, False, out, attn_mask),
+    _REPLAYS(replay.pattern(inputs, params, device, chained), inputs,
+             lambda: _quantize_and_attend(q, k, v, params, False, out, attn_mask, chained),
              stream=driver.active.get_current_stream(device))
     return out
 
 
-def _quantize_and_attend(q, k, v, params, return_lse, out, attn_mask):
+def _quantize_and_attend(q, k, v, params, return_lse, out, attn_mask, chained):
     """Quantize Q, K and V together (three launches), then run the attention kernel; the payloads
-    are freed on return."""
+    are freed on return. ``chained``: the previous launch is the attention of the call's previous
+    KV-head chunk."""
     q_int8, q_scale, k_int8, k_scale, km, v_fp8, v_scale, v_mean = _quant.quantize_qkv(
         q, k, v, granularity=params.granularity, smooth_k=params.smooth_k,
-        pv_accum=params.pv_accum, smooth_v=params.smooth_v)
+        pv_accum=params.pv_accum, smooth_v=params.smooth_v, chained=chained)
     return _attention.attention_from_payloads(
         q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_mean, params=params,
         seq_q=q.shape[2], seq_k=k.shape[2], head_dim=q.shape[-1], out_dtype=q.dtype,

@@ -18,7 +18,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .. import groups
 from ..params import PVAccum, QKGranularity, SageParams, warn_once
-from .launch import Launcher
+from .launch import Launcher, dependent_launch, device_capability
 from .quant import k_group, q_group
 
 BLOCK_N = tl.constexpr(groups.K_TILE)  # keys per running-max block (SPEC §5)
@@ -184,13 +184,16 @@ def _attention_kernel(Q8, QS, K8, KS, V8, VS, VM, Out, LSE, Mask,
                       D: tl.constexpr, BLOCK_M: tl.constexpr, KEYS: tl.constexpr,
                       PER_THREAD: tl.constexpr, IS_CAUSAL: tl.constexpr, PV_MODE: tl.constexpr,
                       SMOOTH_V: tl.constexpr, WRITE_LSE: tl.constexpr, HAS_MASK: tl.constexpr,
-                      MASK_BOOL: tl.constexpr, USE_TMA: tl.constexpr):
+                      MASK_BOOL: tl.constexpr, USE_TMA: tl.constexpr, PDL: tl.constexpr):
     tile, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if IS_CAUSAL:  # the longest rows first, for a better tail
         tile = tl.num_programs(0) - 1 - tile
     kv_head = head // kv_group
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, D)
+    if PDL:  # launched while the quantizer may still run: its payloads are complete past this
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()  # the next KV-head chunk's statistics (`quant`)
 
     q = tl.load(Q8 + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
                 + rows[:, None].to(tl.int64) * stride_qs + dims[None, :],
@@ -311,13 +314,6 @@ def _tma_addressable(*payloads) -> bool:
     return all(p.is_contiguous() and p.numel() // p.shape[-1] < 2 ** 31 for p in payloads)
 
 
-def _capability(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 0  # the interpreter ignores launch details
-    major, minor = torch.cuda.get_device_capability(device)
-    return major * 10 + minor
-
-
 def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_mean, *,
                             params: SageParams, seq_q: int, seq_k: int, head_dim: int,
                             out_dtype: torch.dtype, q=None, km=None, return_lse: bool = False,
@@ -333,9 +329,9 @@ def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_
     if out is None:
         out = torch.empty(batch, q_heads, seq_q, head_dim, dtype=out_dtype, device=q_int8.device)
     lse = torch.empty(batch, q_heads, seq_q, dtype=torch.float32, device=q_int8.device) if return_lse else out
-    capability = _capability(q_int8.device)
-    config = launch or launch_config(padded, capability, params.pv_accum.code, params.is_causal, seq_k)
-    if params.pv_accum is PVAccum.FP32 and capability >= 90 and seq_k > LONG_FP32_KEYS:
+    arch = device_capability(q_int8.device)
+    config = launch or launch_config(padded, arch, params.pv_accum.code, params.is_causal, seq_k)
+    if params.pv_accum is PVAccum.FP32 and arch >= 90 and seq_k > LONG_FP32_KEYS:
         warn_once(("fp32-accumulator",), "pv_accum='fp32' sums P·V in Hopper's reduced-precision fp8 "
                   "tensor-core accumulator and drifts on long rows (NMSE against exact attention, H200: "
                   "0.013 at 16k keys, 0.04 at 32k; fp32+fp32: 3e-6, a few percent slower): prefer "
@@ -350,6 +346,7 @@ def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_
         k_src = TensorDescriptor.from_tensor(k_int8.view(-1, padded), [config.keys, padded])
         v_src = TensorDescriptor.from_tensor(v_fp8.view(-1, v_fp8.shape[-1]), [padded, BLOCK_N.value])
     grid = (groups.cdiv(seq_q, config.block_m), q_heads, batch)
+    pdl = dependent_launch(q_int8.device)  # the kernel waits before its first load
     _launch_attention(
         grid, q_int8, q_scale, k_src, k_scale, v_src, v_scale, v_mean if v_mean is not None else v_scale,
         out, lse, mask, seq_q, seq_k, groups.causal_offset(seq_q, seq_k),
@@ -362,8 +359,9 @@ def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_
         D=padded, BLOCK_M=config.block_m, KEYS=config.keys,
         PER_THREAD=params.granularity is QKGranularity.PER_THREAD, IS_CAUSAL=params.is_causal,
         PV_MODE=params.pv_accum.code, SMOOTH_V=v_mean is not None, WRITE_LSE=return_lse,
-        HAS_MASK=attn_mask is not None, MASK_BOOL=mask.dtype == torch.uint8, USE_TMA=config.tma,
-        num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.max_registers)
+        HAS_MASK=attn_mask is not None, MASK_BOOL=mask.dtype == torch.uint8, USE_TMA=config.tma, PDL=pdl,
+        num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.max_registers,
+        launch_pdl=pdl)
     if not return_lse:
         return out
     if q is not None and km is not None:  # undo smooth_k's shift of every logit by q·km

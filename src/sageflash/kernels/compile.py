@@ -19,6 +19,7 @@ from triton.compiler import ASTSource
 from .. import groups
 from ..params import PVAccum, QKGranularity
 from .attention import _attention_kernel, launch_config
+from .launch import PDL_MIN_CAPABILITY
 
 LONG_SEQUENCE = 4096  # the launch compiled is the one of a call with this many keys
 
@@ -59,7 +60,7 @@ def compile_attention(capability: int, *, head_dim: int = 128, pv_accum="fp32+fp
                      PER_THREAD=QKGranularity.parse(granularity, "granularity") is QKGranularity.PER_THREAD,
                      IS_CAUSAL=is_causal, PV_MODE=pv_mode,
                      SMOOTH_V=False, WRITE_LSE=False, HAS_MASK=mask != "none", MASK_BOOL=mask == "u8",
-                     USE_TMA=config.tma)
+                     USE_TMA=config.tma, PDL=capability >= PDL_MIN_CAPABILITY)
     descriptors = {"K8": f"tensordesc<i8[{config.keys}, {padded}]>",
                    "V8": f"tensordesc<fp8e4nv[{padded}, {groups.K_TILE}]>"} if config.tma else {}
     signature, attrs = _signature(_attention_kernel, constants, {
@@ -67,7 +68,8 @@ def compile_attention(capability: int, *, head_dim: int = 128, pv_accum="fp32+fp
     source = ASTSource(_attention_kernel, signature, constexprs=constants, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", capability, 32),
                           options={"num_warps": config.num_warps, "num_stages": config.num_stages,
-                                   "maxnreg": config.max_registers})
+                                   "maxnreg": config.max_registers,
+                                   "launch_pdl": capability >= PDL_MIN_CAPABILITY})
 
 
 def mma_instructions(ptx: str) -> set[str]:
@@ -98,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                                            mask=mask)
                 print(json.dumps({"capability": capability, "head_dim": head_dim, "pv_accum": pv_accum,
                                   "mask": mask, "mma": sorted(mma_instructions(kernel.asm["ptx"])),
-                                  "shared_bytes": kernel.metadata.shared}))
+                                  "shared_bytes": kernel.metadata.shared,
+                                  "waits_for_earlier_launch": "griddepcontrol.wait" in kernel.asm["ptx"]}))
     return 0
 
 

@@ -19,6 +19,7 @@ the cache bounded by `MAX_PATTERNS`. Under TRITON_INTERPRET=1 every call takes T
 
 from __future__ import annotations
 
+import functools
 import operator
 
 import torch
@@ -29,6 +30,33 @@ from ..op import interpreter_enabled
 from . import replay
 
 MAX_PATTERNS = 256  # argument patterns kept per kernel; past it the cache starts again
+PDL_MIN_CAPABILITY = 90  # griddepcontrol (programmatic dependent launch): Hopper and later
+PDL = True  # False: every launch an ordinary one (read at each call; for A/B runs)
+
+
+@functools.lru_cache(maxsize=None)
+def device_capability(device: torch.device) -> int:
+    """``major * 10 + minor`` of a CUDA device; 0 elsewhere (the interpreter ignores launch details)."""
+    if device.type != "cuda":
+        return 0
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
+def dependent_launch(device: torch.device) -> bool:
+    """Whether a call's kernels on ``device`` use programmatic dependent launch (PDL).
+
+    A kernel launched with PDL starts once every program of the kernel before has passed its
+    ``gdc_launch_dependents``: its programs take the SM slots that kernel's tail frees, do what
+    needs nothing from it, then wait (``gdc_wait``) for it to finish and its writes to be visible.
+    So work before a wait overlaps only the kernel directly before (which triggers after its own
+    wait when that matters: the reduction, whose next kernel's Q tiles never wait), and may read
+    only the call's inputs, complete before the call's first, ordinary launch started, and write
+    only buffers nothing still running touches. The first launch of a call is an ordinary one; a
+    later KV-head chunk's statistics follow the previous chunk's attention as a dependent launch
+    that waits before it stores. Hopper and later, compiled kernels only (not the interpreter).
+    """
+    return PDL and not interpreter_enabled() and device_capability(device) >= PDL_MIN_CAPABILITY
 
 
 def _descriptor_key(desc: TensorDescriptor) -> tuple:

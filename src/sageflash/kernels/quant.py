@@ -9,7 +9,10 @@ with no host synchronisation:
 3. quantization: one program per 64-token tile of a Q, K or V head, each input read once.
 
 `quantize_qkv` (what the attention path uses) runs the three for Q, K and V together; a pass with
-nothing to do (no smoothing, a given K mean, Q/K only) is skipped.
+nothing to do (no smoothing, a given K mean, Q/K only) is skipped. On Hopper the passes after the
+first are dependent launches (`launch.dependent_launch`): the reduction's programs start during the
+statistics' tail, and the quantization's Q tiles run while the reduction still does, its K and V
+tiles loaded before they wait for the reduction's means and scales.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import triton.language as tl
 
 from .. import groups
 from ..params import PVAccum, QKGranularity
-from .launch import Launcher
+from .launch import Launcher, dependent_launch
 
 
 
@@ -119,6 +122,22 @@ def _quantize_group_rows(x, groups_of_rows, first_group, N_GROUPS: tl.constexpr,
 
 
 @triton.jit
+def _wait_for_earlier_launches(PDL: tl.constexpr):
+    """With PDL (a dependent launch), block until the kernel launched before has finished and its
+    writes are visible; nothing otherwise, and a no-op in a kernel launched without the attribute."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def _let_next_launch_start(PDL: tl.constexpr):
+    """With PDL, let the next kernel's programs start once every program of this one has reached
+    here: the next kernel waits before it reads what this one writes."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
 def _tile_offsets(batch, head, rows, cols, stride_b, stride_h, stride_s):
     return (batch.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h
             + rows[:, None].to(tl.int64) * stride_s + cols[None, :])
@@ -128,7 +147,7 @@ def _tile_offsets(batch, head, rows, cols, stride_b, stride_h, stride_s):
 def _quantize_int8_tile(X, KM, X8, XS, batch, head, tile, seq, head_dim, num_heads, n_groups,
                         stride_xb, stride_xh, stride_xs, stride_8b, stride_8h, stride_8s,
                         D: tl.constexpr, IS_KEY: tl.constexpr, PER_THREAD: tl.constexpr,
-                        SMOOTH: tl.constexpr, N_GROUPS: tl.constexpr):
+                        SMOOTH: tl.constexpr, N_GROUPS: tl.constexpr, PDL: tl.constexpr):
     """int8 payload and group scales of TILE_ROWS tokens of one (batch, head) of Q or K."""
     rows = tile * TILE_ROWS + tl.arange(0, TILE_ROWS)
     cols = tl.arange(0, D)
@@ -137,6 +156,7 @@ def _quantize_int8_tile(X, KM, X8, XS, batch, head, tile, seq, head_dim, num_hea
                 mask=in_seq[:, None] & (cols < head_dim)[None, :], other=0.0)
     xf = x.to(tl.float32)
     if SMOOTH:
+        _wait_for_earlier_launches(PDL)  # K's mean comes from the reduction
         km = tl.load(KM + (batch * num_heads + head).to(tl.int64) * D + cols).to(tl.float32)
         if PER_THREAD:  # per_thread centres K in the input dtype, per_warp in float32
             xf = (xf - km[None, :]).to(X.dtype.element_ty).to(tl.float32)
@@ -158,7 +178,7 @@ def _quantize_int8_tile(X, KM, X8, XS, batch, head, tile, seq, head_dim, num_hea
 @triton.jit
 def _quantize_fp8_tile(V, VMEAN, INV, V8, batch, head, tile, seq, head_dim, num_heads,
                        stride_vb, stride_vh, stride_vs, stride_8b, stride_8h, stride_8d,
-                       D: tl.constexpr, SMOOTH: tl.constexpr):
+                       D: tl.constexpr, SMOOTH: tl.constexpr, PDL: tl.constexpr):
     """fp8 payload of TILE_ROWS tokens of one (batch, head) of V, stored transposed ``[D, tokens]``."""
     bh = (batch * num_heads + head).to(tl.int64)
     rows = tile * TILE_ROWS + tl.arange(0, TILE_ROWS)
@@ -166,6 +186,7 @@ def _quantize_fp8_tile(V, VMEAN, INV, V8, batch, head, tile, seq, head_dim, num_
     valid = (rows < seq)[:, None] & (cols < head_dim)[None, :]
     x = tl.load(V + _tile_offsets(batch, head, rows, cols, stride_vb, stride_vh, stride_vs),
                 mask=valid, other=0.0).to(tl.float32)
+    _wait_for_earlier_launches(PDL)  # V's scales (and mean) come from the reduction
     if SMOOTH:
         x = x - tl.load(VMEAN + bh * D + cols)[None, :]
     # No clamp: the e4m3 cast saturates to ±448 (cvt.rn.satfinite; the interpreter's cast too).
@@ -177,13 +198,14 @@ def _quantize_fp8_tile(V, VMEAN, INV, V8, batch, head, tile, seq, head_dim, num_
 @triton.jit
 def _stats_kernel(K, V, STATS, stat_stride, seq, head_dim, kv_heads, n_chunks,
                   stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-                  D: tl.constexpr, K_SUM: tl.constexpr, V_STATS: tl.constexpr):
+                  D: tl.constexpr, K_SUM: tl.constexpr, V_STATS: tl.constexpr, PDL: tl.constexpr):
     """Pass 1: channel statistics of STATS_ROWS tokens of one (batch, kv head) of K or V: along
     grid axis 1 the K heads (K_SUM), then the V heads (V_STATS), one tensor per program.
 
     ``STATS`` holds four ``[B, Hk, n_chunks, D]`` float32 planes ``stat_stride`` apart: K's sum,
     V's max, min and sum (`_KSUM`, `_VMAX`, `_VMIN`, `_VSUM`).
     """
+    _let_next_launch_start(PDL)
     chunk, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     first_v = kv_heads if K_SUM else 0
     is_key = head < first_v
@@ -194,24 +216,34 @@ def _stats_kernel(K, V, STATS, stat_stride, seq, head_dim, kv_heads, n_chunks,
     valid = (rows < seq)[:, None] & (cols < head_dim)[None, :]
     out = ((batch * kv_heads + head).to(tl.int64) * n_chunks + chunk) * D + cols
     plane = stat_stride.to(tl.int64)
+    # As a dependent launch (a chained chunk's) the stores wait: STATS may reuse memory the attention
+    # kernel before still reads.
     if is_key:
         k = tl.load(K + _tile_offsets(batch, head, rows, cols, stride_kb, stride_kh, stride_ks),
                     mask=valid, other=0.0)
-        tl.store(STATS + _KSUM * plane + out, tl.sum(k.to(tl.float32), axis=0))
+        k_sum = tl.sum(k.to(tl.float32), axis=0)
+        _wait_for_earlier_launches(PDL)
+        tl.store(STATS + _KSUM * plane + out, k_sum)
     elif V_STATS:
         v = tl.load(V + _tile_offsets(batch, head, rows, cols, stride_vb, stride_vh, stride_vs),
                     mask=valid, other=0.0).to(tl.float32)
-        tl.store(STATS + _VMAX * plane + out, tl.max(tl.where(valid, v, -float("inf")), axis=0))
-        tl.store(STATS + _VMIN * plane + out, tl.min(tl.where(valid, v, float("inf")), axis=0))
-        tl.store(STATS + _VSUM * plane + out, tl.sum(v, axis=0))
+        v_max = tl.max(tl.where(valid, v, -float("inf")), axis=0)
+        v_min = tl.min(tl.where(valid, v, float("inf")), axis=0)
+        v_sum = tl.sum(v, axis=0)
+        _wait_for_earlier_launches(PDL)
+        tl.store(STATS + _VMAX * plane + out, v_max)
+        tl.store(STATS + _VMIN * plane + out, v_min)
+        tl.store(STATS + _VSUM * plane + out, v_sum)
 
 
 @triton.jit
 def _reduce_kernel(STATS, stat_stride, KM, VSCALE, VMEAN, INV, n_chunks, key_count, window,
                    scale_max,
                    D: tl.constexpr, K_SUM: tl.constexpr, V_STATS: tl.constexpr,
-                   PAD_IN_WINDOW: tl.constexpr, SMOOTH_V: tl.constexpr):
+                   PAD_IN_WINDOW: tl.constexpr, SMOOTH_V: tl.constexpr, PDL: tl.constexpr):
     """Pass 2, per (batch, kv head): K's mean in K's dtype; v_scale, v_mean and scale_max / amax."""
+    _wait_for_earlier_launches(PDL)
+    _let_next_launch_start(PDL)  # after the wait: the quantization's Q tiles do not wait
     bh = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, D)
     chunks = tl.arange(0, REDUCE_CHUNKS)
@@ -257,10 +289,12 @@ def _quantize_kernel(Q, K, V, KM, Q8, QS, K8, KS, VMEAN, INV, V8,
                      stride_k8b, stride_k8h, stride_k8s, stride_v8b, stride_v8h, stride_v8d,
                      D: tl.constexpr, PER_THREAD: tl.constexpr, DO_Q: tl.constexpr,
                      DO_K: tl.constexpr, DO_V: tl.constexpr, SMOOTH_K: tl.constexpr,
-                     SMOOTH_V: tl.constexpr, Q_TILE_GROUPS: tl.constexpr, K_TILE_GROUPS: tl.constexpr):
+                     SMOOTH_V: tl.constexpr, Q_TILE_GROUPS: tl.constexpr, K_TILE_GROUPS: tl.constexpr,
+                     PDL: tl.constexpr):
     """Pass 3: one tile per program; along grid axis 1 the Q heads (DO_Q), then the K heads (DO_K),
     then the V heads (DO_V), so a program holds one tensor's tile (fewer registers, more programs
-    in flight)."""
+    in flight). Q's tiles need nothing from the passes before; K's and V's wait for them (PDL)."""
+    _let_next_launch_start(PDL)
     tile, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     first_k = q_heads if DO_Q else 0
     first_v = first_k + (kv_heads if DO_K else 0)
@@ -268,16 +302,16 @@ def _quantize_kernel(Q, K, V, KM, Q8, QS, K8, KS, VMEAN, INV, V8,
         if tile < q_tiles:
             _quantize_int8_tile(Q, KM, Q8, QS, batch, head, tile, seq_q, head_dim, q_heads, q_groups,
                                 stride_qb, stride_qh, stride_qs, stride_q8b, stride_q8h, stride_q8s,
-                                D, False, PER_THREAD, False, Q_TILE_GROUPS)
+                                D, False, PER_THREAD, False, Q_TILE_GROUPS, PDL)
     elif tile * TILE_ROWS < seq_k:
         if head < first_v:
             _quantize_int8_tile(K, KM, K8, KS, batch, head - first_k, tile, seq_k, head_dim, kv_heads,
                                 k_groups, stride_kb, stride_kh, stride_ks, stride_k8b, stride_k8h,
-                                stride_k8s, D, True, PER_THREAD, SMOOTH_K, K_TILE_GROUPS)
+                                stride_k8s, D, True, PER_THREAD, SMOOTH_K, K_TILE_GROUPS, PDL)
         else:
             _quantize_fp8_tile(V, VMEAN, INV, V8, batch, head - first_v, tile, seq_k, head_dim,
                                kv_heads, stride_vb, stride_vh, stride_vs, stride_v8b, stride_v8h,
-                               stride_v8d, D, SMOOTH_V)
+                               stride_v8d, D, SMOOTH_V, PDL)
 
 
 _launch_stats = Launcher(_stats_kernel)
@@ -290,11 +324,13 @@ def _strides(x):
 
 
 def quantize_qkv(q, k, v, *, granularity, smooth_k: bool, km=None, pv_accum=None,
-                 smooth_v: bool = False):
+                 smooth_v: bool = False, chained: bool = False):
     """Any of Q, K (int8) and V (fp8) in at most three launches; None for a tensor not asked for.
 
     Returns ``(q_int8, q_scale, k_int8, k_scale, km, v_fp8, v_scale, v_mean)``: the payloads of
     `sageflash.reference.quantize_qk` / `quantize_v` (q and k go together, v may be None).
+    ``chained``: the launch before is the attention kernel of the same call (the previous KV-head
+    chunk's), so the statistics may start during its tail (`launch.dependent_launch`).
     """
     per_thread = QKGranularity.parse(granularity, "granularity") is QKGranularity.PER_THREAD
     batch, kv_heads, seq_k, head_dim = (k if k is not None else v).shape
@@ -328,7 +364,9 @@ def quantize_qkv(q, k, v, *, granularity, smooth_k: bool, km=None, pv_accum=None
 
     stand_in = k if k is not None else v  # the pointer argument of a tensor a pass does not use
     arg = lambda x: stand_in if x is None else x  # noqa: E731
-    if k_sum or v is not None:  # passes 1 and 2
+    pdl = dependent_launch(device)
+    with_stats = k_sum or v is not None
+    if with_stats:  # passes 1 and 2; the first launch of a call is a dependent one only when chained
         n_chunks = groups.cdiv(seq_k, STATS_ROWS.value)
         stats = new(4, batch, kv_heads, n_chunks, padded)
         window = groups.ceil_to(seq_k, groups.V_WINDOW)
@@ -336,12 +374,13 @@ def quantize_qkv(q, k, v, *, granularity, smooth_k: bool, km=None, pv_accum=None
         _launch_stats(
             (n_chunks, kv_heads * (k_sum + (v is not None)), batch), arg(k_in), arg(v), stats, stats.stride(0),
             seq_k, head_dim, kv_heads, n_chunks, *_strides(arg(k_in)), *_strides(arg(v)), D=padded, K_SUM=k_sum,
-            V_STATS=v is not None, num_warps=STATS_WARPS)
+            V_STATS=v is not None, PDL=pdl, num_warps=STATS_WARPS, launch_pdl=pdl and chained)
         _launch_reduce(
             (batch * kv_heads, 1, 1), stats, stats.stride(0), arg(km if k_sum else None),
             arg(v_scale), arg(v_mean), arg(inv), n_chunks, float(seq_k), float(window),
             scale_max if v is not None else 1.0, D=padded,
-            K_SUM=k_sum, V_STATS=v is not None, PAD_IN_WINDOW=window > seq_k, SMOOTH_V=smooth_v)
+            K_SUM=k_sum, V_STATS=v is not None, PAD_IN_WINDOW=window > seq_k, SMOOTH_V=smooth_v, PDL=pdl,
+            launch_pdl=pdl)
 
     grid = (max(q_tiles, groups.cdiv(seq_k, TILE_ROWS.value)),
             q_heads + (kv_heads if q is not None else 0) + (kv_heads if v is not None else 0), batch)
@@ -354,7 +393,7 @@ def quantize_qkv(q, k, v, *, granularity, smooth_k: bool, km=None, pv_accum=None
         D=padded, PER_THREAD=per_thread, DO_Q=q is not None, DO_K=q is not None,
         DO_V=v is not None, SMOOTH_K=km is not None, SMOOTH_V=smooth_v,
         Q_TILE_GROUPS=_TILE_GROUPS[per_thread][0], K_TILE_GROUPS=_TILE_GROUPS[per_thread][1],
-        num_warps=QUANT_WARPS,
+        PDL=pdl, num_warps=QUANT_WARPS, launch_pdl=pdl and with_stats,
         enable_fp_fusion=False)  # per_warp rounds x·(127/amax) as the reference does, not by an FMA
     return q8, q_scale, k8, k_scale, km, v8, v_scale, v_mean
 
