@@ -31,7 +31,7 @@ from . import replay
 
 MAX_PATTERNS = 256  # argument patterns kept per kernel; past it the cache starts again
 PDL_MIN_CAPABILITY = 90  # griddepcontrol (programmatic dependent launch): Hopper and later
-PDL = True  # False: every launch an ordinary one (read at each call; for A/B runs)
+PDL = True  # False: ordinary launches only (A/B runs; set it before the first call: replays keep their launches)
 
 
 @functools.lru_cache(maxsize=None)
