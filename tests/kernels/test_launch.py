@@ -237,12 +237,7 @@ def test_dependent_launches_chain_a_call_and_change_no_bit(monkeypatch):
     gen = torch.Generator(device="cuda").manual_seed(7)
     q, k, v = (torch.randn(2, 4, 1000, 128, generator=gen, device="cuda", dtype=torch.float16) for _ in range(3))
     params = resolve_params(None, True, True, False, "fp32+fp16", "per_thread", head_dim=128)
-    replay._local.launches = []
-    try:
-        kernels.attention(q, k, v, params)
-        recorded = replay._local.launches
-    finally:
-        replay._local.launches = None
+    recorded = replay.launches_of(lambda: kernels.attention(q, k, v, params))
     pdl = [r.compiled.metadata.launch_pdl for r in recorded]
     assert len(pdl) >= 8 and len(pdl) % 4 == 0, pdl  # statistics, reduction, quantization, attention per chunk
     assert pdl == [False] + [True] * (len(pdl) - 1)

@@ -102,10 +102,10 @@ def attention(q, k, v, params, return_lse: bool = False, out=None, attn_mask=Non
     lse = q.new_empty(batch, q_heads, seq_q, dtype=torch.float32) if return_lse else None
     mask = None if attn_mask is None else attn_mask.expand(batch, q_heads, seq_q, k.shape[2])
     step = groups.cdiv(kv_heads, chunks)
-    for first in range(0, kv_heads, step):
+    for first in range(0, kv_heads, step):  # chained unless the LSE's torch ops run after each chunk
         kv, qh = slice(first, first + step), slice(first * group, (first + step) * group)
         result = _attend_heads(q[:, qh], k[:, kv], v[:, kv], params, return_lse, out[:, qh],
-                               None if mask is None else mask[:, qh], chained=first > 0)
+                               None if mask is None else mask[:, qh], chained=first > 0 and not return_lse)
         if return_lse:
             lse[:, qh] = result[1]
     return (out, lse) if return_lse else out
@@ -117,7 +117,6 @@ _REPLAYS = replay.Replays()
 def _attend_heads(q, k, v, params, return_lse, out, attn_mask, chained):
     """`_quantize_and_attend`, through `replay` on CUDA (recorded on a pattern's second call,
     replayed from its third), except with ``return_lse`` (whose LSE correction runs torch ops)."""
-    chained = chained and not return_lse  # with the LSE, torch ops run between the chunks
     if return_lse or q.device.type != "cuda":
         return _quantize_and_attend(q, k, v, params, return_lse, out, attn_mask, chained)
     inputs = (q, k, v, out, attn_mask)

@@ -18,7 +18,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .. import groups
 from ..params import PVAccum, QKGranularity, SageParams, warn_once
-from .launch import Launcher, dependent_launch, device_capability
+from .launch import Launcher, dependent_launch, device_capability, let_next_launch_start, wait_for_earlier_launch
 from .quant import k_group, q_group
 
 BLOCK_N = tl.constexpr(groups.K_TILE)  # keys per running-max block (SPEC §5)
@@ -191,9 +191,8 @@ def _attention_kernel(Q8, QS, K8, KS, V8, VS, VM, Out, LSE, Mask,
     kv_head = head // kv_group
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, D)
-    if PDL:  # launched while the quantizer may still run: its payloads are complete past this
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()  # the next KV-head chunk's statistics (`quant`)
+    wait_for_earlier_launch(PDL)  # launched while the quantizer may still run: its payloads are complete past this
+    let_next_launch_start(PDL)  # the next KV-head chunk's statistics (`quant`)
 
     q = tl.load(Q8 + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
                 + rows[:, None].to(tl.int64) * stride_qs + dims[None, :],

@@ -56,11 +56,12 @@ def compile_attention(capability: int, *, head_dim: int = 128, pv_accum="fp32+fp
     padded = groups.padded_head_dim(head_dim)
     pv_mode = PVAccum.parse(pv_accum, "pv_accum").code
     config = launch_config(padded, capability, pv_mode, is_causal, LONG_SEQUENCE)
+    pdl = capability >= PDL_MIN_CAPABILITY  # as `launch.dependent_launch` decides on a GPU
     constants = dict(D=padded, BLOCK_M=config.block_m, KEYS=config.keys,
                      PER_THREAD=QKGranularity.parse(granularity, "granularity") is QKGranularity.PER_THREAD,
                      IS_CAUSAL=is_causal, PV_MODE=pv_mode,
                      SMOOTH_V=False, WRITE_LSE=False, HAS_MASK=mask != "none", MASK_BOOL=mask == "u8",
-                     USE_TMA=config.tma, PDL=capability >= PDL_MIN_CAPABILITY)
+                     USE_TMA=config.tma, PDL=pdl)
     descriptors = {"K8": f"tensordesc<i8[{config.keys}, {padded}]>",
                    "V8": f"tensordesc<fp8e4nv[{padded}, {groups.K_TILE}]>"} if config.tma else {}
     signature, attrs = _signature(_attention_kernel, constants, {
@@ -69,7 +70,7 @@ def compile_attention(capability: int, *, head_dim: int = 128, pv_accum="fp32+fp
     return triton.compile(source, target=GPUTarget("cuda", capability, 32),
                           options={"num_warps": config.num_warps, "num_stages": config.num_stages,
                                    "maxnreg": config.max_registers,
-                                   "launch_pdl": capability >= PDL_MIN_CAPABILITY})
+                                   "launch_pdl": pdl})
 
 
 def mma_instructions(ptx: str) -> set[str]:

@@ -23,6 +23,8 @@ import functools
 import operator
 
 import torch
+import triton
+import triton.language as tl
 from triton.runtime import driver
 from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -57,6 +59,22 @@ def dependent_launch(device: torch.device) -> bool:
     that waits before it stores. Hopper and later, compiled kernels only (not the interpreter).
     """
     return PDL and not interpreter_enabled() and device_capability(device) >= PDL_MIN_CAPABILITY
+
+
+@triton.jit
+def wait_for_earlier_launch(PDL: tl.constexpr):
+    """In a kernel: with PDL, block until the kernel launched before has finished and its writes
+    are visible (a no-op in a kernel launched without the attribute); nothing without PDL."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def let_next_launch_start(PDL: tl.constexpr):
+    """In a kernel: with PDL, let the next kernel's programs start once every program of this one
+    has reached here (the next kernel waits before it reads what this one writes)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 def _descriptor_key(desc: TensorDescriptor) -> tuple:

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .. import groups
 from ..params import PVAccum, QKGranularity
-from .launch import Launcher, dependent_launch
+from .launch import Launcher, dependent_launch, let_next_launch_start, wait_for_earlier_launch
 
 
 
@@ -122,22 +122,6 @@ def _quantize_group_rows(x, groups_of_rows, first_group, N_GROUPS: tl.constexpr,
 
 
 @triton.jit
-def _wait_for_earlier_launches(PDL: tl.constexpr):
-    """With PDL (a dependent launch), block until the kernel launched before has finished and its
-    writes are visible; nothing otherwise, and a no-op in a kernel launched without the attribute."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-
-
-@triton.jit
-def _let_next_launch_start(PDL: tl.constexpr):
-    """With PDL, let the next kernel's programs start once every program of this one has reached
-    here: the next kernel waits before it reads what this one writes."""
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-
-
-@triton.jit
 def _tile_offsets(batch, head, rows, cols, stride_b, stride_h, stride_s):
     return (batch.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h
             + rows[:, None].to(tl.int64) * stride_s + cols[None, :])
@@ -156,7 +140,7 @@ def _quantize_int8_tile(X, KM, X8, XS, batch, head, tile, seq, head_dim, num_hea
                 mask=in_seq[:, None] & (cols < head_dim)[None, :], other=0.0)
     xf = x.to(tl.float32)
     if SMOOTH:
-        _wait_for_earlier_launches(PDL)  # K's mean comes from the reduction
+        wait_for_earlier_launch(PDL)  # K's mean comes from the reduction
         km = tl.load(KM + (batch * num_heads + head).to(tl.int64) * D + cols).to(tl.float32)
         if PER_THREAD:  # per_thread centres K in the input dtype, per_warp in float32
             xf = (xf - km[None, :]).to(X.dtype.element_ty).to(tl.float32)
@@ -186,7 +170,7 @@ def _quantize_fp8_tile(V, VMEAN, INV, V8, batch, head, tile, seq, head_dim, num_
     valid = (rows < seq)[:, None] & (cols < head_dim)[None, :]
     x = tl.load(V + _tile_offsets(batch, head, rows, cols, stride_vb, stride_vh, stride_vs),
                 mask=valid, other=0.0).to(tl.float32)
-    _wait_for_earlier_launches(PDL)  # V's scales (and mean) come from the reduction
+    wait_for_earlier_launch(PDL)  # V's scales (and mean) come from the reduction
     if SMOOTH:
         x = x - tl.load(VMEAN + bh * D + cols)[None, :]
     # No clamp: the e4m3 cast saturates to ±448 (cvt.rn.satfinite; the interpreter's cast too).
@@ -205,7 +189,7 @@ def _stats_kernel(K, V, STATS, stat_stride, seq, head_dim, kv_heads, n_chunks,
     ``STATS`` holds four ``[B, Hk, n_chunks, D]`` float32 planes ``stat_stride`` apart: K's sum,
     V's max, min and sum (`_KSUM`, `_VMAX`, `_VMIN`, `_VSUM`).
     """
-    _let_next_launch_start(PDL)
+    let_next_launch_start(PDL)
     chunk, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     first_v = kv_heads if K_SUM else 0
     is_key = head < first_v
@@ -222,7 +206,7 @@ def _stats_kernel(K, V, STATS, stat_stride, seq, head_dim, kv_heads, n_chunks,
         k = tl.load(K + _tile_offsets(batch, head, rows, cols, stride_kb, stride_kh, stride_ks),
                     mask=valid, other=0.0)
         k_sum = tl.sum(k.to(tl.float32), axis=0)
-        _wait_for_earlier_launches(PDL)
+        wait_for_earlier_launch(PDL)
         tl.store(STATS + _KSUM * plane + out, k_sum)
     elif V_STATS:
         v = tl.load(V + _tile_offsets(batch, head, rows, cols, stride_vb, stride_vh, stride_vs),
@@ -230,7 +214,7 @@ def _stats_kernel(K, V, STATS, stat_stride, seq, head_dim, kv_heads, n_chunks,
         v_max = tl.max(tl.where(valid, v, -float("inf")), axis=0)
         v_min = tl.min(tl.where(valid, v, float("inf")), axis=0)
         v_sum = tl.sum(v, axis=0)
-        _wait_for_earlier_launches(PDL)
+        wait_for_earlier_launch(PDL)
         tl.store(STATS + _VMAX * plane + out, v_max)
         tl.store(STATS + _VMIN * plane + out, v_min)
         tl.store(STATS + _VSUM * plane + out, v_sum)
@@ -242,8 +226,8 @@ def _reduce_kernel(STATS, stat_stride, KM, VSCALE, VMEAN, INV, n_chunks, key_cou
                    D: tl.constexpr, K_SUM: tl.constexpr, V_STATS: tl.constexpr,
                    PAD_IN_WINDOW: tl.constexpr, SMOOTH_V: tl.constexpr, PDL: tl.constexpr):
     """Pass 2, per (batch, kv head): K's mean in K's dtype; v_scale, v_mean and scale_max / amax."""
-    _wait_for_earlier_launches(PDL)
-    _let_next_launch_start(PDL)  # after the wait: the quantization's Q tiles do not wait
+    wait_for_earlier_launch(PDL)
+    let_next_launch_start(PDL)  # after the wait: the quantization's Q tiles do not wait
     bh = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, D)
     chunks = tl.arange(0, REDUCE_CHUNKS)
@@ -294,7 +278,7 @@ def _quantize_kernel(Q, K, V, KM, Q8, QS, K8, KS, VMEAN, INV, V8,
     """Pass 3: one tile per program; along grid axis 1 the Q heads (DO_Q), then the K heads (DO_K),
     then the V heads (DO_V), so a program holds one tensor's tile (fewer registers, more programs
     in flight). Q's tiles need nothing from the passes before; K's and V's wait for them (PDL)."""
-    _let_next_launch_start(PDL)
+    let_next_launch_start(PDL)
     tile, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     first_k = q_heads if DO_Q else 0
     first_v = first_k + (kv_heads if DO_K else 0)

@@ -151,6 +151,16 @@ def pattern(inputs: tuple, *knobs_and_flags) -> tuple:
                   for t in inputs))
 
 
+def launches_of(call: Callable[[], Any]) -> list[RecordedLaunch]:
+    """Run ``call()`` and return every launch `Launcher` made in it, in order."""
+    _local.launches = []
+    try:
+        call()
+        return _local.launches
+    finally:
+        _local.launches = None
+
+
 def _launch_hooks_set() -> bool:
     """Triton's launch hooks (profilers) see every launch: a replay would skip them."""
     hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
@@ -178,10 +188,4 @@ class Replays:
         if plan != _SEEN_ONCE or _launch_hooks_set() or getattr(_local, "launches", None) is not None:
             call()
             return
-        _local.launches = []
-        try:
-            call()
-            recorded = _local.launches
-        finally:
-            _local.launches = None
-        self.plans[key] = CallPlan.build(recorded, inputs) or _UNPLANNABLE
+        self.plans[key] = CallPlan.build(launches_of(call), inputs) or _UNPLANNABLE
