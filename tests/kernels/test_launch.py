@@ -70,12 +70,16 @@ def test_launch_table():
     assert not launch_config(256, 90, fp32_fp32, False, 4096).tma
     assert launch_config(64, 90, fp32_fp32, True, 4096).tma
     assert launch_config(64, 90, fp32_fp16, True, 4096) == LaunchConfig(64, 128, 4, 2, max_registers=168)
-    assert launch_config(64, 90, PVAccum.FP32.code, False, 4096) == LaunchConfig(64, 128, 4, 4)
+    fp32_rows = {64: (LaunchConfig(64, 128, 4, 2, True, 168), LaunchConfig(64, 128, 4, 4)),
+                 128: (LaunchConfig(64, 128, 4, 3, tma=True), LaunchConfig(64, 128, 4, 3))}
+    for head_dim, (from_1k, below) in fp32_rows.items():
+        for causal in (False, True):  # pv_accum fp32 from 1k keys
+            assert launch_config(head_dim, 90, PVAccum.FP32.code, causal, 1024) == from_1k
+            assert launch_config(head_dim, 90, PVAccum.FP32.code, causal, 512) == below
     assert launch_config(64, 89, fp32_fp32, False, 4096) == LaunchConfig(64, 128, 4, 4)
     assert launch_config(64, 89, fp32_fp32, False, 1024).max_registers is None  # not measured on Ada
     for pv_mode in (fp32_fp32, fp32_fp16):  # a 168-register cap below TMA_MIN_KEYS (D=64, Hopper)
         assert launch_config(64, 90, pv_mode, True, 1024) == LaunchConfig(64, 128, 4, 4, max_registers=168)
-    assert launch_config(64, 90, PVAccum.FP32.code, False, 1024).max_registers is None
 
 
 def test_tma_needs_contiguous_payloads():

@@ -262,7 +262,8 @@ TMA_MIN_KEYS = 2048  # below, TMA measured slower or within 5% (H200: v4, v7, v9
 # Hopper launches by (padded head dim, pv_accum code, causal), as (min_keys, tma, num_stages,
 # max_registers), for calls of at least min_keys keys; other calls take the default 64x128 tile
 # below with pointer loads. Measured on an H200, kernel-only (benchmarks/NOTES.md v4, v7, v9 and
-# v10: the rows were re-measured after v10's grouped K scales; v11: D=128 fp32+fp32 from 1k).
+# v10: the rows were re-measured after v10's grouped K scales; v11: D=128 fp32+fp32 from 1k; v14:
+# the fp32 rows).
 _FP32, _FP32_FP32, _FP32_FP16 = (mode.code for mode in (PVAccum.FP32, PVAccum.FP32_FP32, PVAccum.FP32_FP16))
 _HOPPER = {
     (128, _FP32_FP32, False): (1024, True, 3, None),  # TMA: +5-15%; at 1k +11% (v11: no pointer-load spills)
@@ -273,7 +274,11 @@ _HOPPER = {
     (64, _FP32_FP32, True): (TMA_MIN_KEYS, True, 4, None),  # TMA: +4-12%
     (64, _FP32_FP16, False): (TMA_MIN_KEYS, True, 2, 168),  # +10-11% (v10)
     (64, _FP32_FP16, True): (TMA_MIN_KEYS, False, 2, 168),  # 2 stages under a 168-register cap: +3-6%
-    (64, _FP32, True): (TMA_MIN_KEYS, True, 4, None),
+    # pv_accum fp32 (the mode smooth_v needs), v14's sweep against the launch before, at 1k / 4k / 16k:
+    (128, _FP32, False): (1024, True, 3, None),  # TMA: +6% / +14% / +5%
+    (128, _FP32, True): (1024, True, 3, None),  # TMA: +1% / +14% / +9%
+    (64, _FP32, False): (1024, True, 2, 168),  # +5% / +14% / +11%
+    (64, _FP32, True): (1024, True, 2, 168),  # +9% / +20% / +14% (before: from 2k TMA, 4 stages)
 }
 # Hopper launches below TMA_MIN_KEYS that cap the registers, by (padded head dim, pv_accum code).
 # D=64 under 168 registers: +7-13% at 1k for fp32+fp32 and causal fp32+fp16, the rest within 3%

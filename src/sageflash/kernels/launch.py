@@ -122,7 +122,8 @@ def launch_key(args) -> tuple:
 class Launcher:
     """``Launcher(kernel)(grid, *args, **constexprs_and_options)`` launches ``kernel`` like
     ``kernel[grid](*args, **constexprs_and_options)``: runtime arguments by position, constexprs
-    and launch options (num_warps, ...) by keyword."""
+    and launch options (num_warps, ...) by keyword; ``grid`` a 3-tuple (a compiled kernel's launch
+    takes three sizes)."""
 
     def __init__(self, kernel):
         self.kernel = kernel
