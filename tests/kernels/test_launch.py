@@ -72,10 +72,11 @@ def test_launch_table():
     assert launch_config(64, 90, fp32_fp16, True, 4096) == LaunchConfig(64, 128, 4, 2, max_registers=168)
     fp32_rows = {64: (LaunchConfig(64, 128, 4, 2, True, 168), LaunchConfig(64, 128, 4, 4)),
                  128: (LaunchConfig(64, 128, 4, 3, tma=True), LaunchConfig(64, 128, 4, 3))}
-    for head_dim, (from_1k, below) in fp32_rows.items():
-        for causal in (False, True):  # pv_accum fp32 from 1k keys
-            assert launch_config(head_dim, 90, PVAccum.FP32.code, causal, 1024) == from_1k
-            assert launch_config(head_dim, 90, PVAccum.FP32.code, causal, 512) == below
+    for head_dim, (tuned, default) in fp32_rows.items():
+        for causal in (False, True):  # pv_accum fp32: from 1k keys, D=64 causal from TMA_MIN_KEYS
+            first = 2048 if head_dim == 64 and causal else 1024
+            assert launch_config(head_dim, 90, PVAccum.FP32.code, causal, first) == tuned
+            assert launch_config(head_dim, 90, PVAccum.FP32.code, causal, first // 2) == default
     assert launch_config(64, 89, fp32_fp32, False, 4096) == LaunchConfig(64, 128, 4, 4)
     assert launch_config(64, 89, fp32_fp32, False, 1024).max_registers is None  # not measured on Ada
     for pv_mode in (fp32_fp32, fp32_fp16):  # a 168-register cap below TMA_MIN_KEYS (D=64, Hopper)
