@@ -2,6 +2,7 @@
 
     python benchmarks/bench_quant.py --head-dim 64,128 --seq 1k,4k,16k --csv quant.csv
     python benchmarks/bench_quant.py --baseline old_quant.py   # A/B against another quant.py
+    python benchmarks/bench_quant.py --dtype bf16
 
 Per shape and granularity, Q, K and V are quantized as the op does (smooth_k on, fp32+fp16's V
 scale). ``graph_us`` replays the pass from a CUDA graph (GPU time only), ``eager_us`` calls it
@@ -26,6 +27,7 @@ from sageflash.bench import captured, parse_size
 from sageflash.kernels import quant
 
 BATCH, HEADS = 4, 32
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def load_baseline(path: str):
@@ -61,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-dim", default="64,128", help="comma list")
     parser.add_argument("--seq", default="1k,4k,16k", help="comma list, e.g. 1k,4k")
     parser.add_argument("--granularity", default="per_thread,per_warp", help="comma list")
+    parser.add_argument("--dtype", default="fp16", help="comma list of fp16, bf16")
     parser.add_argument("--baseline", metavar="PATH", help="another quant.py to compare against")
     parser.add_argument("--rep", type=float, default=200.0, help="timed budget per measurement, ms")
     parser.add_argument("--csv", metavar="PATH")
@@ -72,19 +75,19 @@ def main(argv: list[str] | None = None) -> int:
     time_us = lambda fn: triton.testing.do_bench(fn, rep=args.rep, return_mode="median") * 1e3  # noqa: E731
 
     rows = []
-    print(f"{'D':>4} {'S':>6} {'granularity':>11} {'graph_us':>9} {'eager_us':>9} {'GB/s':>7}"
+    print(f"{'dtype':>5} {'D':>4} {'S':>6} {'granularity':>11} {'graph_us':>9} {'eager_us':>9} {'GB/s':>7}"
           + (f" {'base_us':>8} {'new/base':>8} {'identical':>9}" if baseline else ""))
-    for head_dim, seq, granularity in itertools.product(
-            [parse_size(x) for x in args.head_dim.split(",")], [parse_size(x) for x in args.seq.split(",")],
-            args.granularity.split(",")):
+    for dtype, head_dim, seq, granularity in itertools.product(
+            args.dtype.split(","), [parse_size(x) for x in args.head_dim.split(",")],
+            [parse_size(x) for x in args.seq.split(",")], args.granularity.split(",")):
         gen = torch.Generator(device="cuda").manual_seed(seq + head_dim)
-        q, k, v = (torch.randn(BATCH, HEADS, seq, head_dim, device="cuda", dtype=torch.float16, generator=gen)
+        q, k, v = (torch.randn(BATCH, HEADS, seq, head_dim, device="cuda", dtype=DTYPES[dtype], generator=gen)
                    for _ in range(3))
-        row = dict(head_dim=head_dim, seq=seq, granularity=granularity,
+        row = dict(dtype=dtype, head_dim=head_dim, seq=seq, granularity=granularity,
                    graph_us=time_us(captured(lambda: run_pass(quant, q, k, v, granularity), q.device)),
                    eager_us=time_us(lambda: run_pass(quant, q, k, v, granularity)))
         row["gb_per_s"] = compulsory_bytes(q, k, v) / row["graph_us"] / 1e3
-        line = (f"{head_dim:4d} {seq:6d} {granularity:>11} {row['graph_us']:9.1f} {row['eager_us']:9.1f} "
+        line = (f"{dtype:>5} {head_dim:4d} {seq:6d} {granularity:>11} {row['graph_us']:9.1f} {row['eager_us']:9.1f} "
                 f"{row['gb_per_s']:7.0f}")
         if baseline:
             other = lambda: run_pass(baseline, q, k, v, granularity)  # noqa: E731

@@ -120,6 +120,31 @@ def test_quantize_v_matches_reference(pv_accum, smooth_v, dtype, seq_k, head_dim
         assert got[2] is None
 
 
+@pytest.mark.parametrize("smooth_v", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seq_k", [16, 144])  # multiples of 16: no zero tokens in V's window
+def test_quantize_v_scales_of_one_signed_channels(smooth_v, dtype, seq_k):
+    """V's channel max and min (reduced in V's 16-bit dtype, bf16 as integer bits) where the
+    signs make them hard: channels all negative or all positive whose outlier is the max or the
+    min (smooth_v's scale takes the one farther from the mean), ±0 beside a tiny negative, the
+    outlier at the last token (in the statistics' short last chunk) or the first."""
+    _, _, v = random_qkv(seq_k, 1, 1, 2, 1, seq_k, 64, DTYPES[dtype], device="cpu")
+    spread = v.abs() * 0.1
+    outliers = {0: (-1.0, -0.01), 1: (-0.01, -5.0), 2: (1.0, 0.01), 3: (0.01, 7.0), 4: (-2.0 ** -20, -0.0)}
+    for channel, (bulk, outlier) in outliers.items():
+        v[..., channel] = bulk + spread[..., channel] * (1 if bulk > 0 else -1)
+        v[:, 0, -1, channel] = outlier  # the last token of head 0, the first of head 1
+        v[:, 1, 0, channel] = outlier
+    v[..., 4][..., ::2] = 0.0  # +0 and -0 (the outlier) around tiny negatives
+    v = v.to(DEVICE)
+    got = sageflash.quantize_v(v, pv_accum="fp32", smooth_v=smooth_v, backend="triton")
+    want = reference.quantize_v(v.cpu(), pv_accum="fp32", smooth_v=smooth_v)
+    assert_scales_close(got[1], want[1])
+    assert_fp8_close(got[0], want[0])
+    if smooth_v:
+        torch.testing.assert_close(got[2].cpu(), want[2], rtol=1e-5, atol=1e-6)
+
+
 def test_kv_head_chunks_policy():
     """One piece below kernels.CHUNKED_FROM_BYTES; above, enough chunks that the payloads (one byte
     per padded element) stay within PAYLOAD_FRACTION of the input bytes, at most one per KV head."""
