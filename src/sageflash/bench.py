@@ -7,7 +7,8 @@ same way (`attention_flops`). Each (shape, provider, knobs, mode) is timed with
 says why); the peak extra GPU memory of one call is measured on top of the inputs already allocated.
 
 Modes: ``e2e`` is what a user sees (quantization included); ``kernel`` quantizes once outside the
-timed region and times the attention kernel on the payloads; ``graph`` (opt-in) is the e2e call
+timed region and times the attention kernel on the payloads, replayed from a CUDA graph on a GPU
+(its GPU time: a short kernel's host time would otherwise show through); ``graph`` (opt-in) is the e2e call
 captured once in a CUDA graph and replayed, what a caller that captures its step (CUDA graphs,
 ``torch.compile(mode="reduce-overhead")``) sees: no host time. Providers without a quantization
 step (SDPA, the official SageAttention call) have one timing, labelled ``e2e``, run eagerly.
@@ -160,10 +161,11 @@ def _build_sageflash(q, k, v, causal, knobs: Knobs, mode):
         q, k, granularity=params.granularity, smooth_k=params.smooth_k, backend=backend)
     v_fp8, v_scale, v_mean = quantize_v(v, pv_accum=params.pv_accum, smooth_v=params.smooth_v,
                                         backend=backend)
-    return functools.partial(select_backend(backend, q.device).attention_from_payloads,
-                             q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_mean, params=params,
-                             seq_q=q.shape[2], seq_k=k.shape[2], head_dim=q.shape[-1],
-                             out_dtype=q.dtype)
+    attend = functools.partial(select_backend(backend, q.device).attention_from_payloads,
+                               q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_mean, params=params,
+                               seq_q=q.shape[2], seq_k=k.shape[2], head_dim=q.shape[-1],
+                               out_dtype=q.dtype)
+    return captured(attend, q.device) if q.device.type == "cuda" else attend
 
 
 def _sdpa_builder(backend_name: str):
@@ -327,11 +329,12 @@ def make_inputs(settings: Settings, seq: int, head_dim: int, device: torch.devic
 def time_run(provider: Provider, knobs: Knobs | None, mode: str, inputs, shape: Shape, settings: Settings,
              device: torch.device, memory: bool) -> tuple[float, int | None]:
     """One round of one (provider, knobs, mode) on one shape: (median ms, peak extra bytes when
-    ``memory``; a replayed graph allocates nothing, its memory is the e2e row's)."""
+    ``memory``; the graph and kernel modes replay a CUDA graph, which allocates nothing: the
+    memory of a call is the e2e row's)."""
     q, k, v = inputs
     fn = provider.build(q, k, v, shape.causal, knobs, mode)
     ms = time_ms(fn, settings.warmup, settings.rep / settings.rounds, device)
-    return ms, peak_extra_bytes(fn, device) if memory and mode != "graph" else None
+    return ms, peak_extra_bytes(fn, device) if memory and mode == "e2e" else None
 
 
 def run_shape(shape: Shape, inputs, settings: Settings, device: torch.device) -> list[Result]:
@@ -576,7 +579,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     runs.add_argument("--baseline", choices=tuple(PROVIDERS), default=BASELINE,
                       help=f"the provider every row is compared to (default: {BASELINE})")
     runs.add_argument("--modes", action="append", type=_list_of(_choice(MODES), "modes"),
-                      help="e2e (quantization included), kernel (payloads made outside the timing), "
+                      help="e2e (quantization included), kernel (the attention on ready payloads: GPU time), "
                            "graph (e2e replayed from a CUDA graph: no host time); default: e2e,kernel")
     runs.add_argument("--pv-accum", action="append",
                       type=_list_of(lambda w: PVAccum.parse(w, "--pv-accum"), "pv_accum values"),
