@@ -13,7 +13,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from conftest import HAS_CUDA, nmse
 from sageflash import kernels, reference
-from sageflash.kernels.attention import (_HOPPER, TMA_MIN_KEYS, LaunchConfig, _tma_addressable,
+from sageflash.kernels.attention import (_HOPPER, LaunchConfig, _tma_addressable,
                                         attention_from_payloads, launch_config)
 from sageflash.kernels.launch import launch_key
 from sageflash.params import PVAccum, resolve_params
@@ -74,10 +74,9 @@ def test_launch_table():
     fp32_rows = {64: (LaunchConfig(64, 128, 4, 2, True, 168), LaunchConfig(64, 128, 4, 4)),
                  128: (LaunchConfig(64, 128, 4, 3, tma=True), LaunchConfig(64, 128, 4, 3))}
     for head_dim, (tuned, default) in fp32_rows.items():
-        for causal in (False, True):  # pv_accum fp32: from 1k keys, D=64 causal from TMA_MIN_KEYS
-            first = TMA_MIN_KEYS if head_dim == 64 and causal else 1024
-            assert launch_config(head_dim, 90, PVAccum.FP32.code, causal, first) == tuned
-            assert launch_config(head_dim, 90, PVAccum.FP32.code, causal, first // 2) == default
+        for causal in (False, True):  # pv_accum fp32: from 1k keys
+            assert launch_config(head_dim, 90, PVAccum.FP32.code, causal, 1024) == tuned
+            assert launch_config(head_dim, 90, PVAccum.FP32.code, causal, 512) == default
     assert launch_config(64, 89, fp32_fp32, False, 4096) == LaunchConfig(64, 128, 4, 4)
     assert launch_config(64, 89, fp32_fp32, False, 1024).max_registers is None  # not measured on Ada
     for pv_mode in (fp32_fp32, fp32_fp16):  # a 168-register cap below TMA_MIN_KEYS (D=64, Hopper)
