@@ -124,10 +124,10 @@ def test_quantize_v_matches_reference(pv_accum, smooth_v, dtype, seq_k, head_dim
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("seq_k", [16, 144])  # multiples of 16: no zero tokens in V's window
 def test_quantize_v_scales_of_one_signed_channels(smooth_v, dtype, seq_k):
-    """V's channel max and min (reduced in V's 16-bit dtype, bf16 as integer bits) where the
-    signs make them hard: channels all negative or all positive whose outlier is the max or the
-    min (smooth_v's scale takes the one farther from the mean), ±0 beside a tiny negative, the
-    outlier at the last token (in the statistics' short last chunk) or the first."""
+    """V's channel max and min (fp16 reduced in fp16, rows past the sequence read as its last
+    token) where the signs make them hard: channels all negative or all positive whose outlier is
+    the max or the min (smooth_v's scale takes the one farther from the mean), ±0 beside a tiny
+    negative, the outlier at the last token (in the statistics' short last chunk) or the first."""
     _, _, v = random_qkv(seq_k, 1, 1, 2, 1, seq_k, 64, DTYPES[dtype], device="cpu")
     spread = v.abs() * 0.1
     outliers = {0: (-1.0, -0.01), 1: (-0.01, -5.0), 2: (1.0, 0.01), 3: (0.01, 7.0), 4: (-2.0 ** -20, -0.0)}
