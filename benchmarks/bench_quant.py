@@ -23,11 +23,10 @@ import sys
 
 import torch
 
-from sageflash.bench import captured, parse_size
+from sageflash.bench import DTYPES, captured, parse_size
 from sageflash.kernels import quant
 
 BATCH, HEADS = 4, 32
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def load_baseline(path: str):
@@ -63,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-dim", default="64,128", help="comma list")
     parser.add_argument("--seq", default="1k,4k,16k", help="comma list, e.g. 1k,4k")
     parser.add_argument("--granularity", default="per_thread,per_warp", help="comma list")
-    parser.add_argument("--dtype", default="fp16", help="comma list of fp16, bf16")
+    parser.add_argument("--dtype", default="fp16", help=f"comma list of {', '.join(DTYPES)}")
     parser.add_argument("--baseline", metavar="PATH", help="another quant.py to compare against")
     parser.add_argument("--rep", type=float, default=200.0, help="timed budget per measurement, ms")
     parser.add_argument("--csv", metavar="PATH")

@@ -8,8 +8,8 @@ says why); the peak extra GPU memory of one call is measured on top of the input
 
 Modes: ``e2e`` is what a user sees (quantization included); ``kernel`` quantizes once outside the
 timed region and times the attention kernel on the payloads, replayed from a CUDA graph on a GPU
-(its GPU time: a short kernel's host time would otherwise show through); ``graph`` (opt-in) is the e2e call
-captured once in a CUDA graph and replayed, what a caller that captures its step (CUDA graphs,
+(its GPU time: a short kernel's host time would otherwise show through); ``graph`` (opt-in) is
+the e2e call captured once in a CUDA graph and replayed, what a caller that captures its step (CUDA graphs,
 ``torch.compile(mode="reduce-overhead")``) sees: no host time. Providers without a quantization
 step (SDPA, the official SageAttention call) have one timing, labelled ``e2e``, run eagerly.
 """
