@@ -238,7 +238,6 @@ def _stats_kernel(K, V, STATS, stat_stride, seq, head_dim, kv_heads, n_chunks,
         v_max, v_min = _max_min(v)
         v_max = tl.where(in_head, v_max, -float("inf"))
         v_min = tl.where(in_head, v_min, float("inf"))
-        v_sum = tl.zeros([D], tl.float32)  # bound either way (Triton's scoping); stored with SMOOTH_V only
         if SMOOTH_V:
             v_sum = tl.sum(tl.where(in_seq[:, None], v.to(tl.float32), 0.0), axis=0)
         wait_for_earlier_launch(PDL)
