@@ -42,6 +42,15 @@ CANDIDATES = {
     "ptr-s4-r168": dict(tma=False, num_stages=4, max_registers=168),  # D=64's short-sequence launch, capped
     "tma-s2-r168": dict(tma=True, num_stages=2, max_registers=168),
     "ptr-s3-r128": dict(tma=False, num_stages=3, max_registers=128),
+    # More TMA stages under the cap: the loads issue further ahead (ncu, v17: at 2 stages a warp
+    # waits on its next K tile every step). D=64 keeps 3 programs per SM with 3-4 stages; D=128
+    # needs 64-key steps for that.
+    "tma-s3-r168": dict(tma=True, num_stages=3, max_registers=168),
+    "tma-s4-r168": dict(tma=True, num_stages=4, max_registers=168),
+    "tma-s2-r128": dict(tma=True, num_stages=2, max_registers=128),  # 4 programs per SM at D=64
+    "tma-s3-r128": dict(tma=True, num_stages=3, max_registers=128),
+    "tma-k64-s3-r168": dict(tma=True, keys=64, num_stages=3, max_registers=168),
+    "tma-k64-s4-r168": dict(tma=True, keys=64, num_stages=4, max_registers=168),
 }
 BATCH, HEADS = 4, 32
 

@@ -63,14 +63,14 @@ def test_launch_table():
             assert launch_config(128, 90, fp32_fp32, causal, keys) == LaunchConfig(64, 128, 4, 3, tma=True)
         assert launch_config(128, 90, fp32_fp16, causal, 512) == LaunchConfig(64, 128, 4, 3)
         assert launch_config(128, 90, fp32_fp32, causal, 512) == LaunchConfig(64, 128, 4, 3)
-    assert launch_config(64, 90, fp32_fp16, False, 4096) == LaunchConfig(64, 128, 4, 2, True, 168)
-    assert launch_config(64, 90, fp32_fp32, False, 4096) == LaunchConfig(64, 128, 4, 4, tma=True)
-    assert not launch_config(64, 90, fp32_fp32, False, 1024).tma  # below TMA_MIN_KEYS
+    for keys in (1024, 4096):  # D=64 under 128 registers from 1k keys: 4 programs per SM
+        assert launch_config(64, 90, fp32_fp16, False, keys) == LaunchConfig(64, 128, 4, 3, True, 128)
+        assert launch_config(64, 90, fp32_fp16, True, keys) == LaunchConfig(64, 128, 4, 2, True, 128)
+        for causal in (False, True):
+            assert launch_config(64, 90, fp32_fp32, causal, keys) == LaunchConfig(64, 128, 4, 3, True, 128)
     assert not launch_config(128, 89, fp32_fp32, False, 4096).tma  # Ada has no TMA
     assert not launch_config(128, 89, fp32_fp16, False, 1024).tma
     assert not launch_config(256, 90, fp32_fp32, False, 4096).tma
-    assert launch_config(64, 90, fp32_fp32, True, 4096).tma
-    assert launch_config(64, 90, fp32_fp16, True, 4096) == LaunchConfig(64, 128, 4, 2, max_registers=168)
     fp32_rows = {64: (LaunchConfig(64, 128, 4, 2, True, 168), LaunchConfig(64, 128, 4, 4)),
                  128: (LaunchConfig(64, 128, 4, 3, tma=True), LaunchConfig(64, 128, 4, 3))}
     for head_dim, (tuned, default) in fp32_rows.items():
@@ -79,8 +79,8 @@ def test_launch_table():
             assert launch_config(head_dim, 90, PVAccum.FP32.code, causal, 512) == default
     assert launch_config(64, 89, fp32_fp32, False, 4096) == LaunchConfig(64, 128, 4, 4)
     assert launch_config(64, 89, fp32_fp32, False, 1024).max_registers is None  # not measured on Ada
-    for pv_mode in (fp32_fp32, fp32_fp16):  # a 168-register cap below TMA_MIN_KEYS (D=64, Hopper)
-        assert launch_config(64, 90, pv_mode, True, 1024) == LaunchConfig(64, 128, 4, 4, max_registers=168)
+    for pv_mode in (fp32_fp32, fp32_fp16):  # a 168-register cap below the rows' 1k keys (D=64, Hopper)
+        assert launch_config(64, 90, pv_mode, True, 512) == LaunchConfig(64, 128, 4, 4, max_registers=168)
 
 
 def test_tma_needs_contiguous_payloads():

@@ -270,10 +270,15 @@ _HOPPER = {
     (128, _FP32_FP32, True): (1024, True, 3, None),  # the same; at 1k +18% (v11)
     (128, _FP32_FP16, False): (1024, True, 2, 168),  # 3 programs per SM: +4-10% at 2k-16k, +15% at 1k (v10)
     (128, _FP32_FP16, True): (1024, True, 2, 168),  # the same (17 spill stores): +5-9%, +15% at 1k (v10)
-    (64, _FP32_FP32, False): (TMA_MIN_KEYS, True, 4, None),  # TMA: +3-4% (v10; before v10 2 stages, <=168)
-    (64, _FP32_FP32, True): (TMA_MIN_KEYS, True, 4, None),  # TMA: +4-12%
-    (64, _FP32_FP16, False): (TMA_MIN_KEYS, True, 2, 168),  # +10-11% (v10)
-    (64, _FP32_FP16, True): (TMA_MIN_KEYS, False, 2, 168),  # 2 stages under a 168-register cap: +3-6%
+    # D=64 under 128 registers: 4 programs per SM instead of 3 (v17: ncu showed its warps waiting on
+    # the next K tile and on their wgmmas with no other warp to issue). Against the rows before, at
+    # 1k / 4k / 16k: fp32+fp16 (3 stages) -8% / -8% / -4%, causal (2 stages; 68 bytes of spills)
+    # -8% / -9% / -8%; fp32+fp32 (3 stages; <=124 bytes of spills) -11% / -6% / -4%, causal -6% /
+    # -6% / -2%. pv_accum fp32 spills 130+ bytes under the cap and lost 14-21%.
+    (64, _FP32_FP32, False): (1024, True, 3, 128),
+    (64, _FP32_FP32, True): (1024, True, 3, 128),
+    (64, _FP32_FP16, False): (1024, True, 3, 128),
+    (64, _FP32_FP16, True): (1024, True, 2, 128),
     # pv_accum fp32 (the mode smooth_v needs), v14's sweep against the launch before, at 1k / 4k / 16k:
     (128, _FP32, False): (1024, True, 3, None),  # TMA: +6% / +14% / +5%
     (128, _FP32, True): (1024, True, 3, None),  # TMA: +1% / +14% / +9%
@@ -281,7 +286,7 @@ _HOPPER = {
     (64, _FP32, True): (1024, True, 2, 168),  # 4k +20%, 16k +14% (before: TMA, 4 stages); 1k +7% (v15,
     # timed from a CUDA graph: v14's eager timings at 1k read the launch's host time)
 }
-# Hopper launches below TMA_MIN_KEYS that cap the registers, by (padded head dim, pv_accum code).
+# Hopper launches below a row's min_keys that cap the registers, by (padded head dim, pv_accum code).
 # D=64 under 168 registers: +7-13% at 1k for fp32+fp32 and causal fp32+fp16, the rest within 3%
 # (H200, two sweeps, benchmarks/NOTES.md v8). Causal fp32+fp32 takes 197 uncapped (2 programs per
 # SM, 3 capped); the other gains come with the same 167-168 registers, so from ptxas's schedule.
