@@ -272,7 +272,7 @@ _HOPPER = {
     (128, _FP32_FP16, True): (1024, True, 2, 168),  # the same (17 spill stores): +5-9%, +15% at 1k (v10)
     # D=64 under 128 registers: 4 programs per SM instead of 3 (v17: ncu showed its warps waiting on
     # the next K tile and on their wgmmas with no other warp to issue). Against the rows before, at
-    # 1k / 4k / 16k: fp32+fp16 (3 stages) -8% / -8% / -4%, causal (2 stages; 68 bytes of spills)
+    # 1k / 4k / 16k: fp32+fp16 (3 stages) -8% / -8% / -4%, causal (2 stages; 16 bytes of spills)
     # -8% / -9% / -8%; fp32+fp32 (3 stages; <=124 bytes of spills) -11% / -6% / -4%, causal -6% /
     # -6% / -2%. pv_accum fp32 spills 130+ bytes under the cap and lost 14-21%.
     (64, _FP32_FP32, False): (1024, True, 3, 128),
