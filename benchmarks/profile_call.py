@@ -145,7 +145,7 @@ def main(argv=None) -> int:
                            for _ in range(3))
                 params = resolve_params(None, causal, True, False, args.pv_accum, "per_thread", head_dim=head_dim)
                 pay = quantize_qkv(q, k, v, granularity=params.granularity, smooth_k=True,
-                                   pv_accum=params.pv_accum, smooth_v=False)
+                                   pv_accum=params.pv_accum, smooth_v=False, v_kernel_order=True)
                 q8, qs, k8, ks, _, v8, vs, vm = pay
                 call = functools.partial(sageflash.sage_attn_sm89_fp16, q, k, v, is_causal=causal,
                                          pv_accum=args.pv_accum)
@@ -162,10 +162,10 @@ def main(argv=None) -> int:
                     "apply_overrides": lambda: apply_overrides(params),  # eager calls: after check_call
                     "quantize_qkv": lambda: quantize_qkv(q, k, v, granularity=params.granularity,
                                                          smooth_k=True, pv_accum=params.pv_accum,
-                                                         smooth_v=False),
+                                                         smooth_v=False, v_kernel_order=True),
                     "attention kernel": lambda: attention_from_payloads(
                         q8, qs, k8, ks, v8, vs, vm, params=params, seq_q=seq, seq_k=seq,
-                        head_dim=head_dim, out_dtype=q.dtype),
+                        head_dim=head_dim, out_dtype=q.dtype, v_kernel_order=True),
                     "torch.empty x1": lambda: torch.empty(args.batch, args.heads, seq, head_dim,
                                                           dtype=torch.int8, device="cuda"),
                 }

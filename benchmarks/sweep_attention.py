@@ -68,13 +68,14 @@ def payloads(seq: int, head_dim: int, causal: bool, pv_accum: str, seed: int):
                for _ in range(3))
     params = resolve_params(None, causal, True, False, pv_accum, "per_thread", head_dim=head_dim)
     q8, qs, k8, ks, _, v8, vs, vm = quantize_qkv(q, k, v, granularity=params.granularity, smooth_k=True,
-                                                  pv_accum=params.pv_accum, smooth_v=False)
+                                                  pv_accum=params.pv_accum, smooth_v=False,
+                                                  v_kernel_order=True)
     return (q, k, v), (q8, qs, k8, ks, v8, vs, vm), params
 
 
 def run_attention(args, params, seq, head_dim, config, out=None):
     return attention_from_payloads(*args, params=params, seq_q=seq, seq_k=seq, head_dim=head_dim,
-                                   out_dtype=torch.float16, out=out, launch=config)
+                                   out_dtype=torch.float16, out=out, launch=config, v_kernel_order=True)
 
 
 def compile_job(job) -> str:

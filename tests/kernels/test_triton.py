@@ -121,6 +121,21 @@ def test_quantize_v_matches_reference(pv_accum, smooth_v, dtype, seq_k, head_dim
 
 
 @pytest.mark.parametrize("smooth_v", [False, True])
+@pytest.mark.parametrize("seq_k", [131, 256])
+def test_v_payload_in_kernel_order(smooth_v, seq_k):
+    """What the attention path quantizes (`quantize_qkv(v_kernel_order=True)`) is the natural
+    payload with its tokens moved by `v_in_kernel_order`, byte for byte, padding included."""
+    q, k, v = random_qkv(seq_k + 3, 2, 2, 2, 64, seq_k, 80, torch.float16)
+    knobs = dict(granularity="per_thread", smooth_k=True, pv_accum="fp32", smooth_v=smooth_v)
+    natural = kernels.quantize_qkv(q, k, v, **knobs)
+    ordered = kernels.quantize_qkv(q, k, v, v_kernel_order=True, **knobs)
+    assert not torch.equal(ordered[5].view(torch.uint8), natural[5].view(torch.uint8))
+    assert torch.equal(ordered[5].view(torch.uint8), kernels.v_in_kernel_order(natural[5]).view(torch.uint8))
+    for got, want in zip(ordered[:5] + ordered[6:], natural[:5] + natural[6:]):
+        assert (got is None and want is None) or torch.equal(got, want)
+
+
+@pytest.mark.parametrize("smooth_v", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("seq_k", [16, 144])  # multiples of 16: no zero tokens in V's window
 def test_quantize_v_scales_of_one_signed_channels(smooth_v, dtype, seq_k):
@@ -147,14 +162,18 @@ def test_quantize_v_scales_of_one_signed_channels(smooth_v, dtype, seq_k):
 
 def test_kv_head_chunks_policy():
     """One piece below kernels.CHUNKED_FROM_BYTES; above, enough chunks that the payloads (one byte
-    per padded element) stay within PAYLOAD_FRACTION of the input bytes, at most one per KV head."""
+    per padded element; Q's lives in the output where it fits) stay within PAYLOAD_FRACTION of the
+    input bytes, at most one per KV head."""
     meta = lambda *shape: torch.empty(shape, dtype=torch.float16, device="meta")  # noqa: E731
     small = [meta(4, 32, 1024, 128), meta(4, 32, 1024, 128), meta(4, 32, 1024, 128)]
     assert kernels.kv_head_chunks(*small) == 1
     large = [meta(4, 32, 4096, 128), meta(4, 16, 4096, 128), meta(4, 16, 4096, 128)]  # 268 MB
-    assert kernels.kv_head_chunks(*large) == 3  # payloads are half the fp16 bytes
+    assert kernels.kv_head_chunks(*large) == 2  # K and V's payloads are a quarter of the fp16 bytes
     padded = [meta(1, 40, 16384, 80), meta(1, 40, 16384, 80), meta(1, 40, 16384, 80)]
-    assert kernels.kv_head_chunks(*padded) == 4  # 80 -> 128 channels: 0.8x the fp16 bytes
+    assert kernels.kv_head_chunks(*padded) == 3  # 80 -> 128 channels: 0.53x the fp16 bytes
+    narrow = [meta(5, 64, 16384, 16)] * 3  # 16 -> 64 channels: Q's payload does not fit the output
+    assert not kernels.q_payload_in_output(16) and kernels.q_payload_in_output(32)
+    assert kernels.kv_head_chunks(*narrow) == 10  # all three payloads, 2x the fp16 bytes
     mqa = [meta(8, 32, 4096, 128), meta(8, 1, 4096, 128), meta(8, 1, 4096, 128)]
     assert kernels.kv_head_chunks(*mqa) == 1  # one KV head cannot be split
 

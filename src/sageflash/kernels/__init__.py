@@ -67,15 +67,23 @@ attention_from_payloads = _on_tensor_device(_attention.attention_from_payloads)
 quantize_qk = _on_tensor_device(_quant.quantize_qk)
 quantize_qkv = _on_tensor_device(_quant.quantize_qkv)
 quantize_v = _on_tensor_device(_quant.quantize_v)
+v_in_kernel_order = _attention.v_in_kernel_order
 
 
 # Calls whose q, k and v take at least CHUNKED_FROM_BYTES quantize and attend in KV-head chunks,
 # so that payloads of at most PAYLOAD_FRACTION of those bytes are alive at once: peak extra memory
-# ~0.33x (the output) + 0.2x (three chunks of fp16 inputs) + statistics, against 0.33x + 0.5x in
-# one piece. Smaller calls stay in one piece: each chunk adds four launches (≈60 µs of host time
-# even replayed, against ≈120-220 µs of GPU work for a whole 1k call) and smaller quantizer grids.
+# ~0.33x (the output, which also holds Q's payload) + 0.17x (two chunks of K and V's payloads) +
+# statistics, against 0.33x + 0.33x in one piece. Smaller calls stay in one piece: each chunk adds
+# four launches (≈60 µs of host time even replayed, against ≈120-220 µs of GPU work for a whole 1k
+# call) and smaller quantizer grids.
 CHUNKED_FROM_BYTES = 256 << 20
 PAYLOAD_FRACTION = 0.2
+
+
+def q_payload_in_output(head_dim: int) -> bool:
+    """Whether Q's int8 payload is written into the output's own bytes (`_quantize_and_attend`): a
+    row of the 16-bit output holds 2·head_dim bytes, a row of the payload the padded head dim."""
+    return 2 * head_dim >= groups.padded_head_dim(head_dim)
 
 
 def kv_head_chunks(q, k, v) -> int:
@@ -83,7 +91,9 @@ def kv_head_chunks(q, k, v) -> int:
     input_bytes = sum(t.numel() * t.element_size() for t in (q, k, v))
     if input_bytes < CHUNKED_FROM_BYTES:
         return 1
-    payload_bytes = (q.numel() + k.numel() + v.numel()) // q.shape[-1] * groups.padded_head_dim(q.shape[-1])
+    head_dim = q.shape[-1]
+    payloads = (k, v) if q_payload_in_output(head_dim) else (q, k, v)
+    payload_bytes = sum(t.numel() for t in payloads) // head_dim * groups.padded_head_dim(head_dim)
     return min(k.shape[1], groups.cdiv(payload_bytes, int(PAYLOAD_FRACTION * input_bytes)))
 
 
@@ -91,14 +101,14 @@ def kv_head_chunks(q, k, v) -> int:
 def attention(q, k, v, params, return_lse: bool = False, out=None, attn_mask=None):
     """Quantize Q, K and V, then run the attention kernel; large calls in `kv_head_chunks` pieces,
     with the same result (every quantization statistic is per batch and KV head)."""
+    if out is None:
+        out = q.new_empty(q.shape)
     chunks = kv_head_chunks(q, k, v)
     if chunks == 1:
         return _attend_heads(q, k, v, params, return_lse, out, attn_mask, chained=False)
     batch, q_heads, seq_q = q.shape[:3]
     kv_heads = k.shape[1]
     group = q_heads // kv_heads
-    if out is None:
-        out = q.new_empty(q.shape)
     lse = q.new_empty(batch, q_heads, seq_q, dtype=torch.float32) if return_lse else None
     mask = None if attn_mask is None else attn_mask.expand(batch, q_heads, seq_q, k.shape[2])
     step = groups.cdiv(kv_heads, chunks)
@@ -130,15 +140,22 @@ def _attend_heads(q, k, v, params, return_lse, out, attn_mask, chained):
 def _quantize_and_attend(q, k, v, params, return_lse, out, attn_mask, chained):
     """Quantize Q, K and V together (three launches), then run the attention kernel; the payloads
     are freed on return. ``chained``: the previous launch is the attention of the call's previous
-    KV-head chunk."""
+    KV-head chunk.
+
+    Q's payload goes into the output's bytes where it fits (`q_payload_in_output`): the program
+    that reads a tile of it is the one that writes the output over that tile, and after the read."""
+    q_int8 = None
+    if q_payload_in_output(q.shape[-1]):
+        q_int8 = out.view(torch.int8)[..., : groups.padded_head_dim(q.shape[-1])]
     q_int8, q_scale, k_int8, k_scale, km, v_fp8, v_scale, v_mean = _quant.quantize_qkv(
-        q, k, v, granularity=params.granularity, smooth_k=params.smooth_k,
-        pv_accum=params.pv_accum, smooth_v=params.smooth_v, chained=chained)
+        q, k, v, granularity=params.granularity, smooth_k=params.smooth_k, pv_accum=params.pv_accum,
+        smooth_v=params.smooth_v, q_int8=q_int8, v_kernel_order=True, chained=chained)
     return _attention.attention_from_payloads(
         q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_mean, params=params,
         seq_q=q.shape[2], seq_k=k.shape[2], head_dim=q.shape[-1], out_dtype=q.dtype,
-        q=q, km=km, return_lse=return_lse, out=out, attn_mask=attn_mask)
+        q=q, km=km, return_lse=return_lse, out=out, attn_mask=attn_mask, v_kernel_order=True)
 
 
 __all__ = ["UnsupportedDeviceError", "attention", "attention_from_payloads", "check_device",
-           "kv_head_chunks", "quantize_qk", "quantize_qkv", "quantize_v", "unsupported_reason"]
+           "kv_head_chunks", "quantize_qk", "quantize_qkv", "quantize_v", "unsupported_reason",
+           "v_in_kernel_order"]

@@ -3,8 +3,9 @@
 One program computes BLOCK_M query rows of one (batch, head) against every visible 64-key block:
 S = q8·k8ᵀ in int32 (wgmma on sm_90, mma.sync m16n8k32 on sm_89), log2-domain logits, the running
 max with the fp8 offset, P rounded to e4m3 in registers, then P·V on fp8 tensor cores, accumulated
-as the pv_accum mode says. The running max is per 64-key block, as in the official kernel: a
-larger key block would change P's fp8 rounding and so the numbers.
+as the pv_accum mode says. P's columns and V's payload tokens are in `groups.v_kernel_position`'s
+order, so that no thread needs another's scores. The running max is per 64-key block, as in the
+official kernel: a larger key block would change P's fp8 rounding and so the numbers.
 """
 
 from __future__ import annotations
@@ -56,7 +57,10 @@ def _softmax_step(acc, m_i, l_i, x, x_scale, v, PV_MODE: tl.constexpr, GROUPED: 
     alpha = tl.math.exp2(m_i - m_safe)
     p = tl.math.exp2(tl.fma(xg, scale, -m_safe[:, None, None, None]))
     l_i = l_i * alpha[:, None] + tl.sum(tl.sum(p, axis=3), axis=1)
-    p8 = tl.reshape(p, [rows_n, BLOCK_N]).to(tl.float8e4nv)
+    # P's columns in V's payload order (`groups.v_kernel_position`: key 16c + 8b + 2t + e at
+    # position 16c + 4t + 2b + e): each thread's scores are then its own P·V operand (no shuffles).
+    p8 = tl.reshape(p.to(tl.float8e4nv), [rows_n, BLOCK_N // 16, 2, ROW_LANES, 2])
+    p8 = tl.reshape(tl.permute(p8, (0, 1, 3, 2, 4)), [rows_n, BLOCK_N])
     if PV_MODE == 0:  # PVAccum.FP32.code: one running accumulator, accumulated by the tensor cores
         acc = tl.dot(p8, v, acc * alpha[:, None])
     elif PV_MODE == 1:  # fp32+fp32: a fresh fp32 accumulator per key block
@@ -89,7 +93,8 @@ def _load_k_block(k_src, k_row, start, cols, dims, seq_k, stride_ks, MASKED: tl.
 @triton.jit
 def _load_v_block(v_src, v_row, start, dims, seq_k, stride_vd, MASKED: tl.constexpr,
                   USE_TMA: tl.constexpr):
-    """V's fp8 ``[64, D]`` block from key ``start`` (the payload is zero-padded to 64 keys only).
+    """V's fp8 ``[64, D]`` block from key ``start`` (the payload is zero-padded to 64 keys only, its
+    tokens in `groups.v_kernel_position`'s order: a block holds its own 64 keys, padding included).
 
     With USE_TMA, ``v_src`` is a TMA descriptor of the payload seen as ``[B·Hk·D, ceil_64(Sk)]``
     and ``v_row`` this head's first row; keys past the padded end read as zeros.
@@ -99,8 +104,8 @@ def _load_v_block(v_src, v_row, start, dims, seq_k, stride_vd, MASKED: tl.conste
     else:
         cols = start + tl.arange(0, BLOCK_N)
         ptrs = v_src + dims[None, :].to(tl.int64) * stride_vd + cols[:, None]
-        if MASKED:
-            v = tl.load(ptrs, mask=(cols < seq_k)[:, None], other=0.0)
+        if MASKED:  # a block past the padded payload reads as zeros
+            v = tl.load(ptrs, mask=start < seq_k, other=0.0)
         else:
             v = tl.load(ptrs)
     return v
@@ -324,18 +329,32 @@ def _tma_addressable(*payloads) -> bool:
     return all(p.is_contiguous() and p.numel() // p.shape[-1] < 2 ** 31 for p in payloads)
 
 
+def v_in_kernel_order(v_fp8: torch.Tensor) -> torch.Tensor:
+    """A V payload in natural token order (SPEC §4) rewritten in the kernel's
+    (`groups.v_kernel_position`), as `quant.quantize_qkv` writes it with ``v_kernel_order``."""
+    natural = v_fp8.view(torch.uint8)
+    reordered = torch.empty(natural.shape, dtype=torch.uint8, device=natural.device)
+    reordered[..., groups.v_kernel_position(torch.arange(natural.shape[-1], device=natural.device))] = natural
+    return reordered.view(v_fp8.dtype)
+
+
 def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_mean, *,
                             params: SageParams, seq_q: int, seq_k: int, head_dim: int,
                             out_dtype: torch.dtype, q=None, km=None, return_lse: bool = False,
-                            out=None, attn_mask=None, launch: LaunchConfig | None = None):
+                            out=None, attn_mask=None, launch: LaunchConfig | None = None,
+                            v_kernel_order: bool = False):
     """Attention from the payloads; the signature of `sageflash.reference.attention_from_payloads`.
 
+    ``v_fp8`` in natural token order is first copied into the kernel's (`v_in_kernel_order`);
+    ``v_kernel_order`` says it already is (`quant.quantize_qkv`'s ``v_kernel_order``).
     ``launch`` replaces `launch_config`'s choice (benchmarks/sweep_attention.py compares them).
     ``attn_mask`` is read in place through broadcast strides (0 on the broadcast dims; a bool
     mask as its bytes), with the semantics of the reference.
     """
     batch, q_heads = q_int8.shape[:2]
     kv_heads, padded = k_int8.shape[1], k_int8.shape[-1]
+    if not v_kernel_order:
+        v_fp8 = v_in_kernel_order(v_fp8)
     if out is None:
         out = torch.empty(batch, q_heads, seq_q, head_dim, dtype=out_dtype, device=q_int8.device)
     lse = torch.empty(batch, q_heads, seq_q, dtype=torch.float32, device=q_int8.device) if return_lse else out

@@ -40,6 +40,7 @@ def _jit_rule(rule):
 
 q_group = _jit_rule(groups.q_group)
 k_group = _jit_rule(groups.k_group)
+v_kernel_position = _jit_rule(groups.v_kernel_position)
 
 # Kernel constants (constexpr: jitted code may read them; ``.value`` on the host).
 TILE_ROWS = tl.constexpr(groups.K_TILE)  # tokens per quantization program: whole Q and K groups
@@ -162,8 +163,11 @@ def _quantize_int8_tile(X, KM, X8, XS, batch, head, tile, seq, head_dim, num_hea
 @triton.jit
 def _quantize_fp8_tile(V, VMEAN, INV, V8, batch, head, tile, seq, head_dim, num_heads,
                        stride_vb, stride_vh, stride_vs, stride_8b, stride_8h, stride_8d,
-                       D: tl.constexpr, SMOOTH: tl.constexpr, PDL: tl.constexpr):
-    """fp8 payload of TILE_ROWS tokens of one (batch, head) of V, stored transposed ``[D, tokens]``."""
+                       D: tl.constexpr, SMOOTH: tl.constexpr, KERNEL_ORDER: tl.constexpr,
+                       PDL: tl.constexpr):
+    """fp8 payload of TILE_ROWS tokens of one (batch, head) of V, stored transposed ``[D, tokens]``:
+    the tokens in natural order, or with KERNEL_ORDER in the attention kernel's
+    (`groups.v_kernel_position`)."""
     bh = (batch * num_heads + head).to(tl.int64)
     rows = tile * TILE_ROWS + tl.arange(0, TILE_ROWS)
     cols = tl.arange(0, D)
@@ -175,8 +179,9 @@ def _quantize_fp8_tile(V, VMEAN, INV, V8, batch, head, tile, seq, head_dim, num_
         x = x - tl.load(VMEAN + bh * D + cols)[None, :]
     # No clamp: the e4m3 cast saturates to ±448 (cvt.rn.satfinite; the interpreter's cast too).
     y = tl.where(valid, x * tl.load(INV + bh * D + cols)[None, :], 0.0)
+    at = v_kernel_position(rows) if KERNEL_ORDER else rows
     tl.store(V8 + batch.to(tl.int64) * stride_8b + head.to(tl.int64) * stride_8h
-             + cols[None, :].to(tl.int64) * stride_8d + rows[:, None], y.to(tl.float8e4nv))
+             + cols[None, :].to(tl.int64) * stride_8d + at[:, None], y.to(tl.float8e4nv))
 
 
 # `tl.reduce`'s combines for a maximum and a minimum in the operands' dtype (`tl.max` widens 16-bit
@@ -302,7 +307,7 @@ def _quantize_kernel(Q, K, V, KM, Q8, QS, K8, KS, VMEAN, INV, V8,
                      D: tl.constexpr, PER_THREAD: tl.constexpr, DO_Q: tl.constexpr,
                      DO_K: tl.constexpr, DO_V: tl.constexpr, SMOOTH_K: tl.constexpr,
                      SMOOTH_V: tl.constexpr, Q_TILE_GROUPS: tl.constexpr, K_TILE_GROUPS: tl.constexpr,
-                     PDL: tl.constexpr):
+                     V_KERNEL_ORDER: tl.constexpr, PDL: tl.constexpr):
     """Pass 3: one tile per program; along grid axis 1 the Q heads (DO_Q), then the K heads (DO_K),
     then the V heads (DO_V), so a program holds one tensor's tile (fewer registers, more programs
     in flight). Q's tiles need nothing from the passes before; K's and V's wait for them (PDL)."""
@@ -323,7 +328,7 @@ def _quantize_kernel(Q, K, V, KM, Q8, QS, K8, KS, VMEAN, INV, V8,
         else:
             _quantize_fp8_tile(V, VMEAN, INV, V8, batch, head - first_v, tile, seq_k, head_dim,
                                kv_heads, stride_vb, stride_vh, stride_vs, stride_v8b, stride_v8h,
-                               stride_v8d, D, SMOOTH_V, PDL)
+                               stride_v8d, D, SMOOTH_V, V_KERNEL_ORDER, PDL)
 
 
 _launch_stats = Launcher(_stats_kernel)
@@ -336,11 +341,14 @@ def _strides(x):
 
 
 def quantize_qkv(q, k, v, *, granularity, smooth_k: bool, km=None, pv_accum=None,
-                 smooth_v: bool = False, chained: bool = False):
+                 smooth_v: bool = False, q_int8=None, v_kernel_order: bool = False, chained: bool = False):
     """Any of Q, K (int8) and V (fp8) in at most three launches; None for a tensor not asked for.
 
     Returns ``(q_int8, q_scale, k_int8, k_scale, km, v_fp8, v_scale, v_mean)``: the payloads of
-    `sageflash.reference.quantize_qk` / `quantize_v` (q and k go together, v may be None).
+    `sageflash.reference.quantize_qk` / `quantize_v` (q and k go together, v may be None), V's
+    tokens in the attention kernel's order with ``v_kernel_order`` (`groups.v_kernel_position`).
+    ``q_int8``: where to write Q's payload (an int8 ``[B, Hq, Sq, D]`` view with unit last stride,
+    e.g. of the output's bytes), else a new tensor.
     ``chained``: the launch before is the attention kernel of the same call (the previous KV-head
     chunk's), so the statistics may start during its tail (`launch.dependent_launch`).
     """
@@ -356,7 +364,7 @@ def quantize_qkv(q, k, v, *, granularity, smooth_k: bool, km=None, pv_accum=None
     q_heads = seq_q = q_tiles = 0
     if q is not None:
         q_heads, seq_q = q.shape[1], q.shape[2]
-        q8 = new(batch, q_heads, seq_q, padded, dtype=torch.int8)
+        q8 = new(batch, q_heads, seq_q, padded, dtype=torch.int8) if q_int8 is None else q_int8
         q_scale = new(batch, q_heads, groups.q_num_groups(seq_q, per_thread))
         k8 = new(batch, kv_heads, seq_k, padded, dtype=torch.int8)
         k_scale = new(batch, kv_heads, groups.k_num_groups(seq_k, per_thread))
@@ -405,7 +413,7 @@ def quantize_qkv(q, k, v, *, granularity, smooth_k: bool, km=None, pv_accum=None
         D=padded, PER_THREAD=per_thread, DO_Q=q is not None, DO_K=q is not None,
         DO_V=v is not None, SMOOTH_K=km is not None, SMOOTH_V=smooth_v,
         Q_TILE_GROUPS=_TILE_GROUPS[per_thread][0], K_TILE_GROUPS=_TILE_GROUPS[per_thread][1],
-        PDL=pdl, num_warps=QUANT_WARPS, launch_pdl=pdl and with_stats,
+        V_KERNEL_ORDER=v_kernel_order, PDL=pdl, num_warps=QUANT_WARPS, launch_pdl=pdl and with_stats,
         enable_fp_fusion=False)  # per_warp rounds x·(127/amax) as the reference does, not by an FMA
     return q8, q_scale, k8, k_scale, km, v8, v_scale, v_mean
 
