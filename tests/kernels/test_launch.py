@@ -60,7 +60,7 @@ def test_launch_table():
     for causal in (False, True):  # D=128 from 1k keys
         for keys in (1024, 4096):
             assert launch_config(128, 90, fp32_fp16, causal, keys) == LaunchConfig(64, 128, 4, 2, True, 168)
-            assert launch_config(128, 90, fp32_fp32, causal, keys) == LaunchConfig(64, 128, 4, 3, tma=True)
+            assert launch_config(128, 90, fp32_fp32, causal, keys) == LaunchConfig(64, 64, 4, 3, True, 168)
         assert launch_config(128, 90, fp32_fp16, causal, 512) == LaunchConfig(64, 128, 4, 3)
         assert launch_config(128, 90, fp32_fp32, causal, 512) == LaunchConfig(64, 128, 4, 3)
     for keys in (1024, 4096):  # D=64 under 128 registers from 1k keys: 4 programs per SM
@@ -72,7 +72,7 @@ def test_launch_table():
     assert not launch_config(128, 89, fp32_fp16, False, 1024).tma
     assert not launch_config(256, 90, fp32_fp32, False, 4096).tma
     fp32_rows = {64: (LaunchConfig(64, 128, 4, 2, True, 168), LaunchConfig(64, 128, 4, 4)),
-                 128: (LaunchConfig(64, 128, 4, 3, tma=True), LaunchConfig(64, 128, 4, 3))}
+                 128: (LaunchConfig(64, 64, 4, 3, True, 168), LaunchConfig(64, 128, 4, 3))}
     for head_dim, (tuned, default) in fp32_rows.items():
         for causal in (False, True):  # pv_accum fp32: from 1k keys
             assert launch_config(head_dim, 90, PVAccum.FP32.code, causal, 1024) == tuned

@@ -264,32 +264,52 @@ class LaunchConfig(NamedTuple):
 
 
 TMA_MIN_KEYS = 2048  # below, TMA measured slower or within 5% (H200: v4, v7, v9), except rows below
-# Hopper launches by (padded head dim, pv_accum code, causal), as (min_keys, tma, num_stages,
-# max_registers), for calls of at least min_keys keys; other calls take the default 64x128 tile
-# below with pointer loads. Measured on an H200, kernel-only (benchmarks/NOTES.md v4, v7, v9 and
-# v10: the rows were re-measured after v10's grouped K scales; v11: D=128 fp32+fp32 from 1k; v14:
-# the fp32 rows).
+
+
+class HopperRow(NamedTuple):
+    """A Hopper launch for calls of at least ``min_keys`` keys: the default 64-row tile with these
+    loads, stages, register cap and keys per loop step."""
+
+    min_keys: int
+    tma: bool
+    num_stages: int
+    max_registers: int | None
+    keys: int = 128
+
+
+# Hopper launches by (padded head dim, pv_accum code, causal); other calls take the default 64x128
+# tile below with pointer loads. Measured on an H200, kernel-only (benchmarks/NOTES.md v4, v7, v9
+# and v10: the rows were re-measured after v10's grouped K scales; v11: D=128 fp32+fp32 from 1k;
+# v14: the fp32 rows; v17: D=64 under 128 registers; v18: D=128 fp32+fp32 and fp32 in 64-key steps).
 _FP32, _FP32_FP32, _FP32_FP16 = (mode.code for mode in (PVAccum.FP32, PVAccum.FP32_FP32, PVAccum.FP32_FP16))
 _HOPPER = {
-    (128, _FP32_FP32, False): (1024, True, 3, None),  # TMA: +5-15%; at 1k +11% (v11: no pointer-load spills)
-    (128, _FP32_FP32, True): (1024, True, 3, None),  # the same; at 1k +18% (v11)
-    (128, _FP32_FP16, False): (1024, True, 2, 168),  # 3 programs per SM: +4-10% at 2k-16k, +15% at 1k (v10)
-    (128, _FP32_FP16, True): (1024, True, 2, 168),  # the same (17 spill stores): +5-9%, +15% at 1k (v10)
+    # D=128 fp32+fp32 in 64-key steps under 168 registers: 3 programs per SM without spills (165
+    # registers once P needs no shuffles; 128-key steps take 228, 2 per SM). Against TMA with 3
+    # stages and 128-key steps (v18, interleaved), 1k / 4k / 16k: +14% / +7% / +4%, causal +24% /
+    # +12% / +5%.
+    (128, _FP32_FP32, False): HopperRow(1024, True, 3, 168, keys=64),
+    (128, _FP32_FP32, True): HopperRow(1024, True, 3, 168, keys=64),
+    # D=128 fp32+fp16 under 168 registers, 3 programs per SM: +4-10% at 2k-16k, +15% at 1k, causal
+    # +5-9% (v10); in 64-key steps 2-4% slower (v18).
+    (128, _FP32_FP16, False): HopperRow(1024, True, 2, 168),
+    (128, _FP32_FP16, True): HopperRow(1024, True, 2, 168),
     # D=64 under 128 registers: 4 programs per SM instead of 3 (v17: ncu showed its warps waiting on
     # the next K tile and on their wgmmas with no other warp to issue). Against the rows before, at
     # 1k / 4k / 16k: fp32+fp16 (3 stages) -8% / -8% / -4%, causal (2 stages; 16 bytes of spills)
     # -8% / -9% / -8%; fp32+fp32 (3 stages; <=124 bytes of spills) -11% / -6% / -4%, causal -6% /
     # -6% / -2%. pv_accum fp32 spills 130+ bytes under the cap and lost 14-21%.
-    (64, _FP32_FP32, False): (1024, True, 3, 128),
-    (64, _FP32_FP32, True): (1024, True, 3, 128),
-    (64, _FP32_FP16, False): (1024, True, 3, 128),
-    (64, _FP32_FP16, True): (1024, True, 2, 128),
-    # pv_accum fp32 (the mode smooth_v needs), v14's sweep against the launch before, at 1k / 4k / 16k:
-    (128, _FP32, False): (1024, True, 3, None),  # TMA: +6% / +14% / +5%
-    (128, _FP32, True): (1024, True, 3, None),  # TMA: +1% / +14% / +9%
-    (64, _FP32, False): (1024, True, 2, 168),  # +5% / +14% / +11%
-    (64, _FP32, True): (1024, True, 2, 168),  # 4k +20%, 16k +14% (before: TMA, 4 stages); 1k +7% (v15,
-    # timed from a CUDA graph: v14's eager timings at 1k read the launch's host time)
+    (64, _FP32_FP32, False): HopperRow(1024, True, 3, 128),
+    (64, _FP32_FP32, True): HopperRow(1024, True, 3, 128),
+    (64, _FP32_FP16, False): HopperRow(1024, True, 3, 128),
+    (64, _FP32_FP16, True): HopperRow(1024, True, 2, 128),
+    # pv_accum fp32 (the mode smooth_v needs). D=128 as fp32+fp32 (140 registers), against TMA with 3
+    # stages and 128-key steps (v18), 1k / 4k / 16k: +21% / +9% / +6%, causal +27% / +16% / +5%.
+    (128, _FP32, False): HopperRow(1024, True, 3, 168, keys=64),
+    (128, _FP32, True): HopperRow(1024, True, 3, 168, keys=64),
+    # D=64, v14's sweep against the launch before, at 1k / 4k / 16k:
+    (64, _FP32, False): HopperRow(1024, True, 2, 168),  # +5% / +14% / +11%
+    (64, _FP32, True): HopperRow(1024, True, 2, 168),  # 4k +20%, 16k +14% (before: TMA, 4 stages); 1k +7%
+    # (v15, timed from a CUDA graph: v14's eager timings at 1k read the launch's host time)
 }
 # Hopper launches below a row's min_keys that cap the registers, by (padded head dim, pv_accum code).
 # D=64 under 168 registers: +7-13% at 1k for fp32+fp32 and causal fp32+fp16, the rest within 3%
@@ -305,8 +325,8 @@ def launch_config(padded_dim: int, capability: int, pv_mode: int, is_causal: boo
 
     Measured on an H200 (benchmarks/NOTES.md, v2, v4, v7, v8 and v10): a 64-row tile with 128-key
     steps and 4 warps beats every 128-row or 8-warp variant at D=64 and D=128, with 4 stages at
-    D=64 and 3 at D=128; on Hopper, `_HOPPER` changes the loads, stages or register cap where that
-    measured faster, and `_HOPPER_SHORT_REGISTERS` caps the registers of the other short calls.
+    D=64 and 3 at D=128; on Hopper, `_HOPPER` changes the loads, stages, register cap or key step
+    where that measured faster, and `_HOPPER_SHORT_REGISTERS` caps the registers of the other short calls.
     Triton's automatic warp specialisation crashed its 3.6 compiler or changed nothing; experimental
     Gluon kernels were slower everywhere: QK overlapping the softmax in a 64-row tile by 2-33% (v7),
     FA3's layout (two consumer warpgroups of 64 rows sharing a TMA ring fed by a producer warp) by
@@ -317,10 +337,11 @@ def launch_config(padded_dim: int, capability: int, pv_mode: int, is_causal: boo
     default = LaunchConfig(64, 128, 4, 4 if padded_dim == 64 else 3)
     if capability < 90:
         return default
-    min_keys, tma, stages, registers = _HOPPER.get((padded_dim, pv_mode, is_causal),
-                                                   (TMA_MIN_KEYS, False, default.num_stages, None))
-    if seq_k >= min_keys:
-        return default._replace(tma=tma, num_stages=stages, max_registers=registers)
+    row = _HOPPER.get((padded_dim, pv_mode, is_causal),
+                      HopperRow(TMA_MIN_KEYS, False, default.num_stages, None))
+    if seq_k >= row.min_keys:
+        return default._replace(keys=row.keys, tma=row.tma, num_stages=row.num_stages,
+                                max_registers=row.max_registers)
     return default._replace(max_registers=_HOPPER_SHORT_REGISTERS.get((padded_dim, pv_mode)))
 
 
