@@ -7,7 +7,9 @@ candidate `LaunchConfig` on the same payloads, checks its output against the poi
 (NMSE, poisoned output first) and times it replayed from a CUDA graph with `triton.testing.do_bench`
 (median, L2 flushed: GPU time only), beside cuDNN SDPA on the same inputs. Kernels are compiled
 first in parallel worker processes (Triton's cache), so the timing loop does not wait on the compiler.
-This is how `launch_config`'s table is chosen: see benchmarks/NOTES.md.
+This is how `launch_config`'s table is chosen: see benchmarks/NOTES.md. With
+``TRITON_OVERRIDE_ARCH=sm89`` on a Hopper GPU it compiles and times Ada's code path (the
+``m*-k*-w*`` candidates), assembled for the Hopper device: a proxy for an Ada card's relative timings.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 
 from sageflash.bench import captured, parse_size
 from sageflash.kernels.attention import LaunchConfig, attention_from_payloads, launch_config
+from sageflash.kernels.launch import device_capability
 from sageflash.params import resolve_params
 
 # Candidates by name, as changes to launch_config's choice for the shape and knobs ("auto"); each
@@ -51,12 +54,23 @@ CANDIDATES = {
     "tma-s3-r128": dict(tma=True, num_stages=3, max_registers=128),
     "tma-k64-s3-r168": dict(tma=True, keys=64, num_stages=3, max_registers=168),
     "tma-k64-s4-r168": dict(tma=True, keys=64, num_stages=4, max_registers=168),
+    # Tiles for the mma.sync path (Ada; on Hopper under TRITON_OVERRIDE_ARCH=sm89). Triton splits a
+    # dot's warps along N when N > M, so a 64x128 score tile, or a P·V product with D > BLOCK_M,
+    # spreads each row over 4 warps: the row max and P then cross warps through shared memory.
+    **{f"m{rows}-k{keys}-w{warps}-s{stages}": dict(tma=False, block_m=rows, keys=keys, num_warps=warps,
+                                                     num_stages=stages, max_registers=None)
+       for rows, keys, warps in ((64, 128, 4), (64, 64, 4), (128, 64, 8), (128, 64, 4)) for stages in (2, 3, 4)},
+    "m128-k64-w8-s3-r128": dict(tma=False, block_m=128, keys=64, num_warps=8, num_stages=3, max_registers=128),
+    "m128-k64-w8-s2-r128": dict(tma=False, block_m=128, keys=64, num_warps=8, num_stages=2, max_registers=128),
 }
 BATCH, HEADS = 4, 32
 
 
-def candidate(name: str, padded: int, params, seq: int) -> LaunchConfig:
-    base = launch_config(padded, 90, params.pv_accum.code, params.is_causal, seq)
+def candidate(name: str, padded: int, params, seq: int, arch: int | None = None) -> LaunchConfig:
+    """The candidate's launch; ``arch`` (major*10+minor) defaults to what the kernels compile for
+    here (`device_capability`: the GPU's, or TRITON_OVERRIDE_ARCH's)."""
+    arch = device_capability(torch.device("cuda")) if arch is None else arch
+    base = launch_config(padded, arch, params.pv_accum.code, params.is_causal, seq)
     return base if CANDIDATES[name] is None else base._replace(**CANDIDATES[name])
 
 
@@ -157,7 +171,8 @@ def main(argv=None) -> int:
               f"{flops / base_ms / 1e9:7.1f}", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, fh, indent=1)
+            json.dump({"device": torch.cuda.get_device_name(), "arch": device_capability(torch.device("cuda")),
+                       "rows": rows}, fh, indent=1)
     return 0
 
 

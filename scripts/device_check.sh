@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: the test suite on the GPU (gpu marker + the Triton suite on CUDA), then the benchmark.
 # Usage on the device machine, from the repo root: bash scripts/device_check.sh [bench args...]
-# RUN_TESTS=0 / RUN_BENCH=0 skip a half; TEST_FILTER (-k) narrows the tests.
+# RUN_TESTS=0 / RUN_BENCH=0 skip a half; TEST_FILTER (-k) narrows the tests. With
+# TRITON_OVERRIDE_ARCH=sm89 on a Hopper GPU the kernels take Ada's code path (NOTES v19).
 # The Triton suite is compile-bound, so its files run in three concurrent pytest processes on the one
 # GPU (≈3 min on an H200 host with 16 cores, against ≈7 in one process); then the gpu-marked rest.
 # The official dumps do not travel with the repo: copy them (without the 4 MB .flash.bin files, to

@@ -272,10 +272,11 @@ def test_sweep_candidates_name_their_launch_in_full():
     from sageflash.kernels.attention import LaunchConfig
 
     for name, change in script.CANDIDATES.items():
-        for padded, pv_accum, causal in itertools.product((64, 128), ("fp32+fp16", "fp32+fp32"), (False, True)):
+        for padded, pv_accum, causal, arch in itertools.product((64, 128), ("fp32+fp16", "fp32+fp32"),
+                                                                (False, True), (89, 90)):
             params = sageflash.params.resolve_params(None, causal, True, False, pv_accum, "per_thread",
                                                      head_dim=padded)
-            launch = script.candidate(name, padded, params, 1 << 14)
+            launch = script.candidate(name, padded, params, 1 << 14, arch)
             assert isinstance(launch, LaunchConfig) and launch.keys in (64, 128) and launch.num_stages >= 2
             if change is not None:
                 assert {"tma", "max_registers"} <= change.keys(), name

@@ -448,6 +448,9 @@ def environment(device: torch.device, settings: Settings) -> dict:
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         meta.update(device=torch.cuda.get_device_name(device), capability=f"sm_{major}{minor}")
+        from .kernels.launch import device_capability
+        if device_capability(device) != major * 10 + minor:  # TRITON_OVERRIDE_ARCH: another arch's code path
+            meta["kernels_compiled_for"] = f"sm_{device_capability(device)}"
     settings_dict = dataclasses.asdict(settings)
     settings_dict["knobs"] = [k.label for k in settings.knobs]
     meta["settings"] = settings_dict

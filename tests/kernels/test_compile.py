@@ -27,7 +27,9 @@ SM89_SHARED_BYTES = 101376  # the most shared memory one block may have on Ada (
 
 def compile_rows(*args: str) -> list[dict]:
     """The JSON lines of ``python -m sageflash.kernels.compile *args``."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # Neither the interpreter nor another arch's code path (TRITON_OVERRIDE_ARCH): each row is
+    # compiled for the capability it names.
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_OVERRIDE_ARCH")}
     run = subprocess.run([sys.executable, "-m", "sageflash.kernels.compile", *args], env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
@@ -56,6 +58,22 @@ def assert_tensor_cores(found, capability, pv_accum):
 @pytest.mark.parametrize("capability,pv_accum", EXPECTED)
 def test_products_lower_to_tensor_cores(compiled, capability, pv_accum, head_dim):
     assert_tensor_cores(compiled[capability, pv_accum, head_dim], capability, pv_accum)
+
+
+def test_each_row_of_scores_stays_in_one_warp(compiled_rows):
+    """The tensor-core layouts of both products split the tile's warps along its rows only: split
+    along N (what Triton does to a dot with N > M), a row's max and its P cross warps through shared
+    memory in every key block, which made Ada's kernel 1.4-2.5x slower (benchmarks/NOTES.md v19)."""
+    for row in compiled_rows:
+        assert row["mma_warps"], row
+        assert all(along_n == 1 for _, along_n in row["mma_warps"]), row
+
+
+def test_p_rounds_once_to_e4m3(compiled_rows):
+    """P becomes fp8 in one rounding to nearest even from float32 on both archs: Triton's own cast
+    below sm_90 goes through fp16 (truncated first), which `quant.to_e4m3` replaces there."""
+    for row in compiled_rows:
+        assert row["e4m3_casts"] == ["cvt.rn.satfinite.e4m3x2.f32"], row
 
 
 def test_hopper_kernels_wait_for_the_launch_before(compiled_rows):

@@ -7,6 +7,8 @@ runs on the GPU, and on the CPU with Triton's driver and kernel faked; graphs ne
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
@@ -15,7 +17,7 @@ from conftest import HAS_CUDA, nmse
 from sageflash import kernels, reference
 from sageflash.kernels.attention import (_HOPPER, LaunchConfig, _tma_addressable,
                                         attention_from_payloads, launch_config)
-from sageflash.kernels.launch import launch_key
+from sageflash.kernels.launch import device_capability, launch_key
 from sageflash.params import PVAccum, resolve_params
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -31,6 +33,8 @@ TMA_SHAPES = [  # batch, q heads, kv heads, seq, head dim, causal: tails that re
 @pytest.mark.parametrize("pv_accum", ["fp32+fp32", "fp32+fp16"])
 @pytest.mark.parametrize("shape", TMA_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_tma_loads_match_pointer_loads(shape, pv_accum):
+    if HAS_CUDA and device_capability(torch.device("cuda")) < 90:
+        pytest.skip("TMA descriptors need Hopper")
     batch, hq, hk, seq, d, causal = shape
     gen = torch.Generator().manual_seed(seq * d + hq)
     q = torch.randn(batch, hq, seq, d, generator=gen).half().to(DEVICE)
@@ -68,8 +72,6 @@ def test_launch_table():
         assert launch_config(64, 90, fp32_fp16, True, keys) == LaunchConfig(64, 128, 4, 2, True, 128)
         for causal in (False, True):
             assert launch_config(64, 90, fp32_fp32, causal, keys) == LaunchConfig(64, 128, 4, 3, True, 128)
-    assert not launch_config(128, 89, fp32_fp32, False, 4096).tma  # Ada has no TMA
-    assert not launch_config(128, 89, fp32_fp16, False, 1024).tma
     assert not launch_config(256, 90, fp32_fp32, False, 4096).tma
     fp32_rows = {64: (LaunchConfig(64, 128, 4, 2, True, 168), LaunchConfig(64, 128, 4, 4)),
                  128: (LaunchConfig(64, 64, 4, 3, True, 168), LaunchConfig(64, 128, 4, 3))}
@@ -77,10 +79,20 @@ def test_launch_table():
         for causal in (False, True):  # pv_accum fp32: from 1k keys
             assert launch_config(head_dim, 90, PVAccum.FP32.code, causal, 1024) == tuned
             assert launch_config(head_dim, 90, PVAccum.FP32.code, causal, 512) == default
-    assert launch_config(64, 89, fp32_fp32, False, 4096) == LaunchConfig(64, 128, 4, 4)
-    assert launch_config(64, 89, fp32_fp32, False, 1024).max_registers is None  # not measured on Ada
+    for pv_mode, causal, keys in itertools.product(PVAccum, (False, True), (512, 1024, 4096)):
+        # Ada: tiles whose rows stay in one warp (`test_compile`), no TMA, no register cap
+        assert launch_config(64, 89, pv_mode.code, causal, keys) == LaunchConfig(64, 64, 4, 3)
+        assert launch_config(128, 89, pv_mode.code, causal, keys) == LaunchConfig(128, 64, 8, 3)
     for pv_mode in (fp32_fp32, fp32_fp16):  # a 168-register cap below the rows' 1k keys (D=64, Hopper)
         assert launch_config(64, 90, pv_mode, True, 512) == LaunchConfig(64, 128, 4, 4, max_registers=168)
+
+
+def test_the_launch_arch_follows_tritons_override(monkeypatch):
+    """Under ``TRITON_OVERRIDE_ARCH`` Triton compiles that arch's code path (assembled for the GPU
+    present), so the launch table must pick that arch's launches too."""
+    monkeypatch.setenv("TRITON_OVERRIDE_ARCH", "sm89")
+    assert device_capability(torch.device("cuda")) == 89
+    assert device_capability(torch.device("cpu")) == 0  # the interpreter
 
 
 def test_tma_needs_contiguous_payloads():
@@ -205,7 +217,7 @@ def test_cuda_graph_replays_the_op(seq, head_dim, pv_accum, causal):
 def test_every_hopper_launch_row_matches_the_reference(row):
     """Each row of the Hopper launch table, from its first key count and at a ragged length past
     it, gives the reference's output."""
-    if torch.cuda.get_device_capability() < (9, 0):
+    if device_capability(torch.device("cuda")) < 90:
         pytest.skip("Hopper launches (TMA)")
     head_dim, pv_mode, causal = row
     pv_accum = PVAccum.parse(pv_mode, "pv_accum")
@@ -233,7 +245,7 @@ def test_dependent_launches_chain_a_call_and_change_no_bit(monkeypatch):
     """On Hopper every launch of a call but its first is a dependent launch (PDL), a later KV-head
     chunk's statistics included (they start in the previous chunk's attention tail); the outputs
     and LSEs are bitwise those of plain launches, eager, recorded and replayed."""
-    if torch.cuda.get_device_capability() < (9, 0):
+    if device_capability(torch.device("cuda")) < 90:
         pytest.skip("programmatic dependent launch needs compute capability 9.0")
     from sageflash import sage_attn_sm89_fp16
     from sageflash.kernels import launch, replay

@@ -19,8 +19,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .. import groups
 from ..params import PVAccum, QKGranularity, SageParams, warn_once
-from .launch import Launcher, dependent_launch, device_capability, let_next_launch_start, wait_for_earlier_launch
-from .quant import k_group, q_group
+from .launch import (Launcher, dependent_launch, device_capability, e4m3_cast_in_ptx, let_next_launch_start,
+                     wait_for_earlier_launch)
+from .quant import k_group, q_group, to_e4m3
 
 BLOCK_N = tl.constexpr(groups.K_TILE)  # keys per running-max block (SPEC §5)
 LOG2E = tl.constexpr(groups.LOG2E)  # additive attn_mask values are natural-log offsets
@@ -32,7 +33,8 @@ LONG_FP32_KEYS = 8192  # pv_accum='fp32' on Hopper past this many keys: warned o
 
 
 @triton.jit
-def _softmax_step(acc, m_i, l_i, x, x_scale, v, PV_MODE: tl.constexpr, GROUPED: tl.constexpr):
+def _softmax_step(acc, m_i, l_i, x, x_scale, v, PV_MODE: tl.constexpr, GROUPED: tl.constexpr,
+                  PTX_CAST: tl.constexpr):
     """SPEC §5 for one 64-key block whose log2-domain logits are ``x * x_scale[:, None]``, or with
     GROUPED ``x[:, j] * x_scale[:, (j % 8) // 2]`` (per_thread's 4 K groups within a block).
 
@@ -59,7 +61,7 @@ def _softmax_step(acc, m_i, l_i, x, x_scale, v, PV_MODE: tl.constexpr, GROUPED: 
     l_i = l_i * alpha[:, None] + tl.sum(tl.sum(p, axis=3), axis=1)
     # P's columns in V's payload order (`groups.v_kernel_position`: key 16c + 8b + 2t + e at
     # position 16c + 4t + 2b + e): each thread's scores are then its own P·V operand (no shuffles).
-    p8 = tl.reshape(p.to(tl.float8e4nv), [rows_n, BLOCK_N // 16, 2, ROW_LANES, 2])
+    p8 = tl.reshape(to_e4m3(p, PTX_CAST), [rows_n, BLOCK_N // 16, 2, ROW_LANES, 2])
     p8 = tl.reshape(tl.permute(p8, (0, 1, 3, 2, 4)), [rows_n, BLOCK_N])
     if PV_MODE == 0:  # PVAccum.FP32.code: one running accumulator, accumulated by the tensor cores
         acc = tl.dot(p8, v, acc * alpha[:, None])
@@ -134,7 +136,8 @@ def _attend_block(acc, m_i, l_i, q, row_scale, rows, start, k_src, k_row, ks_bas
                   seq_k, causal_offset, stride_ks, stride_vd, mask_base, stride_mq, stride_mk, seq_q,
                   D: tl.constexpr, KEYS: tl.constexpr, PER_THREAD: tl.constexpr,
                   PV_MODE: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                  HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, USE_TMA: tl.constexpr):
+                  HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, USE_TMA: tl.constexpr,
+                  PTX_CAST: tl.constexpr):
     """KEYS (64 or 128) keys from ``start``: one Q·Kᵀ dot, then a softmax step per 64-key block.
 
     A 128-key step keeps SPEC's per-64-key running max (the scores are split in two) while its
@@ -169,13 +172,13 @@ def _attend_block(acc, m_i, l_i, q, row_scale, rows, start, k_src, k_row, ks_bas
     v = _load_v_block(v_src, v_row, start, dims, seq_k, stride_vd, MASKED, USE_TMA)
     x_scale = _block_scale(row_scale, ks_base, start, seq_k, PER_THREAD, ADDITIVE, MASKED)
     if KEYS == BLOCK_N:
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, x, x_scale, v, PV_MODE, GROUPED)
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, x, x_scale, v, PV_MODE, GROUPED, PTX_CAST)
     else:
         x0, x1 = tl.split(tl.permute(tl.reshape(x, [x.shape[0], 2, BLOCK_N]), (0, 2, 1)))
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, x0, x_scale, v, PV_MODE, GROUPED)
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, x0, x_scale, v, PV_MODE, GROUPED, PTX_CAST)
         v = _load_v_block(v_src, v_row, start + BLOCK_N, dims, seq_k, stride_vd, MASKED, USE_TMA)
         x_scale = _block_scale(row_scale, ks_base, start + BLOCK_N, seq_k, PER_THREAD, ADDITIVE, MASKED)
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, x1, x_scale, v, PV_MODE, GROUPED)
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, x1, x_scale, v, PV_MODE, GROUPED, PTX_CAST)
     return acc, m_i, l_i
 
 
@@ -189,7 +192,8 @@ def _attention_kernel(Q8, QS, K8, KS, V8, VS, VM, Out, LSE, Mask,
                       D: tl.constexpr, BLOCK_M: tl.constexpr, KEYS: tl.constexpr,
                       PER_THREAD: tl.constexpr, IS_CAUSAL: tl.constexpr, PV_MODE: tl.constexpr,
                       SMOOTH_V: tl.constexpr, WRITE_LSE: tl.constexpr, HAS_MASK: tl.constexpr,
-                      MASK_BOOL: tl.constexpr, USE_TMA: tl.constexpr, PDL: tl.constexpr):
+                      MASK_BOOL: tl.constexpr, USE_TMA: tl.constexpr, PDL: tl.constexpr,
+                      PTX_CAST: tl.constexpr):
     tile, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if IS_CAUSAL:  # the longest rows first, for a better tail
         tile = tl.num_programs(0) - 1 - tile
@@ -229,13 +233,13 @@ def _attention_kernel(Q8, QS, K8, KS, V8, VS, VM, Out, LSE, Mask,
                                       ks_base, v_src, v_row, seq_k, causal_offset, stride_ks,
                                       stride_vd, mask_base, stride_mq, stride_mk, seq_q, D, KEYS,
                                       PER_THREAD, PV_MODE, False, IS_CAUSAL, HAS_MASK, MASK_BOOL,
-                                      USE_TMA)
+                                      USE_TMA, PTX_CAST)
     for start in range(full_end, key_end, KEYS):
         acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, row_scale, rows, start, k_src, k_row,
                                       ks_base, v_src, v_row, seq_k, causal_offset, stride_ks,
                                       stride_vd, mask_base, stride_mq, stride_mk, seq_q, D, KEYS,
                                       PER_THREAD, PV_MODE, True, IS_CAUSAL, HAS_MASK, MASK_BOOL,
-                                      USE_TMA)
+                                      USE_TMA, PTX_CAST)
 
     row_sum = tl.sum(l_i, axis=1)  # the lanes' partial sums (`_softmax_step`)
     bh = (batch * kv_heads + kv_head).to(tl.int64) * D
@@ -311,6 +315,15 @@ _HOPPER = {
     (64, _FP32, True): HopperRow(1024, True, 2, 168),  # 4k +20%, 16k +14% (before: TMA, 4 stages); 1k +7%
     # (v15, timed from a CUDA graph: v14's eager timings at 1k read the launch's host time)
 }
+# Ada's launches (mma.sync; the interpreter takes them too), by padded head dim. Triton spreads a
+# dot's warps along N when N > M: Hopper's default 64x128 score tile, or a P·V product with
+# D > BLOCK_M, put every row on four warps, whose row max and P then cross warps through shared
+# memory in each key block (sm_89 SASS at D=128: 1520 instructions per 128 keys, 96 shared-memory
+# stores, 17 barriers). These tiles keep each row in one warp: 387 (D=64) and 499 (D=128)
+# instructions per 64 keys, no stores. Ada's code path timed on an H200 (TRITON_OVERRIDE_ARCH=sm89,
+# v19), kernel-only against the 64x128 tile, 1k-16k, causal and not, all three pv_accum modes:
+# D=64 2.0-2.5x, D=128 1.3-1.7x. D=256 keeps the shared launch below (its P·V still splits N).
+_MMA_SYNC = {64: LaunchConfig(64, 64, 4, 3), 128: LaunchConfig(128, 64, 8, 3)}
 # Hopper launches below a row's min_keys that cap the registers, by (padded head dim, pv_accum code).
 # D=64 under 168 registers: +7-13% at 1k for fp32+fp32 and causal fp32+fp16, the rest within 3%
 # (H200, two sweeps, benchmarks/NOTES.md v8). Causal fp32+fp32 takes 197 uncapped (2 programs per
@@ -323,10 +336,11 @@ def launch_config(padded_dim: int, capability: int, pv_mode: int, is_causal: boo
     """The launch for a padded head dim, a compute capability (major*10+minor), the pv_accum code,
     causality and the key count.
 
-    Measured on an H200 (benchmarks/NOTES.md, v2, v4, v7, v8 and v10): a 64-row tile with 128-key
-    steps and 4 warps beats every 128-row or 8-warp variant at D=64 and D=128, with 4 stages at
-    D=64 and 3 at D=128; on Hopper, `_HOPPER` changes the loads, stages, register cap or key step
-    where that measured faster, and `_HOPPER_SHORT_REGISTERS` caps the registers of the other short calls.
+    Hopper, measured on an H200 (benchmarks/NOTES.md, v2, v4, v7, v8 and v10): a 64-row tile with
+    128-key steps and 4 warps beats every 128-row or 8-warp variant at D=64 and D=128, with 4 stages
+    at D=64 and 3 at D=128; `_HOPPER` changes the loads, stages, register cap or key step where that
+    measured faster, and `_HOPPER_SHORT_REGISTERS` caps the registers of the other short calls.
+    Below sm_90 (Ada's mma.sync), `_MMA_SYNC`'s tiles, which keep each row of scores in one warp.
     Triton's automatic warp specialisation crashed its 3.6 compiler or changed nothing; experimental
     Gluon kernels were slower everywhere: QK overlapping the softmax in a 64-row tile by 2-33% (v7),
     FA3's layout (two consumer warpgroups of 64 rows sharing a TMA ring fed by a producer warp) by
@@ -334,9 +348,9 @@ def launch_config(padded_dim: int, capability: int, pv_mode: int, is_causal: boo
     """
     if padded_dim == 256:  # a 64x256 fp32 accumulator: 8 warps keep the spills to the D=128 level
         return LaunchConfig(64, 64, 8, 2)
-    default = LaunchConfig(64, 128, 4, 4 if padded_dim == 64 else 3)
     if capability < 90:
-        return default
+        return _MMA_SYNC[padded_dim]
+    default = LaunchConfig(64, 128, 4, 4 if padded_dim == 64 else 3)
     row = _HOPPER.get((padded_dim, pv_mode, is_causal),
                       HopperRow(TMA_MIN_KEYS, False, default.num_stages, None))
     if seq_k >= row.min_keys:
@@ -410,6 +424,7 @@ def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_
         PER_THREAD=params.granularity is QKGranularity.PER_THREAD, IS_CAUSAL=params.is_causal,
         PV_MODE=params.pv_accum.code, SMOOTH_V=v_mean is not None, WRITE_LSE=return_lse,
         HAS_MASK=attn_mask is not None, MASK_BOOL=mask.dtype == torch.uint8, USE_TMA=config.tma, PDL=pdl,
+        PTX_CAST=e4m3_cast_in_ptx(q_int8.device),
         num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.max_registers,
         launch_pdl=pdl)
     if not return_lse:

@@ -10,6 +10,7 @@ and the kernel compiled here would not be the one that runs.
 from __future__ import annotations
 
 import inspect
+import json
 import re
 
 import triton
@@ -19,7 +20,7 @@ from triton.compiler import ASTSource
 from .. import groups
 from ..params import PVAccum, QKGranularity
 from .attention import _attention_kernel, launch_config
-from .launch import PDL_MIN_CAPABILITY
+from .launch import PDL_MIN_CAPABILITY, TRITON_E4M3_CAST_MIN_CAPABILITY
 
 LONG_SEQUENCE = 4096  # the launch compiled is the one of a call with this many keys
 
@@ -29,6 +30,8 @@ _FLOAT_ARGS = {"log2_scale"}
 # Integer arguments a typical launch passes as multiples of 16 (Triton specialises on that).
 _DIVISIBLE_INTS = {"seq_q", "seq_k", "head_dim", "q_heads", "kv_heads", "q_groups", "k_groups"}
 MMA_PATTERN = re.compile(r"(wgmma\.mma_async[\w.]*|mma\.sync[\w.]*)")
+E4M3_CAST_PATTERN = re.compile(r"cvt[\w.]*\.e4m3x2[\w.]*")
+_MMA_WARPS = re.compile(r"^#mma\d* = #ttg\.nvidia_mma<\{.*?warpsPerCTA = (\[[\d, ]+\])", re.MULTILINE)
 
 
 def _signature(kernel, constants: dict, types: dict) -> tuple[dict, dict]:
@@ -61,7 +64,7 @@ def compile_attention(capability: int, *, head_dim: int = 128, pv_accum="fp32+fp
                      PER_THREAD=QKGranularity.parse(granularity, "granularity") is QKGranularity.PER_THREAD,
                      IS_CAUSAL=is_causal, PV_MODE=pv_mode,
                      SMOOTH_V=False, WRITE_LSE=False, HAS_MASK=mask != "none", MASK_BOOL=mask == "u8",
-                     USE_TMA=config.tma, PDL=pdl)
+                     USE_TMA=config.tma, PDL=pdl, PTX_CAST=capability < TRITON_E4M3_CAST_MIN_CAPABILITY)
     descriptors = {"K8": f"tensordesc<i8[{config.keys}, {padded}]>",
                    "V8": f"tensordesc<fp8e4nv[{padded}, {groups.K_TILE}]>"} if config.tma else {}
     signature, attrs = _signature(_attention_kernel, constants, {
@@ -78,6 +81,13 @@ def mma_instructions(ptx: str) -> set[str]:
     return set(MMA_PATTERN.findall(ptx))
 
 
+def mma_warp_grids(ttgir: str) -> list[list[int]]:
+    """How each tensor-core layout of a TTGIR listing spreads its warps, ``[along M, along N]``.
+    Split along N, a row of scores is spread over warps: its max and its P then cross warps
+    through shared memory in every key block."""
+    return [json.loads(grid) for grid in _MMA_WARPS.findall(ttgir)]
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m sageflash.kernels.compile``: print the tensor-core instructions as JSON lines.
 
@@ -85,7 +95,6 @@ def main(argv: list[str] | None = None) -> int:
     """
     import argparse
     import itertools
-    import json
 
     parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
     parser.add_argument("--capability", type=int, nargs="+", default=[89, 90])
@@ -101,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                                            mask=mask)
                 print(json.dumps({"capability": capability, "head_dim": head_dim, "pv_accum": pv_accum,
                                   "mask": mask, "mma": sorted(mma_instructions(kernel.asm["ptx"])),
+                                  "mma_warps": mma_warp_grids(kernel.asm["ttgir"]),
+                                  "e4m3_casts": sorted(set(E4M3_CAST_PATTERN.findall(kernel.asm["ptx"]))),
                                   "shared_bytes": kernel.metadata.shared,
                                   "waits_for_earlier_launch": "griddepcontrol.wait" in kernel.asm["ptx"]}))
     return 0

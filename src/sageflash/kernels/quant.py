@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .. import groups
 from ..params import PVAccum, QKGranularity
-from .launch import Launcher, dependent_launch, let_next_launch_start, wait_for_earlier_launch
+from .launch import Launcher, dependent_launch, e4m3_cast_in_ptx, let_next_launch_start, wait_for_earlier_launch
 
 
 
@@ -161,10 +161,21 @@ def _quantize_int8_tile(X, KM, X8, XS, batch, head, tile, seq, head_dim, num_hea
 
 
 @triton.jit
+def to_e4m3(x, PTX_CAST: tl.constexpr):
+    """float32 ``x`` as fp8 e4m3fn, rounded once to nearest even and saturated to ±448 (SPEC §4).
+    With PTX_CAST (`launch.e4m3_cast_in_ptx`: compiled below sm_90) by ``cvt.rn.satfinite.e4m3x2.f32``,
+    two values per instruction (the second element in the upper byte), as Hopper's cast compiles."""
+    if PTX_CAST:
+        return tl.inline_asm_elementwise("cvt.rn.satfinite.e4m3x2.f32 $0, $2, $1;", "=h,r,r", [x],
+                                         dtype=tl.float8e4nv, is_pure=True, pack=2)
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
 def _quantize_fp8_tile(V, VMEAN, INV, V8, batch, head, tile, seq, head_dim, num_heads,
                        stride_vb, stride_vh, stride_vs, stride_8b, stride_8h, stride_8d,
                        D: tl.constexpr, SMOOTH: tl.constexpr, KERNEL_ORDER: tl.constexpr,
-                       PDL: tl.constexpr):
+                       PDL: tl.constexpr, PTX_CAST: tl.constexpr):
     """fp8 payload of TILE_ROWS tokens of one (batch, head) of V, stored transposed ``[D, tokens]``:
     the tokens in natural order, or with KERNEL_ORDER in the attention kernel's
     (`groups.v_kernel_position`)."""
@@ -177,11 +188,11 @@ def _quantize_fp8_tile(V, VMEAN, INV, V8, batch, head, tile, seq, head_dim, num_
     wait_for_earlier_launch(PDL)  # V's scales (and mean) come from the reduction
     if SMOOTH:
         x = x - tl.load(VMEAN + bh * D + cols)[None, :]
-    # No clamp: the e4m3 cast saturates to ±448 (cvt.rn.satfinite; the interpreter's cast too).
+    # No clamp: the e4m3 cast saturates to ±448 (`to_e4m3`; the interpreter's cast too).
     y = tl.where(valid, x * tl.load(INV + bh * D + cols)[None, :], 0.0)
     at = v_kernel_position(rows) if KERNEL_ORDER else rows
     tl.store(V8 + batch.to(tl.int64) * stride_8b + head.to(tl.int64) * stride_8h
-             + cols[None, :].to(tl.int64) * stride_8d + at[:, None], y.to(tl.float8e4nv))
+             + cols[None, :].to(tl.int64) * stride_8d + at[:, None], to_e4m3(y, PTX_CAST))
 
 
 # `tl.reduce`'s combines for a maximum and a minimum in the operands' dtype (`tl.max` widens 16-bit
@@ -307,7 +318,7 @@ def _quantize_kernel(Q, K, V, KM, Q8, QS, K8, KS, VMEAN, INV, V8,
                      D: tl.constexpr, PER_THREAD: tl.constexpr, DO_Q: tl.constexpr,
                      DO_K: tl.constexpr, DO_V: tl.constexpr, SMOOTH_K: tl.constexpr,
                      SMOOTH_V: tl.constexpr, Q_TILE_GROUPS: tl.constexpr, K_TILE_GROUPS: tl.constexpr,
-                     V_KERNEL_ORDER: tl.constexpr, PDL: tl.constexpr):
+                     V_KERNEL_ORDER: tl.constexpr, PDL: tl.constexpr, PTX_CAST: tl.constexpr):
     """Pass 3: one tile per program; along grid axis 1 the Q heads (DO_Q), then the K heads (DO_K),
     then the V heads (DO_V), so a program holds one tensor's tile (fewer registers, more programs
     in flight). Q's tiles need nothing from the passes before; K's and V's wait for them (PDL)."""
@@ -328,7 +339,7 @@ def _quantize_kernel(Q, K, V, KM, Q8, QS, K8, KS, VMEAN, INV, V8,
         else:
             _quantize_fp8_tile(V, VMEAN, INV, V8, batch, head - first_v, tile, seq_k, head_dim,
                                kv_heads, stride_vb, stride_vh, stride_vs, stride_v8b, stride_v8h,
-                               stride_v8d, D, SMOOTH_V, V_KERNEL_ORDER, PDL)
+                               stride_v8d, D, SMOOTH_V, V_KERNEL_ORDER, PDL, PTX_CAST)
 
 
 _launch_stats = Launcher(_stats_kernel)
@@ -413,7 +424,8 @@ def quantize_qkv(q, k, v, *, granularity, smooth_k: bool, km=None, pv_accum=None
         D=padded, PER_THREAD=per_thread, DO_Q=q is not None, DO_K=q is not None,
         DO_V=v is not None, SMOOTH_K=km is not None, SMOOTH_V=smooth_v,
         Q_TILE_GROUPS=_TILE_GROUPS[per_thread][0], K_TILE_GROUPS=_TILE_GROUPS[per_thread][1],
-        V_KERNEL_ORDER=v_kernel_order, PDL=pdl, num_warps=QUANT_WARPS, launch_pdl=pdl and with_stats,
+        V_KERNEL_ORDER=v_kernel_order, PDL=pdl, PTX_CAST=e4m3_cast_in_ptx(device), num_warps=QUANT_WARPS,
+        launch_pdl=pdl and with_stats,
         enable_fp_fusion=False)  # per_warp rounds x·(127/amax) as the reference does, not by an FMA
     return q8, q_scale, k8, k_scale, km, v8, v_scale, v_mean
 
