@@ -5,8 +5,8 @@
     python benchmarks/bench_quant.py --dtype bf16
 
 Per shape and granularity, Q, K and V are quantized as the op does (smooth_k on, fp32+fp16's V
-scale). ``graph_us`` replays the pass from a CUDA graph (GPU time only), ``eager_us`` calls it
-(host time included when the host is slower); both are `triton.testing.do_bench` medians with the
+scale, V's tokens in the kernel's order). ``graph_us`` replays the pass from a CUDA graph (GPU
+time only), ``eager_us`` calls it (host time included when the host is slower); both are `triton.testing.do_bench` medians with the
 L2 flushed. ``GB/s`` counts the pass's compulsory traffic: Q, K and V read twice where statistics
 are needed (K and V) and once for Q, the payloads written once. With ``--baseline PATH`` (a
 quant.py, e.g. from ``git show REV:src/sageflash/kernels/quant.py``) each shape also runs that
@@ -39,7 +39,9 @@ def load_baseline(path: str):
 
 
 def run_pass(module, q, k, v, granularity):
-    return module.quantize_qkv(q, k, v, granularity=granularity, smooth_k=True, pv_accum="fp32+fp16")
+    """The pass as the op runs it: V's payload in the attention kernel's token order."""
+    return module.quantize_qkv(q, k, v, granularity=granularity, smooth_k=True, pv_accum="fp32+fp16",
+                               v_kernel_order=True)
 
 
 def identical(a, b) -> bool:

@@ -38,6 +38,7 @@ CANDIDATES = {
     **{f"{loads}-s{stages}": dict(tma=loads == "tma", num_stages=stages, max_registers=None)
        for loads in ("ptr", "tma") for stages in (2, 3, 4)},
     "tma-m128w8": dict(tma=True, block_m=128, num_warps=8, max_registers=None),
+    "tma-m128w8-s3": dict(tma=True, block_m=128, num_warps=8, num_stages=3, max_registers=None),
     # Register caps for more programs per SM (offline, sm_90: 254 registers and 107 KB of shared
     # memory hold D=128 to 2 per SM; <=168 and 2 stages fit 3, with 17-132 spill stores; D=64 has
     # 167 and 71 KB, 3 per SM; <=128 and 3 stages fit 4, with 2).

@@ -59,6 +59,28 @@ def test_tma_loads_match_pointer_loads(shape, pv_accum):
     assert nmse(outs[1], ref) <= 1e-5
 
 
+@pytest.mark.parametrize("pv_accum", ["fp32+fp16", "fp32+fp32", "fp32"])
+def test_hopper_head_dim_256_launch_matches_the_reference(pv_accum):
+    """Hopper's D=256 launch (128 rows on two warpgroups, K and V through TMA) on a ragged causal
+    GQA call with rows past the last tile: the reference's output (the interpreter on CPU)."""
+    if HAS_CUDA and device_capability(torch.device("cuda")) < 90:
+        pytest.skip("TMA descriptors need Hopper")
+    batch, hq, hk, seq, d = 1, 4, 2, 200, 256
+    gen = torch.Generator().manual_seed(256)
+    q = torch.randn(batch, hq, seq, d, generator=gen).half().to(DEVICE)
+    k, v = (torch.randn(batch, hk, seq, d, generator=gen).half().to(DEVICE) for _ in range(2))
+    params = resolve_params(None, True, True, False, pv_accum, "per_thread", head_dim=d)
+    q8, qs, k8, ks, _, v8, vs, vm = kernels.quantize_qkv(q, k, v, granularity=params.granularity, smooth_k=True,
+                                                         pv_accum=params.pv_accum)
+    out = torch.full_like(q, float("nan"))
+    attention_from_payloads(q8, qs, k8, ks, v8, vs, vm, params=params, seq_q=seq, seq_k=seq, head_dim=d,
+                            out_dtype=q.dtype, out=out, launch=launch_config(d, 90, params.pv_accum.code, True, seq))
+    ref = reference.attention_from_payloads(*(x.cpu() if x is not None else None for x in (q8, qs, k8, ks, v8, vs, vm)),
+                                            params=params, seq_q=seq, seq_k=seq, head_dim=d, out_dtype=q.dtype)
+    assert torch.isfinite(out).all()
+    assert nmse(out.cpu(), ref) <= 1e-5
+
+
 def test_launch_table():
     fp32_fp32, fp32_fp16 = PVAccum.FP32_FP32.code, PVAccum.FP32_FP16.code
     for causal in (False, True):  # D=128 from 1k keys
@@ -72,7 +94,6 @@ def test_launch_table():
         assert launch_config(64, 90, fp32_fp16, True, keys) == LaunchConfig(64, 128, 4, 2, True, 128)
         for causal in (False, True):
             assert launch_config(64, 90, fp32_fp32, causal, keys) == LaunchConfig(64, 128, 4, 3, True, 128)
-    assert not launch_config(256, 90, fp32_fp32, False, 4096).tma
     fp32_rows = {64: (LaunchConfig(64, 128, 4, 2, True, 168), LaunchConfig(64, 128, 4, 4)),
                  128: (LaunchConfig(64, 64, 4, 3, True, 168), LaunchConfig(64, 128, 4, 3))}
     for head_dim, (tuned, default) in fp32_rows.items():
@@ -83,6 +104,8 @@ def test_launch_table():
         # Ada: tiles whose rows stay in one warp (`test_compile`), no TMA, no register cap
         assert launch_config(64, 89, pv_mode.code, causal, keys) == LaunchConfig(64, 64, 4, 3)
         assert launch_config(128, 89, pv_mode.code, causal, keys) == LaunchConfig(128, 64, 8, 3)
+        assert launch_config(256, 89, pv_mode.code, causal, keys) == LaunchConfig(64, 64, 8, 2)
+        assert launch_config(256, 90, pv_mode.code, causal, keys) == LaunchConfig(128, 64, 8, 3, tma=True)
     for pv_mode in (fp32_fp32, fp32_fp16):  # a 168-register cap below the rows' 1k keys (D=64, Hopper)
         assert launch_config(64, 90, pv_mode, True, 512) == LaunchConfig(64, 128, 4, 4, max_registers=168)
 

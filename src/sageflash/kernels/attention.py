@@ -322,8 +322,16 @@ _HOPPER = {
 # stores, 17 barriers). These tiles keep each row in one warp: 387 (D=64) and 499 (D=128)
 # instructions per 64 keys, no stores. Ada's code path timed on an H200 (TRITON_OVERRIDE_ARCH=sm89,
 # v19), kernel-only against the 64x128 tile, 1k-16k, causal and not, all three pv_accum modes:
-# D=64 2.0-2.5x, D=128 1.3-1.7x. D=256 keeps the shared launch below (its P·V still splits N).
-_MMA_SYNC = {64: LaunchConfig(64, 64, 4, 3), 128: LaunchConfig(128, 64, 8, 3)}
+# D=64 2.0-2.5x, D=128 1.3-1.7x. D=256 (a 64x256 fp32 accumulator on 8 warps) still splits N in its
+# P·V, [1, 8]: no tile avoids that without splitting the product (not done, not measured on Ada).
+_MMA_SYNC = {64: LaunchConfig(64, 64, 4, 3), 128: LaunchConfig(128, 64, 8, 3),
+             256: LaunchConfig(64, 64, 8, 2)}
+# D=256 on Hopper, every length and mode: 128 rows on two warpgroups, 64-key steps through TMA with 3
+# stages (254 registers, no spills but fp32+fp32's 280 bytes; 1 program per SM). The launch before
+# (64 rows on 8 warps, Ada's in `_MMA_SYNC`) had both warpgroups compute the same scores. H200,
+# kernel-only (v19), 1k / 4k / 16k: fp32+fp16 2.0x / 2.0x / 2.2x, causal 1.7x / 2.0x / 2.2x;
+# fp32 1.97-2.73x; fp32+fp32 1.25-1.56x.
+_HOPPER_D256 = LaunchConfig(128, 64, 8, 3, tma=True)
 # Hopper launches below a row's min_keys that cap the registers, by (padded head dim, pv_accum code).
 # D=64 under 168 registers: +7-13% at 1k for fp32+fp32 and causal fp32+fp16, the rest within 3%
 # (H200, two sweeps, benchmarks/NOTES.md v8). Causal fp32+fp32 takes 197 uncapped (2 programs per
@@ -340,16 +348,17 @@ def launch_config(padded_dim: int, capability: int, pv_mode: int, is_causal: boo
     128-key steps and 4 warps beats every 128-row or 8-warp variant at D=64 and D=128, with 4 stages
     at D=64 and 3 at D=128; `_HOPPER` changes the loads, stages, register cap or key step where that
     measured faster, and `_HOPPER_SHORT_REGISTERS` caps the registers of the other short calls.
-    Below sm_90 (Ada's mma.sync), `_MMA_SYNC`'s tiles, which keep each row of scores in one warp.
+    D=256 on Hopper: `_HOPPER_D256`. Below sm_90 (Ada's mma.sync), `_MMA_SYNC`'s tiles, which keep
+    each row of scores in one warp at D=64 and D=128.
     Triton's automatic warp specialisation crashed its 3.6 compiler or changed nothing; experimental
     Gluon kernels were slower everywhere: QK overlapping the softmax in a 64-row tile by 2-33% (v7),
     FA3's layout (two consumer warpgroups of 64 rows sharing a TMA ring fed by a producer warp) by
     2-21% (v12; both kernels are in git history).
     """
-    if padded_dim == 256:  # a 64x256 fp32 accumulator: 8 warps keep the spills to the D=128 level
-        return LaunchConfig(64, 64, 8, 2)
     if capability < 90:
         return _MMA_SYNC[padded_dim]
+    if padded_dim == 256:
+        return _HOPPER_D256
     default = LaunchConfig(64, 128, 4, 4 if padded_dim == 64 else 3)
     row = _HOPPER.get((padded_dim, pv_mode, is_causal),
                       HopperRow(TMA_MIN_KEYS, False, default.num_stages, None))
