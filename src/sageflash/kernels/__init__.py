@@ -20,7 +20,7 @@ if interpreter_enabled():
     check_numpy()
     install_gpu_arithmetic()
 
-from . import attention as _attention, quant as _quant, replay  # noqa: E402
+from . import attention as _attention, launch, quant as _quant, replay  # noqa: E402
 
 MIN_CAPABILITY = (8, 9)  # fp8 e4m3 tensor cores: Ada (sm_89) and Hopper (sm_90)
 
@@ -131,7 +131,8 @@ def _attend_heads(q, k, v, params, return_lse, out, attn_mask, chained):
         return _quantize_and_attend(q, k, v, params, return_lse, out, attn_mask, chained)
     inputs = (q, k, v, out, attn_mask)
     device = driver.active.get_current_device()  # where `Launcher` launches
-    _REPLAYS(replay.pattern(inputs, params, device, chained), inputs,
+    arch = launch.device_capability(q.device)  # TRITON_OVERRIDE_ARCH switches the kernels a call launches
+    _REPLAYS(replay.pattern(inputs, params, device, arch, chained), inputs,
              lambda: _quantize_and_attend(q, k, v, params, False, out, attn_mask, chained),
              stream=driver.active.get_current_stream(device))
     return out
