@@ -63,7 +63,7 @@ def test_products_lower_to_tensor_cores(compiled, capability, pv_accum, head_dim
 def test_each_row_of_scores_stays_in_one_warp(compiled_rows):
     """The tensor-core layouts of both products split the tile's warps along its rows only: split
     along N (what Triton does to a dot with N > M), a row's max and its P cross warps through shared
-    memory in every key block, which made Ada's kernel 1.4-2.5x slower (benchmarks/NOTES.md v19)."""
+    memory in every key block, which made Ada's kernel 1.3-2.5x slower (benchmarks/NOTES.md v19)."""
     for row in compiled_rows:
         assert row["mma_warps"], row
         assert all(along_n == 1 for _, along_n in row["mma_warps"]), row
