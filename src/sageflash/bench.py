@@ -449,8 +449,9 @@ def environment(device: torch.device, settings: Settings) -> dict:
         major, minor = torch.cuda.get_device_capability(device)
         meta.update(device=torch.cuda.get_device_name(device), capability=f"sm_{major}{minor}")
         from .kernels.launch import device_capability
-        if device_capability(device) != major * 10 + minor:  # TRITON_OVERRIDE_ARCH: another arch's code path
-            meta["kernels_compiled_for"] = f"sm_{device_capability(device)}"
+        compiled_for = device_capability(device)
+        if compiled_for != major * 10 + minor:  # TRITON_OVERRIDE_ARCH: another arch's code path
+            meta["kernels_compiled_for"] = f"sm_{compiled_for}"
     settings_dict = dataclasses.asdict(settings)
     settings_dict["knobs"] = [k.label for k in settings.knobs]
     meta["settings"] = settings_dict

@@ -59,6 +59,21 @@ def test_tma_loads_match_pointer_loads(shape, pv_accum):
     assert nmse(outs[1], ref) <= 1e-5
 
 
+def output_and_reference(q, k, v, params, launch: LaunchConfig):
+    """``launch`` run over the Triton payloads of q, k and v (on their device) into a NaN-poisoned
+    output, and the CPU reference's attention over the same payloads."""
+    q8, qs, k8, ks, _, v8, vs, vm = kernels.quantize_qkv(q, k, v, granularity=params.granularity,
+                                                         smooth_k=params.smooth_k, pv_accum=params.pv_accum)
+    seq_q, seq_k, head_dim = q.shape[2], k.shape[2], q.shape[-1]
+    out = torch.full_like(q, float("nan"))
+    attention_from_payloads(q8, qs, k8, ks, v8, vs, vm, params=params, seq_q=seq_q, seq_k=seq_k,
+                            head_dim=head_dim, out_dtype=q.dtype, out=out, launch=launch)
+    ref = reference.attention_from_payloads(*(None if x is None else x.cpu() for x in (q8, qs, k8, ks, v8, vs, vm)),
+                                            params=params, seq_q=seq_q, seq_k=seq_k, head_dim=head_dim,
+                                            out_dtype=q.dtype)
+    return out, ref
+
+
 @pytest.mark.parametrize("pv_accum", ["fp32+fp16", "fp32+fp32", "fp32"])
 def test_hopper_head_dim_256_launch_matches_the_reference(pv_accum):
     """Hopper's D=256 launch (128 rows on two warpgroups, K and V through TMA) on a ragged causal
@@ -70,13 +85,7 @@ def test_hopper_head_dim_256_launch_matches_the_reference(pv_accum):
     q = torch.randn(batch, hq, seq, d, generator=gen).half().to(DEVICE)
     k, v = (torch.randn(batch, hk, seq, d, generator=gen).half().to(DEVICE) for _ in range(2))
     params = resolve_params(None, True, True, False, pv_accum, "per_thread", head_dim=d)
-    q8, qs, k8, ks, _, v8, vs, vm = kernels.quantize_qkv(q, k, v, granularity=params.granularity, smooth_k=True,
-                                                         pv_accum=params.pv_accum)
-    out = torch.full_like(q, float("nan"))
-    attention_from_payloads(q8, qs, k8, ks, v8, vs, vm, params=params, seq_q=seq, seq_k=seq, head_dim=d,
-                            out_dtype=q.dtype, out=out, launch=launch_config(d, 90, params.pv_accum.code, True, seq))
-    ref = reference.attention_from_payloads(*(x.cpu() if x is not None else None for x in (q8, qs, k8, ks, v8, vs, vm)),
-                                            params=params, seq_q=seq, seq_k=seq, head_dim=d, out_dtype=q.dtype)
+    out, ref = output_and_reference(q, k, v, params, launch_config(d, 90, params.pv_accum.code, True, seq))
     assert torch.isfinite(out).all()
     assert nmse(out.cpu(), ref) <= 1e-5
 
@@ -249,16 +258,8 @@ def test_every_hopper_launch_row_matches_the_reference(row):
         gen = torch.Generator().manual_seed(seq + head_dim)
         q, k, v = (torch.randn(1, 2, seq, head_dim, generator=gen).half() for _ in range(3))
         params = resolve_params(None, causal, True, False, pv_accum, "per_thread", head_dim=head_dim)
-        payloads = kernels.quantize_qkv(q.cuda(), k.cuda(), v.cuda(), granularity=params.granularity,
-                                        smooth_k=True, pv_accum=params.pv_accum)
-        q8, qs, k8, ks, _, v8, vs, vm = payloads
-        out = torch.full(q.shape, float("nan"), dtype=q.dtype, device="cuda")
-        attention_from_payloads(q8, qs, k8, ks, v8, vs, vm, params=params, seq_q=seq, seq_k=seq,
-                                head_dim=head_dim, out_dtype=q.dtype, out=out,
-                                launch=launch_config(head_dim, 90, pv_mode, causal, seq))
-        ref = reference.attention_from_payloads(*(None if x is None else x.cpu() for x in (q8, qs, k8, ks, v8, vs, vm)),
-                                                params=params,
-                                                seq_q=seq, seq_k=seq, head_dim=head_dim, out_dtype=q.dtype)
+        out, ref = output_and_reference(q.cuda(), k.cuda(), v.cuda(), params,
+                                        launch_config(head_dim, 90, pv_mode, causal, seq))
         assert torch.isfinite(out).all()
         assert nmse(out.cpu(), ref) <= 1e-5, (row, seq)
 
