@@ -69,6 +69,12 @@ def v_kernel_position(j):
     return (j // 16) * 16 + (j % 8) // 2 * 4 + (j % 16) // 8 * 2 + j % 2
 
 
+def v_kernel_token(p):
+    """The key token the attention kernel's V payload keeps at position ``p``: the inverse of
+    `v_kernel_position` (position 4t + 2b + e of each 16 holds token 8b + 2t + e)."""
+    return (p // 16) * 16 + (p % 4) // 2 * 8 + (p % 16) // 4 * 2 + p % 2
+
+
 def groups_per_tile(rule, rows: int, per_thread: bool) -> int:
     """Scale groups that ``rows`` tokens from a multiple of ``rows`` span (``rule``: `q_group` or
     `k_group`, ``rows`` a multiple of 64): consecutive ids from ``rule(first token)``."""

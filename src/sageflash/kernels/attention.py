@@ -377,9 +377,7 @@ def v_in_kernel_order(v_fp8: torch.Tensor) -> torch.Tensor:
     """A V payload in natural token order (SPEC §4) rewritten in the kernel's
     (`groups.v_kernel_position`), as `quant.quantize_qkv` writes it with ``v_kernel_order``."""
     natural = v_fp8.view(torch.uint8)
-    reordered = torch.empty(natural.shape, dtype=torch.uint8, device=natural.device)
-    reordered[..., groups.v_kernel_position(torch.arange(natural.shape[-1], device=natural.device))] = natural
-    return reordered.view(v_fp8.dtype)
+    return natural[..., groups.v_kernel_token(torch.arange(natural.shape[-1], device=natural.device))].view(v_fp8.dtype)
 
 
 def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_mean, *,

@@ -19,6 +19,7 @@ from triton.compiler import ASTSource
 
 from .. import groups
 from ..params import PVAccum, QKGranularity
+from . import quant
 from .attention import _attention_kernel, launch_config
 from .launch import PDL_MIN_CAPABILITY, TRITON_E4M3_CAST_MIN_CAPABILITY
 
@@ -31,6 +32,7 @@ _FLOAT_ARGS = {"log2_scale"}
 _DIVISIBLE_INTS = {"seq_q", "seq_k", "head_dim", "q_heads", "kv_heads", "q_groups", "k_groups"}
 MMA_PATTERN = re.compile(r"(wgmma\.mma_async[\w.]*|mma\.sync[\w.]*)")
 E4M3_CAST_PATTERN = re.compile(r"cvt[\w.]*\.e4m3x2[\w.]*")
+GLOBAL_STORE_PATTERN = re.compile(r"st\.global[\w.]*")
 _MMA_WARPS = re.compile(r"^#mma\d* = #ttg\.nvidia_mma<\{.*?warpsPerCTA = (\[[\d, ]+\])", re.MULTILINE)
 
 
@@ -76,6 +78,20 @@ def compile_attention(capability: int, *, head_dim: int = 128, pv_accum="fp32+fp
                                    "launch_pdl": pdl})
 
 
+def compile_v_quantizer(capability: int, *, head_dim: int = 128):
+    """Compile the quantization kernel's V tiles (`quant._quantize_kernel` with V only, in the
+    attention kernel's token order) for ``sm_<capability>``; returns Triton's kernel."""
+    pdl = capability >= PDL_MIN_CAPABILITY
+    constants = dict(D=groups.padded_head_dim(head_dim), PER_THREAD=True, DO_Q=False, DO_K=False, DO_V=True,
+                     SMOOTH_K=False, SMOOTH_V=False, Q_TILE_GROUPS=1, K_TILE_GROUPS=1, V_KERNEL_ORDER=True,
+                     PDL=pdl, PTX_CAST=capability < TRITON_E4M3_CAST_MIN_CAPABILITY)
+    inputs = {name: "*fp16" for name in ("Q", "K", "V", "KM")}
+    signature, attrs = _signature(quant._quantize_kernel, constants, {**inputs, "VMEAN": "*fp32", "INV": "*fp32"})
+    source = ASTSource(quant._quantize_kernel, signature, constexprs=constants, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": quant.QUANT_WARPS, "launch_pdl": pdl, "enable_fp_fusion": False})
+
+
 def mma_instructions(ptx: str) -> set[str]:
     """The distinct tensor-core instructions of a PTX listing."""
     return set(MMA_PATTERN.findall(ptx))
@@ -89,7 +105,8 @@ def mma_warp_grids(ttgir: str) -> list[list[int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m sageflash.kernels.compile``: print the tensor-core instructions as JSON lines.
+    """``python -m sageflash.kernels.compile``: print the tensor-core instructions as JSON lines
+    (with ``--v-quantizer``, the V quantizer's global stores).
 
     Needs ``TRITON_INTERPRET`` unset (interpreted kernels cannot be compiled).
     """
@@ -102,7 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pv-accum", nargs="+", default=[m.value for m in PVAccum])
     parser.add_argument("--mask", nargs="+", default=["none"], choices=["none", "u8", "fp16", "bf16", "fp32"],
                         help="attn_mask element types to compile for (u8: a bool mask)")
+    parser.add_argument("--v-quantizer", action="store_true",
+                        help="compile the quantizer's V tiles instead: print their global stores")
     args = parser.parse_args(argv)
+    if args.v_quantizer:
+        for capability, head_dim in itertools.product(args.capability, args.head_dim):
+            kernel = compile_v_quantizer(capability, head_dim=head_dim)
+            print(json.dumps({"capability": capability, "head_dim": head_dim,
+                              "global_stores": sorted(set(GLOBAL_STORE_PATTERN.findall(kernel.asm["ptx"])))}))
+        return 0
     for capability in args.capability:
         for head_dim in args.head_dim:
             for pv_accum, mask in itertools.product(args.pv_accum, args.mask):

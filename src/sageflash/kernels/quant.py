@@ -40,7 +40,7 @@ def _jit_rule(rule):
 
 q_group = _jit_rule(groups.q_group)
 k_group = _jit_rule(groups.k_group)
-v_kernel_position = _jit_rule(groups.v_kernel_position)
+v_kernel_token = _jit_rule(groups.v_kernel_token)
 
 # Kernel constants (constexpr: jitted code may read them; ``.value`` on the host).
 TILE_ROWS = tl.constexpr(groups.K_TILE)  # tokens per quantization program: whole Q and K groups
@@ -101,15 +101,16 @@ def _group_amax(row_amax, groups_of_rows, first_group, N_GROUPS: tl.constexpr):
 
 
 @triton.jit
-def _quantize_group_rows(x, groups_of_rows, first_group, N_GROUPS: tl.constexpr,
+def _quantize_group_rows(x, groups_of_rows, first_group, real_rows, N_GROUPS: tl.constexpr,
                          PER_THREAD: tl.constexpr):
     """int8 values and per-row scales of float32 rows ``x`` whose group ids are ``groups_of_rows``
-    (the N_GROUPS ids from ``first_group``).
+    (the N_GROUPS ids from ``first_group``); rows not ``real_rows`` (padding, whose values are not
+    stored) count as zeros in their group's maximum.
 
     Rounded exactly as the reference: IEEE divisions (`_divide_rows`), and per_warp's inverse
     scale reciprocal-then-multiply, as in the official quantizers.
     """
-    amax = _group_amax(tl.max(tl.abs(x), axis=1), groups_of_rows, first_group, N_GROUPS)
+    amax = _group_amax(tl.where(real_rows, tl.max(tl.abs(x), axis=1), 0.0), groups_of_rows, first_group, N_GROUPS)
     if PER_THREAD:
         scale = tl.div_rn(amax, 127.0) + 1e-7
         values = _round_half_away(_divide_rows(x, scale, tl.div_rn(1.0, scale)))
@@ -147,14 +148,13 @@ def _quantize_int8_tile(X, KM, X8, XS, batch, head, tile, seq, head_dim, num_hea
             xf = (xf - km[None, :]).to(X.dtype.element_ty).to(tl.float32)
         else:
             xf = xf - km[None, :]
-        xf = tl.where(in_seq[:, None], xf, 0.0)
     if IS_KEY:
         row_groups = k_group(rows, PER_THREAD)
         first_group = k_group(tile * TILE_ROWS, PER_THREAD)
     else:
         row_groups = q_group(rows, PER_THREAD)
         first_group = q_group(tile * TILE_ROWS, PER_THREAD)
-    values, scale = _quantize_group_rows(xf, row_groups, first_group, N_GROUPS, PER_THREAD)
+    values, scale = _quantize_group_rows(xf, row_groups, first_group, in_seq, N_GROUPS, PER_THREAD)
     tl.store(X8 + _tile_offsets(batch, head, rows, cols, stride_8b, stride_8h, stride_8s), values,
              mask=in_seq[:, None])
     tl.store(XS + (batch * num_heads + head).to(tl.int64) * n_groups + row_groups, scale)
@@ -178,9 +178,14 @@ def _quantize_fp8_tile(V, VMEAN, INV, V8, batch, head, tile, seq, head_dim, num_
                        PDL: tl.constexpr, PTX_CAST: tl.constexpr):
     """fp8 payload of TILE_ROWS tokens of one (batch, head) of V, stored transposed ``[D, tokens]``:
     the tokens in natural order, or with KERNEL_ORDER in the attention kernel's
-    (`groups.v_kernel_position`)."""
+    (`groups.v_kernel_position`).
+
+    The tile's rows are loaded in the order they are stored (`groups.v_kernel_token`), so its
+    positions are contiguous: Triton then stores 16 bytes of a channel per instruction (through a
+    layout change in shared memory) where addresses permuted per token gave one byte per store."""
     bh = (batch * num_heads + head).to(tl.int64)
-    rows = tile * TILE_ROWS + tl.arange(0, TILE_ROWS)
+    positions = tile * TILE_ROWS + tl.arange(0, TILE_ROWS)
+    rows = v_kernel_token(positions) if KERNEL_ORDER else positions
     cols = tl.arange(0, D)
     valid = (rows < seq)[:, None] & (cols < head_dim)[None, :]
     x = tl.load(V + _tile_offsets(batch, head, rows, cols, stride_vb, stride_vh, stride_vs),
@@ -189,10 +194,11 @@ def _quantize_fp8_tile(V, VMEAN, INV, V8, batch, head, tile, seq, head_dim, num_
     if SMOOTH:
         x = x - tl.load(VMEAN + bh * D + cols)[None, :]
     # No clamp: the e4m3 cast saturates to ±448 (`to_e4m3`; the interpreter's cast too).
-    y = tl.where(valid, x * tl.load(INV + bh * D + cols)[None, :], 0.0)
-    at = v_kernel_position(rows) if KERNEL_ORDER else rows
+    y = x * tl.load(INV + bh * D + cols)[None, :]  # channels past head_dim: 0 · 0
+    if SMOOTH or tile * TILE_ROWS + TILE_ROWS > seq:  # tokens past the sequence stay zero, whatever
+        y = tl.where(valid, y, 0.0)  # the scale (a 1/amax that overflows, smooth_v's mean)
     tl.store(V8 + batch.to(tl.int64) * stride_8b + head.to(tl.int64) * stride_8h
-             + cols[None, :].to(tl.int64) * stride_8d + at[:, None], to_e4m3(y, PTX_CAST))
+             + cols[None, :].to(tl.int64) * stride_8d + positions[:, None], to_e4m3(y, PTX_CAST))
 
 
 # `tl.reduce`'s combines for a maximum and a minimum in the operands' dtype (`tl.max` widens 16-bit
