@@ -1,4 +1,5 @@
-"""Ahead-of-time compilation of the attention kernel for a given GPU architecture, no GPU needed.
+"""Ahead-of-time compilation of the attention kernel (and the quantizer's V tiles) for a given GPU
+architecture, no GPU needed.
 
 Lets CI (and a curious user) check what the tensor-core products lower to: ``wgmma`` on sm_90,
 ``mma.sync ... s8`` / ``e4m3`` on sm_89, and how much shared memory a launch needs. Arguments get
