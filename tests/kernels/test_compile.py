@@ -95,7 +95,7 @@ def test_head_dim_256_with_a_mask_fits_and_uses_tensor_cores():
 def test_v_payload_is_stored_16_bytes_at_a_time():
     """The quantizer writes V's transposed fp8 payload in 16-byte stores on both archs. Stored with
     its tokens permuted into the kernel's order, each thread wrote one byte per store (8x the
-    partial-sector writes; the pass at D=256 was 1.3-1.5x slower, benchmarks/NOTES.md v20)."""
+    partial-sector writes; the pass at D=256 took 1.27-1.46x as long, benchmarks/NOTES.md v20)."""
     rows = compile_rows("--v-quantizer", "--head-dim", "64", "128", "256")
     assert {(r["capability"], r["head_dim"]) for r in rows} == {(c, d) for c in (89, 90) for d in (64, 128, 256)}
     for row in rows:
