@@ -87,17 +87,17 @@ def test_a_quantization_tile_holds_whole_consecutive_groups(per_thread):
             assert sorted(t for g in ids for t in members(g, per_thread)) == list(range(start, start + tile))
 
 
-def test_v_kernel_position_is_the_official_order_within_each_16_tokens():
+def test_v_kernel_token_is_the_official_order_within_each_16_tokens():
     """The attention kernel's V order: position 4t + 2b + e of each 16 holds token 8b + 2t + e
-    (what SageAttention's kernel stores, README), as ints and as a torch index; `v_kernel_token`
-    is its inverse."""
+    (what SageAttention's kernel stores, README), as ints and as a torch index, a permutation of
+    every 16 tokens."""
     official = [0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15]  # the token at each position
     for base in (0, 16, 4096):
-        assert [groups.v_kernel_position(base + token) - base for token in official] == list(range(16))
         assert [groups.v_kernel_token(base + position) - base for position in range(16)] == official
-    tokens = torch.arange(192)
-    assert torch.equal(groups.v_kernel_position(tokens).sort().values, tokens)
-    assert torch.equal(groups.v_kernel_token(groups.v_kernel_position(tokens)), tokens)
+    positions = torch.arange(192)
+    tokens = groups.v_kernel_token(positions)
+    assert torch.equal(tokens.sort().values, positions)
+    assert torch.equal(tokens // 16, positions // 16)
 
 
 def expected_int8(x: torch.Tensor, members, num_groups: int, per_thread: bool):

@@ -57,21 +57,15 @@ def k_group(j, per_thread):
     return j // 64
 
 
-def v_kernel_position(j):
-    """Where the attention kernel's V payload keeps key token ``j``: within each 16 tokens, token
-    8b + 2t + e (b, e in {0, 1}, t in 0..3) at position 4t + 2b + e, i.e. tokens 0, 1, 8, 9, 2, 3,
-    10, 11, 4, 5, 12, 13, 6, 7, 14, 15 in that order (the official kernel's order).
+def v_kernel_token(p):
+    """The key token the attention kernel's V payload keeps at position ``p``: within each 16,
+    position 4t + 2b + e (b, e in {0, 1}, t in 0..3) holds token 8b + 2t + e, i.e. tokens 0, 1, 8,
+    9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15 in that order (the official kernel's order).
 
     The mma accumulator gives the thread of lane t % 4 the scores of keys 2t and 2t + 1 of every
     8; the fp8 P·V product wants from it 4 consecutive k positions 4t..4t+3 of every 16. P's
     columns taken in this order, with V's tokens in the same order, leave every thread its own
     scores (no shuffles) and the product unchanged."""
-    return (j // 16) * 16 + (j % 8) // 2 * 4 + (j % 16) // 8 * 2 + j % 2
-
-
-def v_kernel_token(p):
-    """The key token the attention kernel's V payload keeps at position ``p``: the inverse of
-    `v_kernel_position` (position 4t + 2b + e of each 16 holds token 8b + 2t + e)."""
     return (p // 16) * 16 + (p % 4) // 2 * 8 + (p % 16) // 4 * 2 + p % 2
 
 

@@ -3,7 +3,7 @@
 One program computes BLOCK_M query rows of one (batch, head) against every visible 64-key block:
 S = q8·k8ᵀ in int32 (wgmma on sm_90, mma.sync m16n8k32 on sm_89), log2-domain logits, the running
 max with the fp8 offset, P rounded to e4m3 in registers, then P·V on fp8 tensor cores, accumulated
-as the pv_accum mode says. P's columns and V's payload tokens are in `groups.v_kernel_position`'s
+as the pv_accum mode says. P's columns and V's payload tokens are in `groups.v_kernel_token`'s
 order, so that no thread needs another's scores. The running max is per 64-key block, as in the
 official kernel: a larger key block would change P's fp8 rounding and so the numbers.
 """
@@ -59,7 +59,7 @@ def _softmax_step(acc, m_i, l_i, x, x_scale, v, PV_MODE: tl.constexpr, GROUPED: 
     alpha = tl.math.exp2(m_i - m_safe)
     p = tl.math.exp2(tl.fma(xg, scale, -m_safe[:, None, None, None]))
     l_i = l_i * alpha[:, None] + tl.sum(tl.sum(p, axis=3), axis=1)
-    # P's columns in V's payload order (`groups.v_kernel_position`: key 16c + 8b + 2t + e at
+    # P's columns in V's payload order (`groups.v_kernel_token`: key 16c + 8b + 2t + e at
     # position 16c + 4t + 2b + e): each thread's scores are then its own P·V operand (no shuffles).
     p8 = tl.reshape(to_e4m3(p, PTX_CAST), [rows_n, BLOCK_N // 16, 2, ROW_LANES, 2])
     p8 = tl.reshape(tl.permute(p8, (0, 1, 3, 2, 4)), [rows_n, BLOCK_N])
@@ -96,7 +96,7 @@ def _load_k_block(k_src, k_row, start, cols, dims, seq_k, stride_ks, MASKED: tl.
 def _load_v_block(v_src, v_row, start, dims, seq_k, stride_vd, MASKED: tl.constexpr,
                   USE_TMA: tl.constexpr):
     """V's fp8 ``[64, D]`` block from key ``start`` (the payload is zero-padded to 64 keys only, its
-    tokens in `groups.v_kernel_position`'s order: a block holds its own 64 keys, padding included).
+    tokens in `groups.v_kernel_token`'s order: a block holds its own 64 keys, padding included).
 
     With USE_TMA, ``v_src`` is a TMA descriptor of the payload seen as ``[B·Hk·D, ceil_64(Sk)]``
     and ``v_row`` this head's first row; keys past the padded end read as zeros.
@@ -375,7 +375,7 @@ def _tma_addressable(*payloads) -> bool:
 
 def v_in_kernel_order(v_fp8: torch.Tensor) -> torch.Tensor:
     """A V payload in natural token order (SPEC §4) rewritten in the kernel's
-    (`groups.v_kernel_position`), as `quant.quantize_qkv` writes it with ``v_kernel_order``."""
+    (`groups.v_kernel_token`), as `quant.quantize_qkv` writes it with ``v_kernel_order``."""
     natural = v_fp8.view(torch.uint8)
     return natural[..., groups.v_kernel_token(torch.arange(natural.shape[-1], device=natural.device))].view(v_fp8.dtype)
 

@@ -178,11 +178,11 @@ def _quantize_fp8_tile(V, VMEAN, INV, V8, batch, head, tile, seq, head_dim, num_
                        PDL: tl.constexpr, PTX_CAST: tl.constexpr):
     """fp8 payload of TILE_ROWS tokens of one (batch, head) of V, stored transposed ``[D, tokens]``:
     the tokens in natural order, or with KERNEL_ORDER in the attention kernel's
-    (`groups.v_kernel_position`).
+    (`groups.v_kernel_token`).
 
-    The tile's rows are loaded in the order they are stored (`groups.v_kernel_token`), so its
-    positions are contiguous: Triton then stores 16 bytes of a channel per instruction (through a
-    layout change in shared memory) where addresses permuted per token gave one byte per store."""
+    The tile's rows are loaded in the order they are stored, so its positions are contiguous:
+    Triton then stores 16 bytes of a channel per instruction (through a layout change in shared
+    memory) where addresses permuted per token gave one byte per store."""
     bh = (batch * num_heads + head).to(tl.int64)
     positions = tile * TILE_ROWS + tl.arange(0, TILE_ROWS)
     rows = v_kernel_token(positions) if KERNEL_ORDER else positions
@@ -365,7 +365,7 @@ def quantize_qkv(q, k, v, *, granularity, smooth_k: bool, km=None, pv_accum=None
 
     Returns ``(q_int8, q_scale, k_int8, k_scale, km, v_fp8, v_scale, v_mean)``: the payloads of
     `sageflash.reference.quantize_qk` / `quantize_v` (q and k go together, v may be None), V's
-    tokens in the attention kernel's order with ``v_kernel_order`` (`groups.v_kernel_position`).
+    tokens in the attention kernel's order with ``v_kernel_order`` (`groups.v_kernel_token`).
     ``q_int8``: where to write Q's payload (an int8 ``[B, Hq, Sq, D]`` view with unit last stride,
     e.g. of the output's bytes), else a new tensor.
     ``chained``: the launch before is the attention kernel of the same call (the previous KV-head
