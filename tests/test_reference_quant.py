@@ -9,6 +9,7 @@ import torch
 
 import sageflash
 from sageflash import dumps, groups
+from conftest import HAS_CUDA
 from helpers import (assert_fp8_match, assert_int8_match, assert_scales_match, fp8_ordinal,
                      load_refdump, random_qkv)
 
@@ -249,6 +250,37 @@ def test_zero_v_channel_gives_zero_scale_and_payload(smooth_v, pv_accum):
     assert fp8_ordinal(v_fp8[0, 0, 5]).any()  # the same channel of the other head is untouched
     if smooth_v:
         assert v_mean[0, 1, 5] == 0
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("smooth_v,pv_accum", [(False, "fp32+fp16"), (False, "fp32"), (True, "fp32")])
+def test_tiny_bf16_v_channel_is_quantized_without_overflow(backend, smooth_v, pv_accum):
+    """A bf16 channel whose amax is so small that scale_max / amax overflows float32 (below
+    ~1e-36; bf16 has float32's exponent range) gets the payload SPEC's formula gives without the
+    overflow, where inf times its zeros was NaN; other channels keep their payloads bit for bit."""
+    device = "cuda" if backend == "triton" and HAS_CUDA else "cpu"  # else Triton's interpreter
+    q, k, v = random_qkv(1, 2, 2, 1, 70, 64, seed=37, dtype=torch.bfloat16)
+    normal = sageflash.quantize_v(v.to(device), pv_accum=pv_accum, smooth_v=smooth_v, backend=backend)
+    tiny = v[0, 1, :, 5].float() * 2.0 ** -130  # |v| <= 2**-130: subnormal, like 7e-40
+    tiny[::3] = 0
+    v[0, 1, :, 5] = tiny.to(torch.bfloat16)
+    v_fp8, v_scale, v_mean = sageflash.quantize_v(v.to(device), pv_accum=pv_accum, smooth_v=smooth_v,
+                                                  backend=backend)
+    v_fp8, v_scale = v_fp8.cpu(), v_scale.cpu()
+    scale_max = sageflash.PVAccum.parse(pv_accum, "pv_accum").v_scale_max
+    x = v[0, 1, :, 5].double()
+    mean = x.sum() / groups.ceil_to(70, groups.V_WINDOW) if smooth_v else 0.0
+    want = ((x - mean) * scale_max / (x - mean).abs().max()).float()  # no overflow in float64
+    got = v_fp8[0, 1, 5, :70].float()
+    assert torch.isfinite(got).all() and torch.isfinite(v_scale).all()
+    assert torch.equal(got, want.clamp(-448, 448).to(torch.float8_e4m3fn).float())
+    assert got.abs().max() == scale_max
+    channel_untouched = torch.ones(2, 64, dtype=torch.bool)
+    channel_untouched[1, 5] = False
+    assert torch.equal(fp8_ordinal(v_fp8[0][channel_untouched]), fp8_ordinal(normal[0].cpu()[0][channel_untouched]))
+    out = sageflash.sage_attn_sm89_fp16(q.to(device), k.to(device), v.to(device), pv_accum=pv_accum,
+                                        smooth_v=smooth_v, backend=backend)
+    assert torch.isfinite(out).all()
 
 
 def test_quantizers_leave_inputs_unchanged():

@@ -15,6 +15,12 @@ FP8_OFFSET_LOG2 = 8.807
 LOG2E = 1.4426950408889634
 PER_WARP_AMAX_FLOOR = 1e-7  # per_warp: amax = max(1e-7, max|x|)
 PER_THREAD_SCALE_EPS = 1e-7  # per_thread: scale = max|x|/127 + 1e-7
+# V channels with amax below V_PRESCALE_BELOW (bf16 only: fp16's nonzero amax is >= 2**-25) are
+# quantized as (v·2**64)·(scale_max / (amax·2**64)): below ~1e-36 scale_max / amax overflows float32
+# and inf times the channel's zeros gave NaN. Both products are exact power-of-two shifts of SPEC
+# §4's, so every other channel's payload is unchanged bit for bit.
+V_PRESCALE_BELOW = 2.0 ** -64
+V_PRESCALE = 2.0 ** 64
 
 # The SM89 kernel's tiles, from which the groups derive.
 Q_TILE = 128  # query rows per block (4 warps x 32 rows)

@@ -87,7 +87,7 @@ def compile_v_quantizer(capability: int, *, head_dim: int = 128):
                      SMOOTH_K=False, SMOOTH_V=False, Q_TILE_GROUPS=1, K_TILE_GROUPS=1, V_KERNEL_ORDER=True,
                      PDL=pdl, PTX_CAST=capability < TRITON_E4M3_CAST_MIN_CAPABILITY)
     inputs = {name: "*fp16" for name in ("Q", "K", "V", "KM")}
-    signature, attrs = _signature(quant._quantize_kernel, constants, {**inputs, "VMEAN": "*fp32", "INV": "*fp32"})
+    signature, attrs = _signature(quant._quantize_kernel, constants, {**inputs, "VMEAN": "*fp32", "INV": "*fp32", "PRESCALE": "*fp32"})
     source = ASTSource(quant._quantize_kernel, signature, constexprs=constants, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", capability, 32),
                           options={"num_warps": quant.QUANT_WARPS, "launch_pdl": pdl, "enable_fp_fusion": False})

@@ -57,6 +57,8 @@ _KSUM, _VMAX, _VMIN, _VSUM = (tl.constexpr(i) for i in range(4))  # planes of th
 _TILE_GROUPS = {per_thread: tuple(groups.groups_per_tile(rule, TILE_ROWS.value, per_thread)
                                   for rule in (groups.q_group, groups.k_group))
                 for per_thread in (False, True)}
+V_PRESCALE_BELOW = tl.constexpr(groups.V_PRESCALE_BELOW)
+V_PRESCALE = tl.constexpr(groups.V_PRESCALE)
 _SIGN_BIT = tl.constexpr(-2**31)  # float32 bit patterns, as int32
 _HALF_BITS = tl.constexpr(0x3F000000)
 _ROUNDER = tl.constexpr(12582912.0)  # 1.5 * 2**23, whose float32 bits are _ROUNDER_BITS
@@ -172,7 +174,7 @@ def to_e4m3(x, PTX_CAST: tl.constexpr):
 
 
 @triton.jit
-def _quantize_fp8_tile(V, VMEAN, INV, V8, batch, head, tile, seq, head_dim, num_heads,
+def _quantize_fp8_tile(V, VMEAN, INV, PRESCALE, V8, batch, head, tile, seq, head_dim, num_heads,
                        stride_vb, stride_vh, stride_vs, stride_8b, stride_8h, stride_8d,
                        D: tl.constexpr, SMOOTH: tl.constexpr, KERNEL_ORDER: tl.constexpr,
                        PDL: tl.constexpr, PTX_CAST: tl.constexpr):
@@ -193,6 +195,8 @@ def _quantize_fp8_tile(V, VMEAN, INV, V8, batch, head, tile, seq, head_dim, num_
     wait_for_earlier_launch(PDL)  # V's scales (and mean) come from the reduction
     if SMOOTH:
         x = x - tl.load(VMEAN + bh * D + cols)[None, :]
+    if V.dtype.element_ty == tl.bfloat16:  # fp16 never needs the prescale (`groups.V_PRESCALE_BELOW`)
+        x = x * tl.load(PRESCALE + bh * D + cols)[None, :]
     # No clamp: the e4m3 cast saturates to ±448 (`to_e4m3`; the interpreter's cast too).
     y = x * tl.load(INV + bh * D + cols)[None, :]  # channels past head_dim: 0 · 0
     # Tokens past the sequence (a head's last tile only) stay zero whatever smooth_v's mean or the
@@ -272,11 +276,12 @@ def _stats_kernel(K, V, STATS, stat_stride, seq, head_dim, kv_heads, n_chunks,
 
 
 @triton.jit
-def _reduce_kernel(STATS, stat_stride, KM, VSCALE, VMEAN, INV, n_chunks, key_count, window,
+def _reduce_kernel(STATS, stat_stride, KM, VSCALE, VMEAN, INV, PRESCALE, n_chunks, key_count, window,
                    scale_max,
                    D: tl.constexpr, K_SUM: tl.constexpr, V_STATS: tl.constexpr,
                    PAD_IN_WINDOW: tl.constexpr, SMOOTH_V: tl.constexpr, PDL: tl.constexpr):
-    """Pass 2, per (batch, kv head): K's mean in K's dtype; v_scale, v_mean and scale_max / amax."""
+    """Pass 2, per (batch, kv head): K's mean in K's dtype; v_scale, v_mean, and scale_max / amax as
+    a prescale and an inverse scale (`groups.V_PRESCALE_BELOW`)."""
     wait_for_earlier_launch(PDL)
     let_next_launch_start(PDL)  # after the wait: the quantization's Q tiles do not wait
     bh = tl.program_id(0).to(tl.int64)
@@ -313,12 +318,14 @@ def _reduce_kernel(STATS, stat_stride, KM, VSCALE, VMEAN, INV, n_chunks, key_cou
             amax = tl.maximum(tl.abs(vmax), tl.abs(vmin))
         tl.store(VSCALE + bh * D + cols, tl.div_rn(amax, scale_max))
         # An all-zero channel has amax 0: scale 0 and payload 0 (the official code gives NaN here).
+        prescale = tl.where(amax < V_PRESCALE_BELOW, V_PRESCALE, 1.0)
+        tl.store(PRESCALE + bh * D + cols, prescale)
         tl.store(INV + bh * D + cols,
-                 tl.where(amax > 0, tl.div_rn(1.0, tl.where(amax > 0, amax, 1.0)) * scale_max, 0.0))
+                 tl.where(amax > 0, tl.div_rn(1.0, tl.where(amax > 0, amax * prescale, 1.0)) * scale_max, 0.0))
 
 
 @triton.jit
-def _quantize_kernel(Q, K, V, KM, Q8, QS, K8, KS, VMEAN, INV, V8,
+def _quantize_kernel(Q, K, V, KM, Q8, QS, K8, KS, VMEAN, INV, PRESCALE, V8,
                      seq_q, seq_k, head_dim, q_heads, kv_heads, q_tiles, q_groups, k_groups,
                      stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
                      stride_vb, stride_vh, stride_vs, stride_q8b, stride_q8h, stride_q8s,
@@ -345,7 +352,7 @@ def _quantize_kernel(Q, K, V, KM, Q8, QS, K8, KS, VMEAN, INV, V8,
                                 k_groups, stride_kb, stride_kh, stride_ks, stride_k8b, stride_k8h,
                                 stride_k8s, D, True, PER_THREAD, SMOOTH_K, K_TILE_GROUPS, PDL)
         else:
-            _quantize_fp8_tile(V, VMEAN, INV, V8, batch, head - first_v, tile, seq_k, head_dim,
+            _quantize_fp8_tile(V, VMEAN, INV, PRESCALE, V8, batch, head - first_v, tile, seq_k, head_dim,
                                kv_heads, stride_vb, stride_vh, stride_vs, stride_v8b, stride_v8h,
                                stride_v8d, D, SMOOTH_V, V_KERNEL_ORDER, PDL, PTX_CAST)
 
@@ -379,7 +386,7 @@ def quantize_qkv(q, k, v, *, granularity, smooth_k: bool, km=None, pv_accum=None
         raise ValueError("quantize_qkv quantizes q and k together: pass both or neither")
     new = lambda *shape, dtype=torch.float32: torch.empty(*shape, dtype=dtype, device=device)  # noqa: E731
 
-    q8 = q_scale = k8 = k_scale = v8 = v_scale = v_mean = inv = None
+    q8 = q_scale = k8 = k_scale = v8 = v_scale = v_mean = inv = prescale = None
     q_heads = seq_q = q_tiles = 0
     if q is not None:
         q_heads, seq_q = q.shape[1], q.shape[2]
@@ -398,7 +405,8 @@ def quantize_qkv(q, k, v, *, granularity, smooth_k: bool, km=None, pv_accum=None
     if v is not None:
         scale_max = PVAccum.parse(pv_accum, "pv_accum").v_scale_max
         v8 = new(batch, kv_heads, padded, groups.ceil_to(seq_k, groups.K_TILE), dtype=torch.float8_e4m3fn)
-        v_scale, inv = new(batch, kv_heads, padded), new(batch, kv_heads, padded)
+        v_scale = new(batch, kv_heads, padded)
+        inv, prescale = new(2, batch, kv_heads, padded).unbind(0)
         v_mean = new(batch, kv_heads, padded) if smooth_v else None
 
     stand_in = k if k is not None else v  # the pointer argument of a tensor a pass does not use
@@ -416,7 +424,7 @@ def quantize_qkv(q, k, v, *, granularity, smooth_k: bool, km=None, pv_accum=None
             V_STATS=v is not None, SMOOTH_V=smooth_v, PDL=pdl, num_warps=STATS_WARPS, launch_pdl=pdl and chained)
         _launch_reduce(
             (batch * kv_heads, 1, 1), stats, stats.stride(0), arg(km if k_sum else None),
-            arg(v_scale), arg(v_mean), arg(inv), n_chunks, float(seq_k), float(window),
+            arg(v_scale), arg(v_mean), arg(inv), arg(prescale), n_chunks, float(seq_k), float(window),
             scale_max if v is not None else 1.0, D=padded,
             K_SUM=k_sum, V_STATS=v is not None, PAD_IN_WINDOW=window > seq_k, SMOOTH_V=smooth_v, PDL=pdl,
             launch_pdl=pdl)
@@ -425,7 +433,7 @@ def quantize_qkv(q, k, v, *, granularity, smooth_k: bool, km=None, pv_accum=None
             q_heads + (kv_heads if q is not None else 0) + (kv_heads if v is not None else 0), batch)
     _launch_quantize(
         grid, arg(q), arg(k), arg(v), arg(km), arg(q8), arg(q_scale), arg(k8), arg(k_scale),
-        arg(v_mean), arg(inv), arg(v8), seq_q, seq_k, head_dim, q_heads, kv_heads, q_tiles,
+        arg(v_mean), arg(inv), arg(prescale), arg(v8), seq_q, seq_k, head_dim, q_heads, kv_heads, q_tiles,
         q_scale.shape[-1] if q is not None else 0, k_scale.shape[-1] if q is not None else 0,
         *_strides(arg(q)), *_strides(arg(k)), *_strides(arg(v)), *_strides(arg(q8)),
         *_strides(arg(k8)), *_strides(arg(v8)),

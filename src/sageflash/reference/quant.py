@@ -92,9 +92,11 @@ def quantize_v(v: torch.Tensor, *, pv_accum, smooth_v: bool):
         v_mean = None
         amax = torch.maximum(vmax.abs(), vmin.abs())
     v_scale = amax / scale_max
-    # An all-zero channel has amax 0: scale 0 and payload 0 (the official code gives NaN here).
-    inv_scale = torch.where(amax > 0, amax.reciprocal() * scale_max, torch.zeros_like(amax))
-    payload = to_e4m3(x[:, :, :seq_k] * inv_scale[:, :, None])
+    # An all-zero channel has amax 0: scale 0 and payload 0 (the official code gives NaN here); a
+    # tiny one is prescaled (`groups.V_PRESCALE_BELOW`) so that its inverse scale stays finite.
+    prescale = torch.where(amax < groups.V_PRESCALE_BELOW, groups.V_PRESCALE, 1.0)
+    inv_scale = torch.where(amax > 0, (amax * prescale).reciprocal() * scale_max, torch.zeros_like(amax))
+    payload = to_e4m3(x[:, :, :seq_k] * prescale[:, :, None] * inv_scale[:, :, None])
     v_fp8 = torch.zeros(batch, heads, head_dim, groups.ceil_to(seq_k, groups.K_TILE),
                         dtype=torch.float8_e4m3fn, device=v.device)
     v_fp8[..., :seq_k] = payload.transpose(2, 3)
