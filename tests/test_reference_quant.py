@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -75,17 +76,20 @@ def k_group_members(g: int, per_thread: bool) -> list[int]:
 
 
 @pytest.mark.parametrize("per_thread", [False, True])
-def test_a_quantization_tile_holds_whole_consecutive_groups(per_thread):
-    """The Triton quantizer finds group maxima over `groups.groups_per_tile` ids from a tile's
-    first token: every 64-token tile must hold exactly those groups, each whole."""
+def test_a_quantization_tile_is_a_view_of_whole_groups(per_thread):
+    """The Triton quantizer finds a 64-token tile's group maxima over `groups.group_shape`'s
+    ``[G1, R1, G2, R2]`` view: in every tile, the tokens at each (g1, g2) must be exactly the
+    members of group rule(first token) + g1·G2 + g2."""
     tile = 64
     for rule, members in ((groups.q_group, q_group_members), (groups.k_group, k_group_members)):
-        count = groups.groups_per_tile(rule, tile, per_thread)
+        n_g1, n_r1, n_g2, n_r2 = groups.group_shape(rule, tile, per_thread)
+        assert n_g1 * n_r1 * n_g2 * n_r2 == tile
         for start in range(0, 4 * tile, tile):
             first = rule(start, per_thread)
-            ids = list(range(first, first + count))
-            assert sorted({rule(t, per_thread) for t in range(start, start + tile)}) == ids
-            assert sorted(t for g in ids for t in members(g, per_thread)) == list(range(start, start + tile))
+            for g1, g2 in itertools.product(range(n_g1), range(n_g2)):
+                tokens = [start + ((g1 * n_r1 + r1) * n_g2 + g2) * n_r2 + r2
+                          for r1, r2 in itertools.product(range(n_r1), range(n_r2))]
+                assert sorted(tokens) == members(first + g1 * n_g2 + g2, per_thread)
 
 
 def test_v_kernel_token_is_the_official_order_within_each_16_tokens():

@@ -81,6 +81,24 @@ def groups_per_tile(rule, rows: int, per_thread: bool) -> int:
     return rule(rows - 1, per_thread) - rule(0, per_thread) + 1
 
 
+def group_shape(rule, rows: int, per_thread: bool) -> tuple[int, int, int, int]:
+    """``(G1, R1, G2, R2)``: ``rows`` tokens from a multiple of ``rows`` seen as ``[G1, R1, G2, R2]``
+    (token ((g1·R1 + r1)·G2 + g2)·R2 + r2) so that ``rule`` (`q_group` or `k_group`) puts the token
+    of (g1, r1, g2, r2) in group rule(first token) + g1·G2 + g2: a group's maximum is then a
+    reduction over the R axes (how the Triton quantizer finds them; per_thread's Q groups, rows
+    t, t+8, t+16, t+24, are (2, 4, 8, 1)). Derived from the rule and checked on the tokens of a few
+    tiles, so it cannot drift from it."""
+    exponent = rows.bit_length() - 1
+    for e1, f1, e2 in ((a, b, c) for a in range(exponent + 1) for b in range(exponent + 1 - a)
+                       for c in range(exponent + 1 - a - b)):
+        g1, r1, g2 = 1 << e1, 1 << f1, 1 << e2
+        r2 = rows // (g1 * r1 * g2)
+        if all(rule(base + t, per_thread) - rule(base, per_thread) == (t // (r1 * g2 * r2)) * g2 + t // r2 % g2
+               for base in (0, rows, 5 * rows) for t in range(rows)):
+            return g1, r1, g2, r2
+    raise ValueError(f"{rule.__name__}'s groups over {rows} tokens are not a [G1, R1, G2, R2] view")
+
+
 def q_num_groups(seq_q: int, per_thread: bool) -> int:
     return ceil_to(seq_q, Q_TILE) // Q_TILE * (32 if per_thread else 4)
 

@@ -84,7 +84,7 @@ def compile_v_quantizer(capability: int, *, head_dim: int = 128):
     attention kernel's token order) for ``sm_<capability>``; returns Triton's kernel."""
     pdl = capability >= PDL_MIN_CAPABILITY
     constants = dict(D=groups.padded_head_dim(head_dim), PER_THREAD=True, DO_Q=False, DO_K=False, DO_V=True,
-                     SMOOTH_K=False, SMOOTH_V=False, Q_TILE_GROUPS=1, K_TILE_GROUPS=1, V_KERNEL_ORDER=True,
+                     SMOOTH_K=False, SMOOTH_V=False, Q_GROUP_SHAPE=(1, 1, 1, 64), K_GROUP_SHAPE=(1, 1, 1, 64), V_KERNEL_ORDER=True,
                      PDL=pdl, PTX_CAST=capability < TRITON_E4M3_CAST_MIN_CAPABILITY)
     inputs = {name: "*fp16" for name in ("Q", "K", "V", "KM")}
     signature, attrs = _signature(quant._quantize_kernel, constants, {**inputs, "VMEAN": "*fp32", "INV": "*fp32", "PRESCALE": "*fp32"})

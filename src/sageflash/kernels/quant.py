@@ -53,10 +53,10 @@ REDUCE_CHUNKS = tl.constexpr(32)  # partial statistics folded per step of the re
 QUANT_WARPS = 4
 STATS_WARPS = 2
 _KSUM, _VMAX, _VMIN, _VSUM = (tl.constexpr(i) for i in range(4))  # planes of the statistics buffer
-# Q and K scale groups per quantization tile, by per_thread.
-_TILE_GROUPS = {per_thread: tuple(groups.groups_per_tile(rule, TILE_ROWS.value, per_thread)
-                                  for rule in (groups.q_group, groups.k_group))
-                for per_thread in (False, True)}
+# Q's and K's scale groups in a quantization tile, as `groups.group_shape` views, by per_thread.
+_GROUP_SHAPES = {per_thread: tuple(groups.group_shape(rule, TILE_ROWS.value, per_thread)
+                                   for rule in (groups.q_group, groups.k_group))
+                 for per_thread in (False, True)}
 V_PRESCALE_BELOW = tl.constexpr(groups.V_PRESCALE_BELOW)
 V_PRESCALE = tl.constexpr(groups.V_PRESCALE)
 _SIGN_BIT = tl.constexpr(-2**31)  # float32 bit patterns, as int32
@@ -94,35 +94,39 @@ def _round_half_away(x):
 
 
 @triton.jit
-def _group_amax(row_amax, groups_of_rows, first_group, N_GROUPS: tl.constexpr):
-    """Each row's maximum of ``row_amax`` over its group, through a [N_GROUPS, rows] membership
-    matrix (a tile holds 1-16 groups; a rows x rows matrix costs 4-64x more)."""
-    member = (first_group + tl.arange(0, N_GROUPS))[:, None] == groups_of_rows[None, :]
-    group_amax = tl.max(tl.where(member, row_amax[None, :], 0.0), axis=1)
-    return tl.max(tl.where(member, group_amax[:, None], 0.0), axis=0)
+def _quantize_group_rows(x, real_rows, GROUP_SHAPE: tl.constexpr, PER_THREAD: tl.constexpr):
+    """int8 values of float32 rows ``x`` and the scales of their groups; rows not ``real_rows``
+    (padding, whose values are not stored) count as zeros in their group's maximum.
 
-
-@triton.jit
-def _quantize_group_rows(x, groups_of_rows, first_group, real_rows, N_GROUPS: tl.constexpr,
-                         PER_THREAD: tl.constexpr):
-    """int8 values and per-row scales of float32 rows ``x`` whose group ids are ``groups_of_rows``
-    (the N_GROUPS ids from ``first_group``); rows not ``real_rows`` (padding, whose values are not
-    stored) count as zeros in their group's maximum.
-
-    Rounded exactly as the reference: IEEE divisions (`_divide_rows`), and per_warp's inverse
-    scale reciprocal-then-multiply, as in the official quantizers.
+    ``GROUP_SHAPE`` (`groups.group_shape`) views the rows as ``[G1, R1, G2, R2]`` with a group per
+    (g1, g2): a group's maximum is a reduction over the R axes, mostly inside a thread, and the
+    scales come out ``[G1·G2]`` in group order. Rounded exactly as the reference: IEEE divisions
+    (`_divide_rows`), and per_warp's inverse scale reciprocal-then-multiply, as in the official
+    quantizers.
     """
-    amax = _group_amax(tl.where(real_rows, tl.max(tl.abs(x), axis=1), 0.0), groups_of_rows, first_group, N_GROUPS)
+    G1: tl.constexpr = GROUP_SHAPE[0]
+    R1: tl.constexpr = GROUP_SHAPE[1]
+    G2: tl.constexpr = GROUP_SHAPE[2]
+    R2: tl.constexpr = GROUP_SHAPE[3]
+    row_amax = tl.where(real_rows, tl.max(tl.abs(x), axis=1), 0.0)
+    amax = tl.max(tl.max(tl.reshape(row_amax, [G1, R1, G2, R2]), axis=3), axis=1)  # [G1, G2]
     if PER_THREAD:
         scale = tl.div_rn(amax, 127.0) + 1e-7
-        values = _round_half_away(_divide_rows(x, scale, tl.div_rn(1.0, scale)))
+        multiplier = tl.div_rn(1.0, scale)
     else:
         amax = tl.maximum(amax, 1e-7)
         scale = tl.div_rn(amax, 127.0)
-        values = _round_half_even(x * (tl.div_rn(1.0, amax) * 127.0)[:, None])
+        multiplier = tl.div_rn(1.0, amax) * 127.0
+    rows_n: tl.constexpr = G1 * R1 * G2 * R2
+    row_scale = tl.reshape(tl.broadcast_to(scale[:, None, :, None], [G1, R1, G2, R2]), [rows_n])
+    row_multiplier = tl.reshape(tl.broadcast_to(multiplier[:, None, :, None], [G1, R1, G2, R2]), [rows_n])
+    if PER_THREAD:
+        values = _round_half_away(_divide_rows(x, row_scale, row_multiplier))
+    else:
+        values = _round_half_even(x * row_multiplier[:, None])
     # |x| <= amax keeps every code within [-127, 127] (the reference's clamp never binds for
     # finite inputs), so the int8 is the int32's low byte: no clamp (~4 instructions an element).
-    return values.to(tl.int8), scale
+    return values.to(tl.int8), tl.reshape(scale, [G1 * G2])
 
 
 @triton.jit
@@ -135,7 +139,7 @@ def _tile_offsets(batch, head, rows, cols, stride_b, stride_h, stride_s):
 def _quantize_int8_tile(X, KM, X8, XS, batch, head, tile, seq, head_dim, num_heads, n_groups,
                         stride_xb, stride_xh, stride_xs, stride_8b, stride_8h, stride_8s,
                         D: tl.constexpr, IS_KEY: tl.constexpr, PER_THREAD: tl.constexpr,
-                        SMOOTH: tl.constexpr, N_GROUPS: tl.constexpr, PDL: tl.constexpr):
+                        SMOOTH: tl.constexpr, GROUP_SHAPE: tl.constexpr, PDL: tl.constexpr):
     """int8 payload and group scales of TILE_ROWS tokens of one (batch, head) of Q or K."""
     rows = tile * TILE_ROWS + tl.arange(0, TILE_ROWS)
     cols = tl.arange(0, D)
@@ -151,15 +155,14 @@ def _quantize_int8_tile(X, KM, X8, XS, batch, head, tile, seq, head_dim, num_hea
         else:
             xf = xf - km[None, :]
     if IS_KEY:
-        row_groups = k_group(rows, PER_THREAD)
         first_group = k_group(tile * TILE_ROWS, PER_THREAD)
     else:
-        row_groups = q_group(rows, PER_THREAD)
         first_group = q_group(tile * TILE_ROWS, PER_THREAD)
-    values, scale = _quantize_group_rows(xf, row_groups, first_group, in_seq, N_GROUPS, PER_THREAD)
+    values, scale = _quantize_group_rows(xf, in_seq, GROUP_SHAPE, PER_THREAD)
     tl.store(X8 + _tile_offsets(batch, head, rows, cols, stride_8b, stride_8h, stride_8s), values,
              mask=in_seq[:, None])
-    tl.store(XS + (batch * num_heads + head).to(tl.int64) * n_groups + row_groups, scale)
+    tl.store(XS + (batch * num_heads + head).to(tl.int64) * n_groups + first_group + tl.arange(0, scale.shape[0]),
+             scale)
 
 
 @triton.jit
@@ -332,7 +335,7 @@ def _quantize_kernel(Q, K, V, KM, Q8, QS, K8, KS, VMEAN, INV, PRESCALE, V8,
                      stride_k8b, stride_k8h, stride_k8s, stride_v8b, stride_v8h, stride_v8d,
                      D: tl.constexpr, PER_THREAD: tl.constexpr, DO_Q: tl.constexpr,
                      DO_K: tl.constexpr, DO_V: tl.constexpr, SMOOTH_K: tl.constexpr,
-                     SMOOTH_V: tl.constexpr, Q_TILE_GROUPS: tl.constexpr, K_TILE_GROUPS: tl.constexpr,
+                     SMOOTH_V: tl.constexpr, Q_GROUP_SHAPE: tl.constexpr, K_GROUP_SHAPE: tl.constexpr,
                      V_KERNEL_ORDER: tl.constexpr, PDL: tl.constexpr, PTX_CAST: tl.constexpr):
     """Pass 3: one tile per program; along grid axis 1 the Q heads (DO_Q), then the K heads (DO_K),
     then the V heads (DO_V), so a program holds one tensor's tile (fewer registers, more programs
@@ -345,12 +348,12 @@ def _quantize_kernel(Q, K, V, KM, Q8, QS, K8, KS, VMEAN, INV, PRESCALE, V8,
         if tile < q_tiles:
             _quantize_int8_tile(Q, KM, Q8, QS, batch, head, tile, seq_q, head_dim, q_heads, q_groups,
                                 stride_qb, stride_qh, stride_qs, stride_q8b, stride_q8h, stride_q8s,
-                                D, False, PER_THREAD, False, Q_TILE_GROUPS, PDL)
+                                D, False, PER_THREAD, False, Q_GROUP_SHAPE, PDL)
     elif tile * TILE_ROWS < seq_k:
         if head < first_v:
             _quantize_int8_tile(K, KM, K8, KS, batch, head - first_k, tile, seq_k, head_dim, kv_heads,
                                 k_groups, stride_kb, stride_kh, stride_ks, stride_k8b, stride_k8h,
-                                stride_k8s, D, True, PER_THREAD, SMOOTH_K, K_TILE_GROUPS, PDL)
+                                stride_k8s, D, True, PER_THREAD, SMOOTH_K, K_GROUP_SHAPE, PDL)
         else:
             _quantize_fp8_tile(V, VMEAN, INV, PRESCALE, V8, batch, head - first_v, tile, seq_k, head_dim,
                                kv_heads, stride_vb, stride_vh, stride_vs, stride_v8b, stride_v8h,
@@ -439,7 +442,7 @@ def quantize_qkv(q, k, v, *, granularity, smooth_k: bool, km=None, pv_accum=None
         *_strides(arg(k8)), *_strides(arg(v8)),
         D=padded, PER_THREAD=per_thread, DO_Q=q is not None, DO_K=q is not None,
         DO_V=v is not None, SMOOTH_K=km is not None, SMOOTH_V=smooth_v,
-        Q_TILE_GROUPS=_TILE_GROUPS[per_thread][0], K_TILE_GROUPS=_TILE_GROUPS[per_thread][1],
+        Q_GROUP_SHAPE=_GROUP_SHAPES[per_thread][0], K_GROUP_SHAPE=_GROUP_SHAPES[per_thread][1],
         V_KERNEL_ORDER=v_kernel_order, PDL=pdl, PTX_CAST=e4m3_cast_in_ptx(device), num_warps=QUANT_WARPS,
         launch_pdl=pdl and with_stats,
         enable_fp_fusion=False)  # per_warp rounds x·(127/amax) as the reference does, not by an FMA
