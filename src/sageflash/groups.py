@@ -76,9 +76,9 @@ def v_kernel_token(p):
 
 
 def groups_per_tile(rule, rows: int, per_thread: bool) -> int:
-    """Scale groups that ``rows`` tokens from a multiple of ``rows`` span (``rule``: `q_group` or
-    `k_group`, ``rows`` a multiple of 64): consecutive ids from ``rule(first token)``."""
-    return rule(rows - 1, per_thread) - rule(0, per_thread) + 1
+    """Scale groups that ``rows`` tokens from a multiple of ``rows`` hold (G1·G2 of `group_shape`)."""
+    g1, _, g2, _ = group_shape(rule, rows, per_thread)
+    return g1 * g2
 
 
 def group_shape(rule, rows: int, per_thread: bool) -> tuple[int, int, int, int]:

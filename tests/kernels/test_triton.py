@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import sageflash
 from conftest import HAS_CUDA, nmse
 from sageflash import dumps, kernels, reference
+from sageflash.kernels import quant
 from sageflash.params import resolve_params
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -40,6 +43,46 @@ def assert_fp8_close(out, ref):
 
 def assert_scales_close(out, ref):
     torch.testing.assert_close(out.cpu(), ref.cpu(), rtol=1e-6, atol=0)
+
+
+@triton.jit
+def _per_thread_code_misses(AMAX, X, MISSES, n_x, BLOCK: tl.constexpr):
+    """Per amax: how many x with |x| <= amax get another per_thread code from `quant._per_thread_codes`
+    than from an IEEE division, and how many x were checked."""
+    amax = tl.load(AMAX + tl.program_id(0))
+    scale = tl.zeros([1], tl.float32) + quant._per_thread_scale(amax)
+    misses = tl.zeros([1, BLOCK], tl.int32)
+    checked = tl.zeros([1, BLOCK], tl.int32)
+    for start in range(0, n_x, BLOCK):
+        offsets = start + tl.arange(0, BLOCK)[None, :]
+        x = tl.load(X + offsets, mask=offsets < n_x, other=0.0)
+        valid = (offsets < n_x) & (tl.abs(x) <= amax)
+        codes = quant._per_thread_codes(x, scale, tl.div_rn(1.0, scale))
+        exact = quant._round_half_away(tl.div_rn(x, scale[:, None]))
+        misses += (valid & (codes != exact)).to(tl.int32)
+        checked += valid.to(tl.int32)
+    first = tl.zeros([1], tl.int32)
+    tl.atomic_add(MISSES + first, tl.sum(misses, axis=1).to(tl.int64))
+    tl.atomic_add(MISSES + first + 1, tl.sum(checked, axis=1).to(tl.int64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_per_thread_codes_are_those_of_an_ieee_division_for_every_16_bit_input(dtype):
+    """`quant._per_thread_codes` divides with one Markstein correction, not two: its codes must be
+    those of x / scale correctly rounded for every x the quantizer can see (every finite fp16 or
+    bf16 value, per_thread K centred in the input dtype) and every group amax >= |x| (a 16-bit
+    value too). On a GPU all of them (~1e9 pairs per dtype); in the interpreter every 1000th amax."""
+    every = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16).view(DTYPES[dtype]).float()
+    values = every[torch.isfinite(every)]
+    amaxes = values[values > 0].unique()
+    if not HAS_CUDA:
+        amaxes = amaxes[::1000].contiguous()
+    misses = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    _per_thread_code_misses[(amaxes.numel(),)](amaxes.to(DEVICE), values.to(DEVICE), misses, values.numel(),
+                                               BLOCK=1024, enable_fp_fusion=False)
+    missed, checked = misses.tolist()
+    assert missed == 0
+    assert checked == sum(int((values.abs() <= a).sum()) for a in amaxes) if not HAS_CUDA else checked > 10 ** 9
 
 
 @pytest.mark.parametrize("granularity", ["per_warp", "per_thread"])
