@@ -83,11 +83,13 @@ def compile_v_quantizer(capability: int, *, head_dim: int = 128):
     """Compile the quantization kernel's V tiles (`quant._quantize_kernel` with V only, in the
     attention kernel's token order) for ``sm_<capability>``; returns Triton's kernel."""
     pdl = capability >= PDL_MIN_CAPABILITY
+    q_shape, k_shape = quant._GROUP_SHAPES[True]
     constants = dict(D=groups.padded_head_dim(head_dim), PER_THREAD=True, DO_Q=False, DO_K=False, DO_V=True,
-                     SMOOTH_K=False, SMOOTH_V=False, Q_GROUP_SHAPE=(1, 1, 1, 64), K_GROUP_SHAPE=(1, 1, 1, 64), V_KERNEL_ORDER=True,
-                     PDL=pdl, PTX_CAST=capability < TRITON_E4M3_CAST_MIN_CAPABILITY)
+                     SMOOTH_K=False, SMOOTH_V=False, Q_GROUP_SHAPE=q_shape, K_GROUP_SHAPE=k_shape,
+                     V_KERNEL_ORDER=True, PDL=pdl, PTX_CAST=capability < TRITON_E4M3_CAST_MIN_CAPABILITY)
     inputs = {name: "*fp16" for name in ("Q", "K", "V", "KM")}
-    signature, attrs = _signature(quant._quantize_kernel, constants, {**inputs, "VMEAN": "*fp32", "INV": "*fp32", "PRESCALE": "*fp32"})
+    scales = {name: "*fp32" for name in ("VMEAN", "INV", "PRESCALE")}
+    signature, attrs = _signature(quant._quantize_kernel, constants, {**inputs, **scales})
     source = ASTSource(quant._quantize_kernel, signature, constexprs=constants, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", capability, 32),
                           options={"num_warps": quant.QUANT_WARPS, "launch_pdl": pdl, "enable_fp_fusion": False})
