@@ -7,12 +7,15 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import functools
+import gc
 import importlib.util
 import io
 import itertools
 import json
 import random
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -280,3 +283,51 @@ def test_sweep_candidates_name_their_launch_in_full():
             assert isinstance(launch, LaunchConfig) and launch.keys in (64, 128) and launch.num_stages >= 2
             if change is not None:
                 assert {"tma", "max_registers"} <= change.keys(), name
+
+
+class _FakeStream:
+    def wait_stream(self, other):
+        pass
+
+
+class _FakeGraph:
+    """Stands in for ``torch.cuda.CUDAGraph``, which holds addresses, not tensors."""
+
+    def replay(self):
+        pass
+
+
+def test_a_captured_call_keeps_what_its_graph_reads_alive(monkeypatch):
+    """`bench.captured`'s replay must hold the captured call: a CUDA graph reads the tensors that
+    call holds at their captured addresses, and in the kernel mode nothing else holds the payloads
+    (they were freed when the builder returned, leaving the graph to read reused memory)."""
+    @contextlib.contextmanager
+    def fake_capture(graph):
+        yield
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", fake_capture)
+    payload = torch.randn(64)
+    alive = weakref.ref(payload)
+    call = functools.partial(torch.mul, payload, 2.0)
+    replay = bench.captured(call, torch.device("cuda"))
+    del payload, call
+    gc.collect()
+    assert alive() is not None
+    replay()
+
+
+@pytest.mark.gpu
+def test_a_captured_payload_outlives_its_builder():
+    """On a GPU: the replay gives the captured call's result after every other reference is gone."""
+    x = torch.randn(4096, device="cuda")
+    alive = weakref.ref(x)
+    replay = bench.captured(functools.partial(torch.mul, x, 3.0), x.device)
+    expected = x * 3.0
+    del x
+    gc.collect()
+    assert alive() is not None
+    torch.testing.assert_close(replay(), expected)

@@ -129,7 +129,9 @@ def _sageflash_backend(device: torch.device) -> str:
 
 def captured(fn: Callable, device: torch.device) -> Callable:
     """``fn`` captured in a CUDA graph (after warm-up calls on a side stream, as capture requires);
-    returns a call that replays it and gives the captured output."""
+    returns a call that replays it and gives the captured output. The replay holds ``fn``: the graph
+    reads the tensors ``fn`` holds at their captured addresses (the kernel mode's payloads, which
+    nothing else keeps), so they must live as long as it does."""
     if device.type != "cuda":
         raise ProviderSkipped("skipped: graph mode needs a CUDA device")
     side = torch.cuda.Stream(device)
@@ -145,6 +147,7 @@ def captured(fn: Callable, device: torch.device) -> Callable:
     def replay():
         graph.replay()
         return out
+    replay.captured_call = fn
     return replay
 
 
