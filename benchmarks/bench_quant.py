@@ -6,11 +6,12 @@
 
 Per shape and granularity, Q, K and V are quantized as the op does (smooth_k on, fp32+fp16's V
 scale, V's tokens in the kernel's order). ``graph_us`` replays the pass from a CUDA graph (GPU
-time only), ``eager_us`` calls it (host time included when the host is slower); both are `triton.testing.do_bench` medians with the
-L2 flushed. ``GB/s`` counts the pass's compulsory traffic: Q, K and V read twice where statistics
-are needed (K and V) and once for Q, the payloads written once. With ``--baseline PATH`` (a
-quant.py, e.g. from ``git show REV:src/sageflash/kernels/quant.py``) each shape also runs that
-module, checks its payloads are bit-identical and reports the time ratio new / baseline.
+time only), ``eager_us`` calls it (host time included when the host is slower); both are
+`triton.testing.do_bench` medians with the L2 flushed. ``GB/s`` counts the pass's compulsory
+traffic: Q, K and V read twice where statistics are needed (K and V) and once for Q, the payloads
+written once. With ``--baseline PATH`` (a quant.py, e.g. from ``git show
+REV:src/sageflash/kernels/quant.py``) each shape also runs that module, checks its payloads are
+bit-identical and reports the time ratio new / baseline.
 """
 
 from __future__ import annotations
