@@ -15,6 +15,7 @@ import itertools
 import json
 import random
 import sys
+import time
 import weakref
 from pathlib import Path
 
@@ -208,6 +209,72 @@ def test_rounds_go_round_robin_and_report_the_median(monkeypatch):
     assert rows[1].vs_baseline == pytest.approx(0.1) and budgets == [1.0] * 6
 
 
+def test_a_long_call_is_timed_at_least_min_timed_calls_times(monkeypatch):
+    """A call longer than the budget still gets one warm-up call and MIN_TIMED_CALLS timed ones
+    (before, a 100 ms call in a round's 33 ms budget was one sample, so one clock drop decided it)."""
+    calls = []
+
+    def slow():
+        calls.append(None)
+        time.sleep(0.004)
+    ms = bench.time_ms(slow, warmup=0.1, rep=1.0, device=torch.device("cpu"))
+    assert 4 <= ms < 40 and len(calls) >= 3 + bench.MIN_TIMED_CALLS
+
+
+def test_on_a_gpu_the_budgets_given_to_do_bench_cover_min_timed_calls(monkeypatch):
+    """do_bench turns budgets into call counts with its own estimate, which adds an L2 flush per
+    call: the budgets handed to it hold a warm-up call and MIN_TIMED_CALLS + 1 calls of 40 ms."""
+    import triton.testing
+
+    class FakeEvent:
+        def __init__(self, enable_timing):
+            pass
+        record = synchronize = lambda self: None
+        elapsed_time = lambda self, end: 40.0  # noqa: E731
+    budgets = []
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep, return_mode: budgets.append(
+        (warmup, rep, return_mode)) or 41.0)
+    assert bench.time_ms(lambda: None, warmup=25, rep=100, device=torch.device("cuda")) == 41.0
+    assert budgets == [(40.0, 40.0 * (bench.MIN_TIMED_CALLS + 1), "median")]
+
+
+def test_telemetry_reports_each_rows_median_clock_and_power(monkeypatch, tmp_path, capsys):
+    """With --telemetry each row carries the median of the clock and power read while it was timed
+    (not while another run was), in the table and the JSON."""
+    clocks = {"sdpa-flash": 1980, "sageflash": 1755}
+    running = []
+
+    def fake_time_run(provider, knobs, mode, inputs, shape, settings, device, memory):
+        running.append(provider.name)
+        time.sleep(0.12)  # two or three samples, then one at the end
+        return 1.0, None
+    monkeypatch.setattr(bench, "time_run", fake_time_run)
+    monkeypatch.setattr(torch.cuda, "clock_rate", lambda device: clocks[running[-1]])
+    monkeypatch.setattr(torch.cuda, "power_draw", lambda device: {"sdpa-flash": 690_000, "sageflash": 650_500}[running[-1]])
+    settings = bench.settings_from_args(parse([*TINY, "--rounds", "2", "--causal", "off", "--modes", "e2e",
+                                               "--providers", "sageflash,sdpa-flash", "--baseline", "sdpa-flash",
+                                               "--telemetry"]), torch.device("cpu"))
+    rows = bench.run_shape(bench.Shape(1, 2, 2, 128, 64, False), None, settings, torch.device("cpu"))
+    assert [(r.provider, r.sm_mhz, r.watts) for r in rows] == [("sdpa-flash", 1980, 690.0),
+                                                                ("sageflash", 1755, 650.5)]
+    line = bench.format_row(rows[1], "sdpa-flash", telemetry=True)
+    assert line.split()[-2:] == ["1755", "650"]
+    assert bench.format_header("sdpa-flash", telemetry=True).split()[-2:] == ["MHz", "W"]
+    assert "MHz" not in bench.format_header("sdpa-flash")
+
+
+def test_telemetry_without_nvml_is_a_clear_error(no_cuda, monkeypatch, capsys):
+    assert bench.run(parse([*TINY, "--allow-cpu", "--telemetry"])) == 2
+    assert "--telemetry needs a CUDA GPU" in capsys.readouterr().err
+
+    def no_nvml(device):
+        raise ModuleNotFoundError("nvidia-ml-py does not seem to be installed")
+    monkeypatch.setattr(torch.cuda, "clock_rate", no_nvml)
+    reason = bench.Telemetry.unavailable_reason(torch.device("cuda"))
+    assert "NVML" in reason and "nvidia-ml-py" in reason
+
+
 def test_rounds_must_be_positive():
     with pytest.raises(ValueError, match="--rounds must be >= 1"):
         bench.settings_from_args(parse(["--rounds", "0"]), torch.device("cuda"))
@@ -331,3 +398,17 @@ def test_a_captured_payload_outlives_its_builder():
     gc.collect()
     assert alive() is not None
     torch.testing.assert_close(replay(), expected)
+
+
+@pytest.mark.gpu
+def test_telemetry_reads_the_gpus_clock_and_power():
+    device = torch.device("cuda")
+    if reason := bench.Telemetry.unavailable_reason(device):
+        pytest.skip(f"--telemetry {reason}")
+    x = torch.randn(4096, 4096, device=device)
+    with bench.Telemetry(device) as telemetry:
+        for _ in range(200):
+            x = torch.tanh(x @ x)
+        torch.cuda.synchronize()
+    assert len(telemetry.samples) >= 2
+    assert all(200 <= mhz <= 4000 and 20 <= watts <= 2000 for mhz, watts in telemetry.samples)

@@ -2,9 +2,10 @@
 
 TOPS = 4·B·H·S²·D / time, halved when causal (H = query heads), counted for every provider the
 same way (`attention_flops`). Each (shape, provider, knobs, mode) is timed with
-`triton.testing.do_bench` (CUDA events, 256 MB L2 flush before every run) after warm-up, in
-``--rounds`` rounds that go round robin over the shape's runs, and reports the median (`run_shape`
-says why); the peak extra GPU memory of one call is measured on top of the inputs already allocated.
+`triton.testing.do_bench` (CUDA events, 256 MB L2 flush before every run) after warm-up, at least
+`MIN_TIMED_CALLS` times, in ``--rounds`` rounds that go round robin over the shape's runs, and
+reports the median (`run_shape` says why); the peak extra GPU memory of one call is measured on top
+of the inputs already allocated; ``--telemetry`` adds the SM clock and board power (`Telemetry`).
 
 Modes: ``e2e`` is what a user sees (quantization included); ``kernel`` quantizes once outside the
 timed region and times the attention kernel on the payloads, replayed from a CUDA graph on a GPU
@@ -17,6 +18,7 @@ step (SDPA, the official SageAttention call) have one timing, labelled ``e2e``, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -27,6 +29,7 @@ import json
 import platform
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -102,6 +105,8 @@ class Result:
     vs_baseline: float | None = None  # baseline time / this time, same shape: > 1 is faster
     peak_mib: float | None = None
     x_qkv: float | None = None  # peak extra memory / bytes of q + k + v
+    sm_mhz: float | None = None  # with --telemetry: median SM clock while timed (`Telemetry`)
+    watts: float | None = None  # with --telemetry: median board power while timed
     error: str | None = None
 
     def as_row(self) -> dict:
@@ -247,29 +252,49 @@ DEFAULT_PROVIDERS = ["sageflash", "sdpa-flash", "sdpa-cudnn", "sageattention", "
 # Timing and memory
 
 
+MIN_TIMED_CALLS = 5  # per round, however long a call (a 100 ms call in a 33 ms budget had one sample)
+
+
 def time_ms(fn: Callable, warmup: float, rep: float, device: torch.device) -> float:
-    """Median milliseconds of ``fn``; ``warmup``/``rep`` are time budgets in ms, as in do_bench."""
+    """Median milliseconds of ``fn``; ``warmup``/``rep`` are time budgets in ms, as in do_bench,
+    raised so that at least one warm-up call and `MIN_TIMED_CALLS` timed calls run."""
+    call_ms = _one_call_ms(fn, device)
+    # do_bench divides the budget by its own estimate, which adds the L2 flush before each call:
+    # one call's worth of margin keeps MIN_TIMED_CALLS wherever the budget had to be raised.
+    warmup, rep = max(warmup, call_ms), max(rep, (MIN_TIMED_CALLS + 1) * call_ms)
     if device.type == "cuda":
         import triton.testing
         return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
-    fn()
-    start = time.perf_counter()
-    fn()
-    estimate_ms = max((time.perf_counter() - start) * 1e3, 1e-6)
-    for _ in range(max(1, int(warmup / estimate_ms))):
+    for _ in range(int(warmup / call_ms)):
         fn()
     times = []
-    for _ in range(max(1, int(rep / estimate_ms))):
+    for _ in range(int(rep / call_ms)):
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
 
+def _one_call_ms(fn: Callable, device: torch.device) -> float:
+    """The time of one call after a first (which compiles, or records a replay), unflushed."""
+    fn()
+    if device.type == "cuda":
+        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return max(start.elapsed_time(end), 1e-6)
+    start = time.perf_counter()
+    fn()
+    return max((time.perf_counter() - start) * 1e3, 1e-6)
+
+
 def timer_description(device: torch.device) -> str:
     if device.type == "cuda":
-        return "triton.testing.do_bench median (CUDA events, L2 flushed before each run)"
-    return "time.perf_counter median (CPU, no cache flush)"
+        return (f"triton.testing.do_bench median (CUDA events, L2 flushed before each run), "
+                f">= {MIN_TIMED_CALLS} timed calls per round")
+    return f"time.perf_counter median (CPU, no cache flush), >= {MIN_TIMED_CALLS} timed calls per round"
 
 
 def peak_extra_bytes(fn: Callable, device: torch.device) -> int | None:
@@ -284,6 +309,52 @@ def peak_extra_bytes(fn: Callable, device: torch.device) -> int | None:
     peak = torch.cuda.max_memory_allocated(device) - before
     del out
     return peak
+
+
+class Telemetry:
+    """The GPU's SM clock (MHz) and board power (W) while a run is timed: NVML readings
+    (`torch.cuda.clock_rate` / `power_draw`, which need nvidia-ml-py) every `SAMPLE_S` from a
+    thread, one more at the end. An H200 under sustained tensor work holds its 700 W cap by
+    lowering its clock, from 1980 MHz to 1500-1800 depending on the kernel (cuDNN's fp16 kernel
+    lower than sageflash's, NOTES v22), so the clock says how much of a ratio is the power cap.
+    NVML averages each reading over its own period (1/6 s to 1 s): a row timed for less mostly
+    shows the runs before it."""
+
+    SAMPLE_S = 0.05
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample_until_stopped, daemon=True)
+
+    @staticmethod
+    def unavailable_reason(device: torch.device) -> str | None:
+        """Why the clock and power cannot be read on ``device``, or None when they can."""
+        if device.type != "cuda":
+            return "needs a CUDA GPU"
+        try:
+            torch.cuda.clock_rate(device)
+            torch.cuda.power_draw(device)
+        except Exception as exc:  # no nvidia-ml-py, or NVML refused (e.g. a virtualised GPU)
+            return f"cannot read the GPU's clock and power through NVML ({short_error(exc)})"
+        return None
+
+    def read(self) -> tuple[float, float]:
+        return float(torch.cuda.clock_rate(self.device)), torch.cuda.power_draw(self.device) / 1e3
+
+    def _sample_until_stopped(self):
+        while not self._stop.wait(self.SAMPLE_S):
+            self.samples.append(self.read())
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self._stop.set()
+        self._thread.join()
+        self.samples.append(self.read())
 
 
 def short_error(exc: BaseException) -> str:
@@ -314,6 +385,7 @@ class Settings:
     rep: float  # timed budget per run, shared by its rounds
     rounds: int
     seed: int
+    telemetry: bool = False  # sample the SM clock and board power while timing (`Telemetry`)
 
     def runs(self):
         """(provider, knobs or None, mode) in run order."""
@@ -354,26 +426,33 @@ def run_shape(shape: Shape, inputs, settings: Settings, device: torch.device) ->
     results = [Result(shape, settings.dtype, provider.name, knobs.label if knobs else "", mode)
                for provider, knobs, mode in runs]
     samples = [[] for _ in runs]
+    readings = [[] for _ in runs]  # (MHz, W) with --telemetry
     for round_index in range(settings.rounds):
-        for (provider, knobs, mode), result, times in zip(runs, results, samples):
+        for (provider, knobs, mode), result, times, read in zip(runs, results, samples, readings):
             if result.error is not None:
                 continue
             try:
-                ms, peak = time_run(provider, knobs, mode, inputs, shape, settings, device, memory=round_index == 0)
+                with Telemetry(device) if settings.telemetry else contextlib.nullcontext() as telemetry:
+                    ms, peak = time_run(provider, knobs, mode, inputs, shape, settings, device,
+                                        memory=round_index == 0)
             except Exception as exc:
                 result.error = short_error(exc)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()  # after an OOM, give the next provider a clean pool
                 continue
             times.append(ms)
+            if telemetry is not None:
+                read += telemetry.samples
             if peak is not None:
                 result.peak_mib = peak / MIB
                 result.x_qkv = peak / sum(t.numel() * t.element_size() for t in inputs)
     baseline_ms = next((statistics.median(times) for result, times in zip(results, samples)
                         if result.provider == settings.baseline and result.error is None), None)
-    for result, times in zip(results, samples):
+    for result, times, read in zip(results, samples, readings):
         if result.error is None:
             result.ms = statistics.median(times)
+            if read:
+                result.sm_mhz, result.watts = (statistics.median(values) for values in zip(*read))
             result.tops = tops(shape, result.ms)
             if baseline_ms is not None:
                 result.vs_baseline = baseline_ms / result.ms
@@ -402,8 +481,8 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def table_columns(baseline: str):
-    """(header, width, cell) for every column of the stdout table."""
+def table_columns(baseline: str, telemetry: bool = False):
+    """(header, width, cell) for every column of the stdout table; the clock and power with ``telemetry``."""
     return [
         ("B", 3, lambda r: str(r.shape.batch)),
         ("H", 4, lambda r: str(r.shape.heads)),
@@ -419,27 +498,25 @@ def table_columns(baseline: str):
         (f"vs {baseline}", max(6, len(baseline) + 3), lambda r: _fmt(r.vs_baseline, ".2f")),
         ("peak MiB", 9, lambda r: _fmt(r.peak_mib, ".1f")),
         ("xQKV", 6, lambda r: _fmt(r.x_qkv, ".2f")),
+        *([("MHz", 5, lambda r: _fmt(r.sm_mhz, ".0f")), ("W", 4, lambda r: _fmt(r.watts, ".0f"))]
+          if telemetry else []),
     ]
 
 
 _MEASURED_FROM = 9  # columns from "ms" on: replaced by the error text on a failed row
 
 
-def format_header(baseline: str) -> str:
-    return "  ".join(f"{h:>{w}}" for h, w, _ in table_columns(baseline)).rstrip()
+def format_header(baseline: str, telemetry: bool = False) -> str:
+    return "  ".join(f"{h:>{w}}" for h, w, _ in table_columns(baseline, telemetry)).rstrip()
 
 
-def format_row(result: Result, baseline: str) -> str:
-    columns = table_columns(baseline)
+def format_row(result: Result, baseline: str, telemetry: bool = False) -> str:
+    columns = table_columns(baseline, telemetry)
     cells = [f"{cell(result):>{w}}" for _, w, cell in columns[:_MEASURED_FROM]]
     if result.error is not None:
         return "  ".join([*cells, result.error])
     cells += [f"{cell(result):>{w}}" for _, w, cell in columns[_MEASURED_FROM:]]
     return "  ".join(cells)
-
-
-def format_table(results: list[Result], baseline: str) -> str:
-    return "\n".join([format_header(baseline), *(format_row(r, baseline) for r in results)])
 
 
 def environment(device: torch.device, settings: Settings) -> dict:
@@ -608,6 +685,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "report the median: spreads a power-capped GPU's clock drops over every "
                              "provider (default 3)")
     timing.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    timing.add_argument("--telemetry", action="store_true",
+                        help="also report each row's median SM clock (MHz) and board power (W), read through "
+                             "NVML (needs nvidia-ml-py): how far a power cap lowered the clock")
     timing.add_argument("--json", metavar="PATH", help="write meta + rows as JSON")
     timing.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
     timing.add_argument("--plot", metavar="PATH.png", help="plot TOPS against S (needs matplotlib)")
@@ -649,7 +729,7 @@ def settings_from_args(args: argparse.Namespace, device: torch.device) -> Settin
                     head_dims=head_dims or preset["head_dim"], seqs=seqs or preset["seq"],
                     causals=causals, providers=providers, modes=_flatten(args.modes) or list(DEFAULT_MODES),
                     knobs=knobs, baseline=baseline, dtype=args.dtype, warmup=args.warmup, rep=args.rep,
-                    rounds=args.rounds, seed=args.seed)
+                    rounds=args.rounds, seed=args.seed, telemetry=args.telemetry)
 
 
 def resolved_knobs(pv_accum, granularity, smooth_k: bool) -> Knobs:
@@ -679,6 +759,8 @@ def run(args: argparse.Namespace) -> int:
             import matplotlib  # noqa: F401  (checked before a long run, used at its end)
         except ImportError:
             return _fail("--plot needs matplotlib: pip install matplotlib (or 'sageflash[plot]')")
+    if args.telemetry and (reason := Telemetry.unavailable_reason(device)):
+        return _fail(f"--telemetry {reason}")
     try:
         settings = settings_from_args(args, device)
     except ValueError as exc:
@@ -686,8 +768,9 @@ def run(args: argparse.Namespace) -> int:
 
     meta = environment(device, settings)
     print(preamble(meta, settings.baseline))
-    print(format_header(settings.baseline), flush=True)
-    results = run_benchmarks(settings, device, lambda r: print(format_row(r, settings.baseline), flush=True))
+    print(format_header(settings.baseline, settings.telemetry), flush=True)
+    results = run_benchmarks(settings, device, lambda r: print(format_row(r, settings.baseline, settings.telemetry),
+                                                               flush=True))
     if args.json:
         write_json(args.json, meta, results)
     if args.csv:
