@@ -255,13 +255,20 @@ DEFAULT_PROVIDERS = ["sageflash", "sdpa-flash", "sdpa-cudnn", "sageattention", "
 MIN_TIMED_CALLS = 5  # per round, however long a call (a 100 ms call in a 33 ms budget had one sample)
 
 
-def time_ms(fn: Callable, warmup: float, rep: float, device: torch.device) -> float:
+def time_ms(fn: Callable, warmup: float, rep: float, device: torch.device,
+            telemetry: Telemetry | None = None) -> float:
     """Median milliseconds of ``fn``; ``warmup``/``rep`` are time budgets in ms, as in do_bench,
-    raised so that at least one warm-up call and `MIN_TIMED_CALLS` timed calls run."""
+    raised so that at least one warm-up call and `MIN_TIMED_CALLS` timed calls run. ``telemetry``
+    samples the warm-up and timed calls only, not the first calls (a compile leaves the GPU idle)."""
     call_ms = _one_call_ms(fn, device)
     # do_bench divides the budget by its own estimate, which adds the L2 flush before each call:
     # one call's worth of margin keeps MIN_TIMED_CALLS wherever the budget had to be raised.
     warmup, rep = max(warmup, call_ms), max(rep, (MIN_TIMED_CALLS + 1) * call_ms)
+    with telemetry or contextlib.nullcontext():
+        return _timed_median_ms(fn, warmup, rep, call_ms, device)
+
+
+def _timed_median_ms(fn: Callable, warmup: float, rep: float, call_ms: float, device: torch.device) -> float:
     if device.type == "cuda":
         import triton.testing
         return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
@@ -405,13 +412,13 @@ def make_inputs(settings: Settings, seq: int, head_dim: int, device: torch.devic
 
 
 def time_run(provider: Provider, knobs: Knobs | None, mode: str, inputs, shape: Shape, settings: Settings,
-             device: torch.device, memory: bool) -> tuple[float, int | None]:
+             device: torch.device, memory: bool, telemetry: Telemetry | None = None) -> tuple[float, int | None]:
     """One round of one (provider, knobs, mode) on one shape: (median ms, peak extra bytes when
     ``memory``; the graph and kernel modes replay a CUDA graph, which allocates nothing: the
     memory of a call is the e2e row's)."""
     q, k, v = inputs
     fn = provider.build(q, k, v, shape.causal, knobs, mode)
-    ms = time_ms(fn, settings.warmup, settings.rep / settings.rounds, device)
+    ms = time_ms(fn, settings.warmup, settings.rep / settings.rounds, device, telemetry)
     return ms, peak_extra_bytes(fn, device) if memory and mode == "e2e" else None
 
 
@@ -431,10 +438,10 @@ def run_shape(shape: Shape, inputs, settings: Settings, device: torch.device) ->
         for (provider, knobs, mode), result, times, read in zip(runs, results, samples, readings):
             if result.error is not None:
                 continue
+            telemetry = Telemetry(device) if settings.telemetry else None
             try:
-                with Telemetry(device) if settings.telemetry else contextlib.nullcontext() as telemetry:
-                    ms, peak = time_run(provider, knobs, mode, inputs, shape, settings, device,
-                                        memory=round_index == 0)
+                ms, peak = time_run(provider, knobs, mode, inputs, shape, settings, device,
+                                    memory=round_index == 0, telemetry=telemetry)
             except Exception as exc:
                 result.error = short_error(exc)
                 if device.type == "cuda":
