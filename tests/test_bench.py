@@ -209,7 +209,7 @@ def test_rounds_go_round_robin_and_report_the_median(monkeypatch):
     assert rows[1].vs_baseline == pytest.approx(0.1) and budgets == [1.0] * 6
 
 
-def test_a_long_call_is_timed_at_least_min_timed_calls_times(monkeypatch):
+def test_a_long_call_is_timed_at_least_min_timed_calls_times():
     """A call longer than the budget still gets one warm-up call and MIN_TIMED_CALLS timed ones
     (before, a 100 ms call in a round's 33 ms budget was one sample, so one clock drop decided it)."""
     calls = []
@@ -239,7 +239,7 @@ def test_on_a_gpu_the_budgets_given_to_do_bench_cover_min_timed_calls(monkeypatc
     assert budgets == [(40.0, 40.0 * (bench.MIN_TIMED_CALLS + 1), "median")]
 
 
-def test_telemetry_reports_each_rows_median_clock_and_power(monkeypatch, tmp_path, capsys):
+def test_telemetry_reports_each_rows_median_clock_and_power(monkeypatch):
     """With --telemetry each row carries the median of the clock and power read while it was timed
     (not while another run was), in the table and the JSON."""
     clocks = {"sdpa-flash": 1980, "sageflash": 1755}
@@ -259,6 +259,7 @@ def test_telemetry_reports_each_rows_median_clock_and_power(monkeypatch, tmp_pat
     rows = bench.run_shape(bench.Shape(1, 2, 2, 128, 64, False), None, settings, torch.device("cpu"))
     assert [(r.provider, r.sm_mhz, r.watts) for r in rows] == [("sdpa-flash", 1980, 690.0),
                                                                 ("sageflash", 1755, 650.5)]
+    assert {k: rows[1].as_row()[k] for k in ("sm_mhz", "watts")} == {"sm_mhz": 1755, "watts": 650.5}
     line = bench.format_row(rows[1], "sdpa-flash", telemetry=True)
     assert line.split()[-2:] == ["1755", "650"]
     assert bench.format_header("sdpa-flash", telemetry=True).split()[-2:] == ["MHz", "W"]
