@@ -30,35 +30,6 @@ TMA_SHAPES = [  # batch, q heads, kv heads, seq, head dim, causal: tails that re
 ]
 
 
-@pytest.mark.parametrize("pv_accum", ["fp32+fp32", "fp32+fp16"])
-@pytest.mark.parametrize("shape", TMA_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_tma_loads_match_pointer_loads(shape, pv_accum):
-    if HAS_CUDA and device_capability(torch.device("cuda")) < 90:
-        pytest.skip("TMA descriptors need Hopper")
-    batch, hq, hk, seq, d, causal = shape
-    gen = torch.Generator().manual_seed(seq * d + hq)
-    q = torch.randn(batch, hq, seq, d, generator=gen).half().to(DEVICE)
-    k, v = (torch.randn(batch, hk, seq, d, generator=gen).half().to(DEVICE) for _ in range(2))
-    params = resolve_params(None, causal, True, False, pv_accum, "per_thread", head_dim=d)
-    payloads = kernels.quantize_qkv(q, k, v, granularity=params.granularity, smooth_k=True,
-                                    pv_accum=params.pv_accum)
-    q8, qs, k8, ks, _, v8, vs, vm = payloads
-    outs = []
-    for tma in (False, True):
-        out = torch.full_like(q, float("nan"))
-        attention_from_payloads(q8, qs, k8, ks, v8, vs, vm, params=params, seq_q=seq, seq_k=seq, head_dim=d,
-                                out_dtype=q.dtype, out=out, launch=LaunchConfig(64, 128, 4, 3, tma=tma))
-        assert torch.isfinite(out).all()
-        outs.append(out)
-    if HAS_CUDA:  # ptxas may schedule the two kernels' float operations differently
-        assert nmse(outs[1], outs[0]) <= 1e-7
-    else:
-        assert torch.equal(outs[1], outs[0])
-    ref = reference.attention_from_payloads(*(x.cpu() if x is not None else None for x in (q8, qs, k8, ks, v8, vs, vm)),
-                                            params=params, seq_q=seq, seq_k=seq, head_dim=d, out_dtype=q.dtype)
-    assert nmse(outs[1], ref) <= 1e-5
-
-
 def output_and_reference(q, k, v, params, launch: LaunchConfig):
     """``launch`` run over the Triton payloads of q, k and v (on their device) into a NaN-poisoned
     output, and the CPU reference's attention over the same payloads."""
@@ -72,6 +43,28 @@ def output_and_reference(q, k, v, params, launch: LaunchConfig):
                                             params=params, seq_q=seq_q, seq_k=seq_k, head_dim=head_dim,
                                             out_dtype=q.dtype)
     return out, ref
+
+
+@pytest.mark.parametrize("pv_accum", ["fp32+fp32", "fp32+fp16"])
+@pytest.mark.parametrize("shape", TMA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_tma_loads_match_pointer_loads(shape, pv_accum):
+    """The same launch with pointer and TMA loads (the quantizer is deterministic, so both run on
+    the same payloads): equal outputs, and the reference's."""
+    if HAS_CUDA and device_capability(torch.device("cuda")) < 90:
+        pytest.skip("TMA descriptors need Hopper")
+    batch, hq, hk, seq, d, causal = shape
+    gen = torch.Generator().manual_seed(seq * d + hq)
+    q = torch.randn(batch, hq, seq, d, generator=gen).half().to(DEVICE)
+    k, v = (torch.randn(batch, hk, seq, d, generator=gen).half().to(DEVICE) for _ in range(2))
+    params = resolve_params(None, causal, True, False, pv_accum, "per_thread", head_dim=d)
+    (pointer_out, _), (tma_out, ref) = (output_and_reference(q, k, v, params, LaunchConfig(64, 128, 4, 3, tma=tma))
+                                        for tma in (False, True))
+    assert torch.isfinite(pointer_out).all() and torch.isfinite(tma_out).all()
+    if HAS_CUDA:  # ptxas may schedule the two kernels' float operations differently
+        assert nmse(tma_out, pointer_out) <= 1e-7
+    else:
+        assert torch.equal(tma_out, pointer_out)
+    assert nmse(tma_out.cpu(), ref) <= 1e-5
 
 
 @pytest.mark.parametrize("pv_accum", ["fp32+fp16", "fp32+fp32", "fp32"])
