@@ -36,7 +36,7 @@ if [ "${RUN_TESTS:-1}" = 1 ]; then
   wait
   tests gpu_rest tests -m gpu --ignore=tests/kernels
   for log in "$OUT"/pytest_*.txt; do grep -E "(passed|failed|error)|^FAILED|^ERROR|exit" "$log" | tail -4; done
-  # One log file: the device tool brings back at most 8 files (a sixth log was dropped once, NOTES v22).
+  # One log file: the device tool brings back at most 8 files (test_triton's log, a ninth, was dropped once: NOTES v22).
   for log in "$OUT"/pytest_*.txt; do echo "=== $(basename "$log")"; cat "$log"; done > "$OUT/pytest.txt"
   rm -f "$OUT"/pytest_*.txt
 fi

@@ -104,6 +104,16 @@ def _round_half_away(x):
 
 
 @triton.jit
+def _per_row(group_values, GROUP_SHAPE: tl.constexpr):
+    """``[G1, G2]`` values of a tile's groups as one per row of its `groups.group_shape` view."""
+    G1: tl.constexpr = GROUP_SHAPE[0]
+    R1: tl.constexpr = GROUP_SHAPE[1]
+    G2: tl.constexpr = GROUP_SHAPE[2]
+    R2: tl.constexpr = GROUP_SHAPE[3]
+    return tl.reshape(tl.broadcast_to(group_values[:, None, :, None], [G1, R1, G2, R2]), [G1 * R1 * G2 * R2])
+
+
+@triton.jit
 def _quantize_group_rows(x, real_rows, GROUP_SHAPE: tl.constexpr, PER_THREAD: tl.constexpr):
     """int8 values of float32 rows ``x`` and the scales of their groups; rows not ``real_rows``
     (padding, whose values are not stored) count as zeros in their group's maximum.
@@ -127,11 +137,9 @@ def _quantize_group_rows(x, real_rows, GROUP_SHAPE: tl.constexpr, PER_THREAD: tl
         amax = tl.maximum(amax, PER_WARP_AMAX_FLOOR)
         scale = tl.div_rn(amax, 127.0)
         multiplier = tl.div_rn(1.0, amax) * 127.0
-    rows_n: tl.constexpr = G1 * R1 * G2 * R2
-    row_scale = tl.reshape(tl.broadcast_to(scale[:, None, :, None], [G1, R1, G2, R2]), [rows_n])
-    row_multiplier = tl.reshape(tl.broadcast_to(multiplier[:, None, :, None], [G1, R1, G2, R2]), [rows_n])
+    row_multiplier = _per_row(multiplier, GROUP_SHAPE)
     if PER_THREAD:
-        values = _per_thread_codes(x, row_scale, row_multiplier)
+        values = _per_thread_codes(x, _per_row(scale, GROUP_SHAPE), row_multiplier)
     else:
         values = _round_half_even(x * row_multiplier[:, None])
     # |x| <= amax keeps every code within [-127, 127] (the reference's clamp never binds for
