@@ -7,6 +7,7 @@ per scenario, each making several calls and printing its findings as JSON.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 
 import pytest
@@ -172,3 +173,23 @@ def test_bad_env_values_and_smooth_v_warning():
         lines = override_lines(stderr, name)
         assert len(lines) == 1 and value in lines[0], stderr
     assert len([line for line in override_lines(stderr, "smooth_v") if "GGML_SAGE" not in line]) == 1, stderr
+
+
+def test_getenv_reads_every_change_made_through_os_environ(monkeypatch):
+    """`params.getenv` is ``os.environ.get``, read at the call: set, changed, non-ASCII, deleted,
+    and through ``os.environ.get`` where `os.environ` keeps no mapping of its own."""
+    from sageflash.params import getenv
+
+    name = "GGML_SAGE_TEST_GETENV"
+    monkeypatch.delenv(name, raising=False)
+    seen = [getenv(name)]
+    for value in ("1", "per_warp", " Ünïcode ", ""):
+        monkeypatch.setenv(name, value)
+        seen.append(getenv(name))
+    monkeypatch.delenv(name)
+    seen.append(getenv(name))
+    assert seen == [None, "1", "per_warp", " Ünïcode ", "", None]
+    assert getenv("PATH") == os.environ.get("PATH")
+
+    monkeypatch.setattr(os, "environ", {name: "plain"})  # no `_data`: the fallback
+    assert getenv(name) == "plain" and getenv("PATH") is None

@@ -12,14 +12,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
 from . import dumps, groups, reference
-from .params import QKGranularity, SageParams
+from .params import QKGranularity, SageParams, getenv
 from .reference.attention import expand_scales, online_softmax_blocks, visible_keys
 from .reference.quant import quantize_int8_groups
 
@@ -49,11 +48,12 @@ _calls = itertools.count()
 
 
 def _is_set(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() not in _OFF
+    raw = getenv(name)
+    return raw is not None and raw.strip().lower() not in _OFF
 
 
 def _env_int(name: str, default: int | None, minimum: int) -> int | None:
-    raw = os.environ.get(name, "").strip()
+    raw = (getenv(name) or "").strip()
     if not raw:
         return default
     try:
@@ -67,7 +67,7 @@ def _env_int(name: str, default: int | None, minimum: int) -> int | None:
 
 def enabled() -> bool:
     """True when a toggle that changes what the op does is set (cheap: one lookup per toggle)."""
-    return any(name in os.environ and _is_set(name) for name in ACTIVATING)
+    return any(_is_set(name) for name in ACTIVATING)
 
 
 def reset() -> None:
@@ -96,7 +96,7 @@ class Toggles:
     @classmethod
     def from_env(cls) -> "Toggles":
         def prefix(name):
-            return os.environ[name] if _is_set(name) else None
+            return getenv(name) if _is_set(name) else None
 
         return cls(dump=prefix(DUMP), dump_qk_int8=prefix(DUMP_QK_INT8), sample_prefix=prefix(SAMPLE_PREFIX),
                    sample_head=_env_int(SAMPLE_HEAD, None, 0), sample_block=_env_int(SAMPLE_BLOCK, None, 0),

@@ -13,14 +13,14 @@ calls the backend: directly for a plain eager call, else as the registered op
 from __future__ import annotations
 
 import inspect
-import os
 from types import ModuleType
 from typing import NamedTuple
 
 import torch
 
 from . import debug, groups
-from .params import PVAccum, QKGranularity, SageParams, _check_bool, apply_overrides, check_knobs, resolve_params
+from .params import (PVAccum, QKGranularity, SageParams, _check_bool, apply_overrides, check_knobs, getenv,
+                     resolve_params)
 
 BACKENDS = ("auto", "reference", "triton")
 DTYPES = (torch.float16, torch.bfloat16)
@@ -32,7 +32,7 @@ KV_LAYOUTS = {"HND": "[B, Hk, Sk, D]", "NHD": "[B, Sk, Hk, D]"}
 
 def interpreter_enabled() -> bool:
     """True when ``TRITON_INTERPRET=1`` makes the Triton kernels run on CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return getenv("TRITON_INTERPRET") not in (None, "", "0")
 
 
 def check_backend(backend) -> None:
@@ -82,7 +82,7 @@ def _check_tensor(x, name: str, tensor_layout: str) -> None:
         raise TypeError(f"{name} must be float16 or bfloat16, got {x.dtype}")
     if x.shape[-1] > 1 and x.stride(-1) != 1:
         raise ValueError(f"{name} must have a contiguous last dim (stride 1), got strides {x.stride()}")
-    if any(s == 0 for s in x.shape):
+    if 0 in x.shape:
         raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
 
 
