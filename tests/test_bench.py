@@ -163,6 +163,8 @@ def test_cpu_run_rows(cpu_run):
         assert row["peak_mib"] is None and row["x_qkv"] is None  # no GPU memory on the CPU
     assert [r["config"] for r in rows if r["provider"] == "sageflash"] == ["fp32+fp16/per_thread"] * 4
     assert "sageattention" in next(r["error"] for r in rows if r["provider"] == "sageattention").lower()
+    assert next(r["error"] for r in rows if r["provider"] == "sdpa-cudnn") == \
+        "skipped: SDPA's CUDNN_ATTENTION backend needs CUDA tensors"
     meta = report["meta"]
     assert meta["timer"] == bench.timer_description(torch.device("cpu"))
     assert meta["settings"]["providers"][0] == "sdpa-flash"
@@ -186,7 +188,8 @@ def test_cpu_run_table_and_csv_match_json(cpu_run):
         assert float(csv_row["ms"]) == pytest.approx(row["ms"]) and csv_row["error"] == ""
         cells = line.split()
         assert cells[cells.index(row["mode"]) + 1] == format(row["ms"], ".4g")
-        assert cells[cells.index(row["mode"]) + 2] == format(row["tops"], ".4g")
+        assert cells[cells.index(row["mode"]) + 2] == "-" and row["host_us"] is None  # CPU: all host
+        assert cells[cells.index(row["mode"]) + 3] == format(row["tops"], ".4g")
 
 
 def test_rounds_go_round_robin_and_report_the_median(monkeypatch):
@@ -245,11 +248,11 @@ def test_telemetry_reports_each_rows_median_clock_and_power(monkeypatch):
     clocks = {"sdpa-flash": 1980, "sageflash": 1755}
     running = []
 
-    def fake_time_run(provider, knobs, mode, inputs, shape, settings, device, memory, telemetry):
+    def fake_time_run(provider, knobs, mode, inputs, shape, settings, device, first_round, telemetry):
         running.append(provider.name)
         with telemetry:
             time.sleep(0.12)  # two or three samples, then one at the end
-        return 1.0, None
+        return 1.0, None, None
     monkeypatch.setattr(bench, "time_run", fake_time_run)
     monkeypatch.setattr(torch.cuda, "clock_rate", lambda device: clocks[running[-1]])
     monkeypatch.setattr(torch.cuda, "power_draw", lambda device: {"sdpa-flash": 690_000, "sageflash": 650_500}[running[-1]])
@@ -264,6 +267,35 @@ def test_telemetry_reports_each_rows_median_clock_and_power(monkeypatch):
     assert line.split()[-2:] == ["1755", "650"]
     assert bench.format_header("sdpa-flash", telemetry=True).split()[-2:] == ["MHz", "W"]
     assert "MHz" not in bench.format_header("sdpa-flash")
+
+
+def test_host_time_is_timed_between_synchronizes_in_the_first_round_only(monkeypatch):
+    """`host_us` times the calls issued into an idle queue (a synchronize before and after) and
+    reports their median; the first round measures it, once per row, and the table shows it."""
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("sync"))
+    durations = iter([0.030, 0.002, 0.003, 0.004, 0.002])  # one slow call (an allocation, say)
+
+    def call():
+        events.append("call")
+        time.sleep(next(durations))
+    assert 3000 <= bench.host_us(call, torch.device("cuda")) < 6000  # the median, not the mean (8 ms)
+    assert events == ["sync", *["call"] * bench.HOST_CALLS, "sync"]
+    assert bench.host_us(call, torch.device("cpu")) is None  # a CPU call is all host time
+
+    rounds = []
+
+    def fake_time_run(provider, knobs, mode, inputs, shape, settings, device, first_round, telemetry):
+        rounds.append(first_round)
+        return 2.0, None, 120.0 if first_round else None
+    monkeypatch.setattr(bench, "time_run", fake_time_run)
+    settings = bench.settings_from_args(parse([*TINY, "--rounds", "3", "--causal", "off", "--modes", "e2e",
+                                               "--providers", "sdpa-flash", "--baseline", "sdpa-flash"]),
+                                        torch.device("cpu"))
+    [row] = bench.run_shape(bench.Shape(1, 2, 2, 128, 64, False), None, settings, torch.device("cpu"))
+    assert rounds == [True, False, False] and row.host_us == 120.0 and row.as_row()["host_us"] == 120.0
+    [(_, width, cell)] = [c for c in bench.table_columns("sdpa-flash") if c[0] == "host µs"]
+    assert f"  {cell(row):>{width}}  " in bench.format_row(row, "sdpa-flash") and cell(row) == "120"
 
 
 def test_telemetry_skips_the_first_calls(monkeypatch):
@@ -433,3 +465,17 @@ def test_telemetry_reads_the_gpus_clock_and_power():
         torch.cuda.synchronize()
     assert len(telemetry.samples) >= 2
     assert all(200 <= mhz <= 4000 and 20 <= watts <= 2000 for mhz, watts in telemetry.samples)
+
+
+@pytest.mark.gpu
+def test_host_time_of_a_gpu_call_is_below_its_queued_work():
+    """On a GPU: issuing a call whose kernels take ~10 ms costs the host far less (no launch waits)."""
+    x = torch.randn(8192, 8192, device="cuda")
+    fn = lambda: [x @ x for _ in range(4)]  # noqa: E731
+    fn()
+    start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    assert 0 < bench.host_us(fn, x.device) < 0.5 * start.elapsed_time(end) * 1e3

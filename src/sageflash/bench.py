@@ -5,7 +5,8 @@ same way (`attention_flops`). Each (shape, provider, knobs, mode) is timed with
 `triton.testing.do_bench` (CUDA events, 256 MB L2 flush before every run) after warm-up, at least
 `MIN_TIMED_CALLS` times, in ``--rounds`` rounds that go round robin over the shape's runs, and
 reports the median (`run_shape` says why); the peak extra GPU memory of one call is measured on top
-of the inputs already allocated; ``--telemetry`` adds the SM clock and board power (`Telemetry`).
+of the inputs already allocated, and the host time of one call (`host_us`: a row whose host time
+exceeds its GPU time is host-bound); ``--telemetry`` adds the SM clock and board power (`Telemetry`).
 
 Modes: ``e2e`` is what a user sees (quantization included); ``kernel`` quantizes once outside the
 timed region and times the attention kernel on the payloads, replayed from a CUDA graph on a GPU
@@ -105,6 +106,7 @@ class Result:
     vs_baseline: float | None = None  # baseline time / this time, same shape: > 1 is faster
     peak_mib: float | None = None
     x_qkv: float | None = None  # peak extra memory / bytes of q + k + v
+    host_us: float | None = None  # CPU time to issue one call (`host_us`); past ms·1000: host-bound
     sm_mhz: float | None = None  # with --telemetry: median SM clock while timed (`Telemetry`)
     watts: float | None = None  # with --telemetry: median board power while timed
     error: str | None = None
@@ -179,10 +181,14 @@ def _build_sageflash(q, k, v, causal, knobs: Knobs, mode):
     return captured(attend, q.device) if q.device.type == "cuda" else attend
 
 
-def _sdpa_builder(backend_name: str):
+def _sdpa_builder(backend_name: str, cuda_only: bool = False):
+    """A torch SDPA provider pinned to one backend; ``cuda_only``: skipped off CUDA (cuDNN), where
+    torch would raise "No viable backend" on the first call."""
     def build(q, k, v, causal, knobs, mode):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
+        if cuda_only and not q.is_cuda:
+            raise ProviderSkipped(f"skipped: SDPA's {backend_name} backend needs CUDA tensors")
         backend = getattr(SDPBackend, backend_name)
         gqa = q.shape[1] != k.shape[1]
 
@@ -241,7 +247,7 @@ class Provider:
 PROVIDERS = {p.name: p for p in [
     Provider("sageflash", _build_sageflash, MODES, uses_knobs=True),
     Provider("sdpa-flash", _sdpa_builder("FLASH_ATTENTION")),
-    Provider("sdpa-cudnn", _sdpa_builder("CUDNN_ATTENTION")),
+    Provider("sdpa-cudnn", _sdpa_builder("CUDNN_ATTENTION", cuda_only=True)),
     Provider("sageattention", _build_sageattention),
     Provider("sageattention-sm89", _build_sageattention_sm89, uses_knobs=True),
 ]}
@@ -253,6 +259,7 @@ DEFAULT_PROVIDERS = ["sageflash", "sdpa-flash", "sdpa-cudnn", "sageattention", "
 
 
 MIN_TIMED_CALLS = 5  # per round, however long a call (a 100 ms call in a 33 ms budget had one sample)
+HOST_CALLS = 5  # calls issued back to back to time the host's share of a call (`host_us`)
 
 
 def time_ms(fn: Callable, warmup: float, rep: float, device: torch.device,
@@ -295,6 +302,23 @@ def _one_call_ms(fn: Callable, device: torch.device) -> float:
     start = time.perf_counter()
     fn()
     return max((time.perf_counter() - start) * 1e3, 1e-6)
+
+
+def host_us(fn: Callable, device: torch.device) -> float | None:
+    """Median microseconds the CPU takes to issue one call of ``fn`` (Python, checks, allocations,
+    launches) over `HOST_CALLS` calls issued back to back into an idle GPU queue, so that no launch
+    waits for the GPU. When it exceeds the row's GPU time the row is host-bound: its time follows
+    the CPU, not the kernels. None off CUDA, where a call is all host time."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(HOST_CALLS):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e6)
+    torch.cuda.synchronize(device)
+    return statistics.median(times)
 
 
 def timer_description(device: torch.device) -> str:
@@ -412,14 +436,17 @@ def make_inputs(settings: Settings, seq: int, head_dim: int, device: torch.devic
 
 
 def time_run(provider: Provider, knobs: Knobs | None, mode: str, inputs, shape: Shape, settings: Settings,
-             device: torch.device, memory: bool, telemetry: Telemetry | None = None) -> tuple[float, int | None]:
-    """One round of one (provider, knobs, mode) on one shape: (median ms, peak extra bytes when
-    ``memory``; the graph and kernel modes replay a CUDA graph, which allocates nothing: the
-    memory of a call is the e2e row's)."""
+             device: torch.device, first_round: bool,
+             telemetry: Telemetry | None = None) -> tuple[float, int | None, float | None]:
+    """One round of one (provider, knobs, mode) on one shape: median ms, then in the first round
+    the peak extra bytes (e2e only: the graph and kernel modes replay a CUDA graph, which
+    allocates nothing, so the memory of a call is the e2e row's) and the host µs (`host_us`)."""
     q, k, v = inputs
     fn = provider.build(q, k, v, shape.causal, knobs, mode)
     ms = time_ms(fn, settings.warmup, settings.rep / settings.rounds, device, telemetry)
-    return ms, peak_extra_bytes(fn, device) if memory and mode == "e2e" else None
+    if not first_round:
+        return ms, None, None
+    return ms, peak_extra_bytes(fn, device) if mode == "e2e" else None, host_us(fn, device)
 
 
 def run_shape(shape: Shape, inputs, settings: Settings, device: torch.device) -> list[Result]:
@@ -440,8 +467,8 @@ def run_shape(shape: Shape, inputs, settings: Settings, device: torch.device) ->
                 continue
             telemetry = Telemetry(device) if settings.telemetry else None
             try:
-                ms, peak = time_run(provider, knobs, mode, inputs, shape, settings, device,
-                                    memory=round_index == 0, telemetry=telemetry)
+                ms, peak, host = time_run(provider, knobs, mode, inputs, shape, settings, device,
+                                          first_round=round_index == 0, telemetry=telemetry)
             except Exception as exc:
                 result.error = short_error(exc)
                 if device.type == "cuda":
@@ -450,6 +477,8 @@ def run_shape(shape: Shape, inputs, settings: Settings, device: torch.device) ->
             times.append(ms)
             if telemetry is not None:
                 read += telemetry.samples
+            if host is not None:
+                result.host_us = host
             if peak is not None:
                 result.peak_mib = peak / MIB
                 result.x_qkv = peak / sum(t.numel() * t.element_size() for t in inputs)
@@ -501,6 +530,7 @@ def table_columns(baseline: str, telemetry: bool = False):
         ("config", 22, lambda r: r.config),
         ("mode", 6, lambda r: r.mode),
         ("ms", 9, lambda r: _fmt(r.ms, ".4g")),
+        ("host µs", 7, lambda r: _fmt(r.host_us, ".0f")),
         ("TOPS", 9, lambda r: _fmt(r.tops, ".4g")),
         (f"vs {baseline}", max(6, len(baseline) + 3), lambda r: _fmt(r.vs_baseline, ".2f")),
         ("peak MiB", 9, lambda r: _fmt(r.peak_mib, ".1f")),
