@@ -159,9 +159,9 @@ def pattern(inputs: tuple, *knobs_and_flags) -> tuple:
     """The key of a call: each input's shape, strides, dtype, device and address mod 16, which
     inputs share an address, and whatever else decides the launches (``knobs_and_flags``)."""
     addresses = [None if t is None else t.data_ptr() for t in inputs]
-    return (knobs_and_flags, tuple(addresses.index(a) for a in addresses),
-            tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15)
-                  for t in inputs))
+    return (knobs_and_flags, tuple([addresses.index(a) for a in addresses]),
+            tuple([None if t is None else (t.shape, t.stride(), t.dtype, t.device, a & 15)
+                   for t, a in zip(inputs, addresses)]))
 
 
 def launches_of(call: Callable[[], Any]) -> list[RecordedLaunch]:
