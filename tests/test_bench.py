@@ -192,6 +192,24 @@ def test_cpu_run_table_and_csv_match_json(cpu_run):
         assert cells[cells.index(row["mode"]) + 3] == format(row["tops"], ".4g")
 
 
+@pytest.mark.parametrize("provider,mode", [("sageflash", "e2e"), ("sageflash", "kernel"), ("sdpa-flash", "e2e")])
+def test_nhd_inputs_reach_each_provider_in_their_own_layout(provider, mode):
+    """--layout NHD: inputs are [B, S, H, D] tensors, and every provider computes from them what it
+    computes from the same values as [B, H, S, D] (sageflash's e2e output in NHD, as a caller gets it)."""
+    nhd = bench.settings_from_args(parse([*TINY, "--kv-heads", "1", "--layout", "NHD"]), torch.device("cpu"))
+    q, k, v = bench.make_inputs(nhd, 128, 64, torch.device("cpu"))
+    assert nhd.layout == "NHD" and (q.shape, k.shape) == ((1, 128, 2, 64), (1, 128, 1, 64)) and q.is_contiguous()
+    knobs = nhd.knobs[0]
+    build = bench.PROVIDERS[provider].build
+    got = build(q, k, v, True, knobs, mode, "NHD")()
+    want = build(*(x.transpose(1, 2).contiguous() for x in (q, k, v)), True, knobs, mode, "HND")()
+    if provider == "sageflash" and mode == "e2e":
+        assert got.shape == q.shape and got.is_contiguous()
+        got = got.transpose(1, 2)
+    assert got.shape == want.shape == (1, 2, 128, 64)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_rounds_go_round_robin_and_report_the_median(monkeypatch):
     """Each round times every run of the shape once (the baseline first), with rep/rounds ms; a
     row's time is the median of its rounds, so one slow round (a clock drop) does not decide it."""

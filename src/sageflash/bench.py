@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 
 from . import __version__
-from .op import quantize_qk, quantize_v, sage_attn_sm89_fp16, select_backend
+from .op import LAYOUTS, as_hnd, quantize_qk, quantize_v, sage_attn_sm89_fp16, select_backend
 from .params import PVAccum, QKGranularity, resolve_params
 
 MODES = ("e2e", "kernel", "graph")
@@ -101,6 +101,7 @@ class Result:
     provider: str
     config: str
     mode: str
+    layout: str = "HND"  # of q, k, v and the output (`--layout`)
     ms: float | None = None
     tops: float | None = None
     vs_baseline: float | None = None  # baseline time / this time, same shape: > 1 is faster
@@ -123,7 +124,8 @@ class Result:
 
 
 # ---------------------------------------------------------------------------------------------
-# Providers: build(q, k, v, causal, knobs, mode) does the untimed work and returns the timed call.
+# Providers: build(q, k, v, causal, knobs, mode, layout) does the untimed work and returns the timed
+# call; q, k, v come in ``layout`` ("HND" [B, H, S, D] or "NHD" [B, S, H, D]), as a caller holds them.
 
 
 class ProviderSkipped(RuntimeError):
@@ -158,37 +160,40 @@ def captured(fn: Callable, device: torch.device) -> Callable:
     return replay
 
 
-def _build_sageflash(q, k, v, causal, knobs: Knobs, mode):
+def _build_sageflash(q, k, v, causal, knobs: Knobs, mode, layout):
     backend = _sageflash_backend(q.device)
     if mode in ("e2e", "graph"):
         call = functools.partial(sage_attn_sm89_fp16, q, k, v, is_causal=causal,
                                  smooth_k=knobs.smooth_k, pv_accum=knobs.pv_accum,
-                                 granularity=knobs.granularity, backend=backend)
+                                 granularity=knobs.granularity, tensor_layout=layout, backend=backend)
         return captured(call, q.device) if mode == "graph" else call
     params = resolve_params(None, causal, knobs.smooth_k, False, knobs.pv_accum, knobs.granularity,
                             head_dim=q.shape[-1])
     q_int8, q_scale, k_int8, k_scale, _ = quantize_qk(
-        q, k, granularity=params.granularity, smooth_k=params.smooth_k, backend=backend)
+        q, k, granularity=params.granularity, smooth_k=params.smooth_k, tensor_layout=layout, backend=backend)
     v_fp8, v_scale, v_mean = quantize_v(v, pv_accum=params.pv_accum, smooth_v=params.smooth_v,
-                                        backend=backend)
+                                        tensor_layout=layout, backend=backend)
     module, order = select_backend(backend, q.device), {}
     if backend == "triton":  # the kernel reads V's tokens in its own order: reordered once, untimed
         v_fp8, order = module.v_in_kernel_order(v_fp8), {"v_kernel_order": True}
+    q_hnd, k_hnd = as_hnd(q, layout), as_hnd(k, layout)
     attend = functools.partial(module.attention_from_payloads,
                                q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_mean, params=params,
-                               seq_q=q.shape[2], seq_k=k.shape[2], head_dim=q.shape[-1],
-                               out_dtype=q.dtype, **order)
+                               seq_q=q_hnd.shape[2], seq_k=k_hnd.shape[2], head_dim=q.shape[-1],
+                               out_dtype=q.dtype, out=as_hnd(torch.empty_like(q), layout), **order)
     return captured(attend, q.device) if q.device.type == "cuda" else attend
 
 
 def _sdpa_builder(backend_name: str, cuda_only: bool = False):
-    """A torch SDPA provider pinned to one backend; ``cuda_only``: skipped off CUDA (cuDNN), where
-    torch would raise "No viable backend" on the first call."""
-    def build(q, k, v, causal, knobs, mode):
+    """A torch SDPA provider pinned to one backend, given NHD inputs as their ``[B, H, S, D]`` views
+    (which its flash and cuDNN kernels read in place); ``cuda_only``: skipped off CUDA (cuDNN),
+    where torch would raise "No viable backend" on the first call."""
+    def build(q, k, v, causal, knobs, mode, layout):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         if cuda_only and not q.is_cuda:
             raise ProviderSkipped(f"skipped: SDPA's {backend_name} backend needs CUDA tensors")
+        q, k, v = (as_hnd(x, layout) for x in (q, k, v))
         backend = getattr(SDPBackend, backend_name)
         gqa = q.shape[1] != k.shape[1]
 
@@ -216,18 +221,18 @@ def _official(q):
     return module
 
 
-def _build_sageattention(q, k, v, causal, knobs, mode):
+def _build_sageattention(q, k, v, causal, knobs, mode, layout):
     """``sageattn``: the official entry point, which picks the kernel for the GPU's arch."""
-    return functools.partial(_official(q).sageattn, q, k, v, tensor_layout="HND", is_causal=causal)
+    return functools.partial(_official(q).sageattn, q, k, v, tensor_layout=layout, is_causal=causal)
 
 
-def _build_sageattention_sm89(q, k, v, causal, knobs: Knobs, mode):
+def _build_sageattention_sm89(q, k, v, causal, knobs: Knobs, mode, layout):
     """``sageattn_qk_int8_pv_fp8_cuda``: the official SM89 kernel with sageflash's knobs."""
     module = _official(q)
     if not hasattr(module, "sageattn_qk_int8_pv_fp8_cuda"):
         raise ProviderSkipped(f"skipped: sageattention {_version('sageattention')} has no "
                               "sageattn_qk_int8_pv_fp8_cuda (SageAttention 2)")
-    return functools.partial(module.sageattn_qk_int8_pv_fp8_cuda, q, k, v, tensor_layout="HND",
+    return functools.partial(module.sageattn_qk_int8_pv_fp8_cuda, q, k, v, tensor_layout=layout,
                              is_causal=causal, qk_quant_gran=str(knobs.granularity),
                              pv_accum_dtype=str(knobs.pv_accum), smooth_k=knobs.smooth_k)
 
@@ -417,6 +422,7 @@ class Settings:
     rounds: int
     seed: int
     telemetry: bool = False  # sample the SM clock and board power while timing (`Telemetry`)
+    layout: str = "HND"  # of the inputs: "HND" [B, H, S, D] or "NHD" [B, S, H, D] (`--layout`)
 
     def runs(self):
         """(provider, knobs or None, mode) in run order."""
@@ -428,10 +434,12 @@ class Settings:
 
 
 def make_inputs(settings: Settings, seq: int, head_dim: int, device: torch.device):
-    """Fresh standard-normal q [B,H,S,D], k and v [B,Hk,S,D] from a seeded generator on ``device``."""
+    """Fresh standard-normal q [B,H,S,D], k and v [B,Hk,S,D] (or [B,S,H,D] and [B,S,Hk,D] with
+    ``layout="NHD"``, contiguous either way) from a seeded generator on ``device``."""
     gen = torch.Generator(device=device).manual_seed(settings.seed)
     dtype = DTYPES[settings.dtype]
-    shapes = [(settings.batch, h, seq, head_dim) for h in (settings.heads, settings.kv_heads, settings.kv_heads)]
+    shapes = [(settings.batch, h, seq, head_dim) if settings.layout == "HND" else (settings.batch, seq, h, head_dim)
+              for h in (settings.heads, settings.kv_heads, settings.kv_heads)]
     return tuple(torch.randn(s, generator=gen, dtype=dtype, device=device) for s in shapes)
 
 
@@ -442,7 +450,7 @@ def time_run(provider: Provider, knobs: Knobs | None, mode: str, inputs, shape: 
     the peak extra bytes (e2e only: the graph and kernel modes replay a CUDA graph, which
     allocates nothing, so the memory of a call is the e2e row's) and the host µs (`host_us`)."""
     q, k, v = inputs
-    fn = provider.build(q, k, v, shape.causal, knobs, mode)
+    fn = provider.build(q, k, v, shape.causal, knobs, mode, settings.layout)
     ms = time_ms(fn, settings.warmup, settings.rep / settings.rounds, device, telemetry)
     if not first_round:
         return ms, None, None
@@ -457,7 +465,7 @@ def run_shape(shape: Shape, inputs, settings: Settings, device: torch.device) ->
     cap and its SM clock drops from 1980 to 1500-1900 MHz (benchmarks/NOTES.md v8), so a run timed
     right after a long one measured up to 15% slower than the same work timed first."""
     runs = list(settings.runs())
-    results = [Result(shape, settings.dtype, provider.name, knobs.label if knobs else "", mode)
+    results = [Result(shape, settings.dtype, provider.name, knobs.label if knobs else "", mode, settings.layout)
                for provider, knobs, mode in runs]
     samples = [[] for _ in runs]
     readings = [[] for _ in runs]  # (MHz, W) with --telemetry
@@ -587,7 +595,8 @@ def preamble(meta: dict, baseline: str) -> str:
     device = meta["device"] + (f" ({meta['capability']})" if "capability" in meta else "")
     return "\n".join([
         f"# sageflash bench on {device}: torch {meta['torch']}, triton {meta['triton']}, "
-        f"sageflash {meta['sageflash']}, {settings['dtype']}",
+        f"sageflash {meta['sageflash']}, {settings['dtype']}, {settings['layout']} "
+        f"{LAYOUTS[settings['layout']]}",
         f"# timer: {meta['timer']}; warmup {settings['warmup']:g} ms, rep {settings['rep']:g} ms "
         f"in {settings['rounds']} interleaved rounds (median)",
         f"# TOPS = {meta['flops']}; vs {baseline} = its time / this time on the same shape",
@@ -695,6 +704,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="sequence lengths S (Sq = Sk), comma list or repeated, e.g. 1k,4k,16k")
     shapes.add_argument("--causal", choices=("on", "off", "both"), default="both")
     shapes.add_argument("--dtype", choices=tuple(DTYPES), default="fp16")
+    shapes.add_argument("--layout", choices=tuple(LAYOUTS), default="HND",
+                        help="q, k, v and the output as [B, H, S, D] (HND, ggml's; default) or [B, S, H, D] "
+                             "(NHD: flash-attn's and diffusers'), read in place by every provider")
     shapes.add_argument("--quick", action="store_true", help="a small preset for a smoke run")
 
     runs = parser.add_argument_group("providers")
@@ -766,7 +778,7 @@ def settings_from_args(args: argparse.Namespace, device: torch.device) -> Settin
                     head_dims=head_dims or preset["head_dim"], seqs=seqs or preset["seq"],
                     causals=causals, providers=providers, modes=_flatten(args.modes) or list(DEFAULT_MODES),
                     knobs=knobs, baseline=baseline, dtype=args.dtype, warmup=args.warmup, rep=args.rep,
-                    rounds=args.rounds, seed=args.seed, telemetry=args.telemetry)
+                    rounds=args.rounds, seed=args.seed, telemetry=args.telemetry, layout=args.layout)
 
 
 def resolved_knobs(pv_accum, granularity, smooth_k: bool) -> Knobs:
