@@ -89,6 +89,33 @@ def test_compile_compat_nhd_with_dynamic_shapes():
         assert torch.equal(compiled(x, k, v), block(x, k, v))
 
 
+def test_compile_dynamic_with_a_softmax_scale_from_the_shape():
+    """A scale computed from a symbolic head dim is checked by comparisons the tracer follows."""
+    def scaled(q, k, v):
+        return sageflash.sage_attn_sm89_fp16(q, k, v, softmax_scale=q.shape[-1] ** -0.5 * 2, backend="reference")
+
+    compiled = torch.compile(scaled, fullgraph=True, backend="aot_eager", dynamic=True)
+    for seq in (40, 70):
+        q, k, v = random_qkv(1, 2, 1, seq, seq, 64, seed=seq)
+        assert torch.equal(compiled(q, k, v), scaled(q, k, v))
+
+
+def test_compiled_forward_of_inputs_that_require_grad_runs_and_backward_says_why_not():
+    """A model compiled outside no_grad (its projections' outputs require grad) compiles and runs
+    the forward; only a backward fails, naming the op and what to do."""
+    q, k, v = random_qkv(1, 2, 1, 40, 70, 64, seed=6)
+    project = torch.nn.Linear(64, 64).half()
+
+    def block(x):
+        return sageflash.sage_attn_sm89_fp16(project(x), k, v, backend="reference")
+
+    out = torch.compile(block, backend="aot_eager")(q)
+    assert out.requires_grad and torch.equal(out, block(q))
+    for result in (out, block(q)):  # compiled and eager alike
+        with pytest.raises(NotImplementedError, match="sage_attn_sm89 has no backward.*no_grad"):
+            result.float().sum().backward()
+
+
 def test_compiled_graph_reads_overrides_and_toggles_at_run_time(monkeypatch, capfd):
     """GGML_SAGE_* overrides and debug toggles are read by the registered op, per call."""
     q, k, v = random_qkv(1, 2, 1, 40, 70, 64, seed=4)
@@ -149,6 +176,13 @@ def test_is_supported_checks_overrides_and_device(monkeypatch):
     monkeypatch.setenv("GGML_SAGE_PV_ACCUM", "fp64")
     assert "GGML_SAGE_PV_ACCUM" in sageflash.is_supported(q, k, v).reason
     monkeypatch.delenv("GGML_SAGE_PV_ACCUM")
+    monkeypatch.setenv(debug.DEBUG_QUANT, "1")
+    monkeypatch.setenv(debug.SAMPLE_HEAD, "first")  # the call would raise naming it
+    assert debug.SAMPLE_HEAD in sageflash.is_supported(q, k, v, backend="reference").reason
+    with pytest.raises(ValueError, match=debug.SAMPLE_HEAD):
+        sageflash.sage_attn_sm89_fp16(q, k, v, backend="reference")
+    monkeypatch.delenv(debug.SAMPLE_HEAD)
+    monkeypatch.delenv(debug.DEBUG_QUANT)
     if not HAS_CUDA:
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         assert "TRITON_INTERPRET" in sageflash.is_supported(q, k, v, backend="triton").reason

@@ -138,7 +138,7 @@ calls = {
     "quantize_v": lambda: sageflash.quantize_v(q, pv_accum=2, smooth_v=False, backend="triton"),
 }
 errors = {}
-for interpret in (None, "0"):
+for interpret in (None, "0", "false", "2"):  # off, as Triton reads them
     if interpret is not None:
         os.environ["TRITON_INTERPRET"] = interpret
     for name, call in calls.items():
@@ -155,11 +155,20 @@ def test_triton_backend_on_cpu_needs_the_interpreter():
     """No silent fallback to the reference: a clear error, raised before the Triton backend is
     imported (a fresh interpreter, since conftest turns the interpreter on for CPU machines)."""
     result, _ = run_python(TRITON_ON_CPU)
-    assert len(result["errors"]) == 6
+    assert len(result["errors"]) == 12
     for call, message in result["errors"].items():
         assert message is not None, f"{call} did not raise"
         assert "backend" in message and "TRITON_INTERPRET" in message and "cpu" in message, message
     assert not result["kernels_imported"]
+
+
+@pytest.mark.parametrize("value", ["1", "true", "TRUE", "on", "Yes", "0", "", "false", "off", "no", "2", " 1"])
+def test_the_interpreter_is_on_exactly_when_triton_says_so(monkeypatch, value):
+    from triton import knobs
+
+    from sageflash.op import interpreter_enabled
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert interpreter_enabled() == knobs.runtime.interpret
 
 
 def test_gpu_below_ada_gets_an_error_naming_its_capability(monkeypatch, request):

@@ -30,9 +30,13 @@ LAYOUTS = {"HND": "[B, H, S, D]", "NHD": "[B, S, H, D]"}
 KV_LAYOUTS = {"HND": "[B, Hk, Sk, D]", "NHD": "[B, Sk, Hk, D]"}
 
 
+_TRITON_TRUE = ("1", "true", "on", "yes")  # what Triton's getenv_bool takes as set (any case)
+
+
 def interpreter_enabled() -> bool:
-    """True when ``TRITON_INTERPRET=1`` makes the Triton kernels run on CPU tensors."""
-    return getenv("TRITON_INTERPRET") not in (None, "", "0")
+    """True when ``TRITON_INTERPRET`` makes the Triton kernels run on CPU tensors, read as Triton
+    reads it (``false`` or ``2`` leave it off)."""
+    return (getenv("TRITON_INTERPRET") or "").lower() in _TRITON_TRUE
 
 
 def check_backend(backend) -> None:
@@ -195,6 +199,33 @@ def _sage_attn_sm89_fake(q, k, v, softmax_scale, is_causal, smooth_k, smooth_v, 
     return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
 
 
+# No backward (the quantized forward is for inference), but a formula all the same: without one,
+# torch.compile refuses even the forward of a call whose inputs require grad (a model compiled
+# outside no_grad). The backward is an opaque op, so only running it raises, with a clear error.
+@torch.library.custom_op("sageflash::sage_attn_sm89_backward", mutates_args=())
+def _no_backward(grad_out: torch.Tensor, q_shape: list[int], kv_shape: list[int]) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor]:
+    raise NotImplementedError("sageflash.sage_attn_sm89 has no backward: the 8-bit forward is for inference. "
+                              "Call it under torch.no_grad() or torch.inference_mode(), or on detached inputs")
+
+
+@_no_backward.register_fake
+def _no_backward_fake(grad_out, q_shape, kv_shape):
+    return grad_out.new_empty(q_shape), grad_out.new_empty(kv_shape), grad_out.new_empty(kv_shape)
+
+
+def _save_shapes(ctx, inputs, output):
+    ctx.q_shape, ctx.kv_shape = list(inputs[0].shape), list(inputs[1].shape)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    return (*torch.ops.sageflash.sage_attn_sm89_backward(grad_out, ctx.q_shape, ctx.kv_shape),
+            *[None] * 10)
+
+
+_sage_attn_sm89.register_autograd(_backward, setup_context=_save_shapes)
+
+
 def sage_attn_sm89_fp16(q, k, v, softmax_scale=None, is_causal=False, smooth_k=True, smooth_v=False,
                         pv_accum="fp32+fp16", granularity="per_thread", *, tensor_layout="HND",
                         return_lse=False, attn_mask=None, backend="auto"):
@@ -245,12 +276,14 @@ class Support(NamedTuple):
 
 def is_supported(q, k, v, **knobs) -> Support:
     """Whether ``sage_attn_sm89_fp16(q, k, v, **knobs)`` would run here, by the op's own checks:
-    arguments, ``GGML_SAGE_*`` overrides, backend and device. Nothing is computed."""
+    arguments, ``GGML_SAGE_*`` overrides and debug toggles, backend and device. Nothing is computed."""
     try:
         call = inspect.signature(sage_attn_sm89_fp16).bind(q, k, v, **knobs)
         call.apply_defaults()
         params, _ = check_call(**call.arguments)
         apply_overrides(params)
+        if debug.enabled():
+            debug.Toggles.from_env()  # a toggle that is not a number where one is expected
         select_backend(call.arguments["backend"], q.device)
     except (TypeError, ValueError, RuntimeError) as err:  # RuntimeError: kernels.UnsupportedDeviceError
         return Support(False, str(err))

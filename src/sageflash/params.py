@@ -183,7 +183,7 @@ def check_softmax_scale(value, argument: str = "softmax_scale") -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{argument} must be a float or None, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value) or value <= 0:
+    if not 0 < value < math.inf:  # also NaN; comparisons, which torch.compile traces on a symbolic float
         raise ValueError(f"{argument} must be a finite positive float, got {value}")
     return value
 
