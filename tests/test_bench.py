@@ -91,11 +91,11 @@ def test_flag_lists_and_presets():
     assert settings.head_dims == [128]
     assert settings.causals == [True]
     assert (settings.heads, settings.kv_heads, settings.batch) == (16, 4, bench.PRESETS["full"]["batch"])
-    assert settings.providers == ["sdpa-flash", "sageflash"]
+    assert settings.providers == ["sdpa-cudnn", "sdpa-flash", "sageflash"]  # the baseline always, first
     assert [k.label for k in settings.knobs] == ["fp32/per_warp/no-smooth-k", "fp32+fp32/per_warp/no-smooth-k"]
     # sdpa has one timing, run whatever mode was asked; sageflash runs the modes asked for.
-    assert [(p.name, m) for p, _, m in settings.runs()] == [("sdpa-flash", "e2e"), ("sageflash", "kernel"),
-                                                            ("sageflash", "kernel")]
+    assert [(p.name, m) for p, _, m in settings.runs()] == [("sdpa-cudnn", "e2e"), ("sdpa-flash", "e2e"),
+                                                            ("sageflash", "kernel"), ("sageflash", "kernel")]
 
     full = bench.settings_from_args(parse([]), torch.device("cuda"))
     assert full.seqs == [1024, 2048, 4096, 8192, 16384, 32768] and full.head_dims == [64, 128]
@@ -208,6 +208,96 @@ def test_nhd_inputs_reach_each_provider_in_their_own_layout(provider, mode):
         got = got.transpose(1, 2)
     assert got.shape == want.shape == (1, 2, 128, 64)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_knob_flags_take_ggml_codes_and_name_a_smooth_v_override(monkeypatch):
+    """--pv-accum/--granularity take the integer codes their messages offer; a GGML_SAGE_SMOOTH_V
+    override shows in the label, the JSON meta and the preamble."""
+    settings = bench.settings_from_args(parse(["--pv-accum", "2,0", "--granularity", "3"]), torch.device("cpu"))
+    assert [k.label for k in settings.knobs] == ["fp32+fp16/per_thread", "fp32/per_thread"]
+    monkeypatch.setenv("GGML_SAGE_SMOOTH_V", "1")
+    settings = bench.settings_from_args(parse(["--pv-accum", "fp32"]), torch.device("cpu"))
+    assert [k.label for k in settings.knobs] == ["fp32/per_thread/smooth-v"]
+    meta = bench.environment(torch.device("cpu"), settings)
+    assert meta["ggml_sage_env"] == {"GGML_SAGE_SMOOTH_V": "1"}
+    assert "GGML_SAGE_SMOOTH_V=1" in bench.preamble(meta, settings.baseline)
+
+
+@pytest.mark.parametrize("flag", ["--rep", "--warmup"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_budgets_must_be_finite(no_cuda, flag, value, capsys):
+    assert bench.run(parse([*TINY, "--allow-cpu", flag, value])) == 2
+    assert "finite" in capsys.readouterr().err
+
+
+def test_the_baseline_is_its_providers_first_row_or_none(monkeypatch):
+    """With several rows of the baseline provider, the ratios are to its first (first knobs, first
+    mode); when that one failed, no row of the shape gets a ratio, not one against another row."""
+    def fake_time_run(provider, knobs, mode, inputs, shape, settings, device, first_round, telemetry):
+        if mode == "e2e" and fail_first:
+            raise RuntimeError("out of memory")
+        return {"e2e": 2.0, "kernel": 1.0, "graph": 4.0}[mode], None, None
+    monkeypatch.setattr(bench, "time_run", fake_time_run)
+    settings = bench.settings_from_args(parse([*TINY, "--rounds", "1", "--causal", "off", "--modes", "e2e,kernel",
+                                               "--providers", "sdpa-flash", "--baseline", "sageflash"]),
+                                        torch.device("cpu"))
+    shape = bench.Shape(1, 2, 2, 128, 64, False)
+    fail_first = False
+    rows = bench.run_shape(shape, None, settings, torch.device("cpu"))
+    assert [(r.provider, r.mode, r.vs_baseline) for r in rows] == [
+        ("sageflash", "e2e", 1.0), ("sageflash", "kernel", 2.0), ("sdpa-flash", "e2e", 1.0)]
+    fail_first = True
+    rows = bench.run_shape(shape, None, settings, torch.device("cpu"))
+    assert rows[0].error == "RuntimeError: out of memory" and rows[1].ms == 1.0
+    assert all(r.vs_baseline is None for r in rows)
+
+
+def test_a_shape_whose_inputs_cannot_be_made_is_error_rows_and_the_run_goes_on(no_cuda, monkeypatch, tmp_path):
+    make_inputs = bench.make_inputs
+
+    def failing(settings, seq, head_dim, device):
+        if seq == 256:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 64.00 GiB")
+        return make_inputs(settings, seq, head_dim, device)
+    monkeypatch.setattr(bench, "make_inputs", failing)
+    out = tmp_path / "r.json"
+    argv = [*TINY, "--allow-cpu", "--seq", "256,128", "--causal", "off", "--providers", "sdpa-flash",
+            "--json", str(out)]
+    assert bench.run(parse(argv)) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert sorted((r["seq"], r["error"] or "") for r in rows) == [
+        (128, ""), (256, "inputs: RuntimeError: CUDA out of memory. Tried to allocate 64.00 GiB")]
+
+
+def test_an_output_that_cannot_be_written_fails_before_the_run(no_cuda, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(bench, "run_benchmarks", lambda *args: pytest.fail("must not start"))
+    (tmp_path / "taken").mkdir()
+    assert bench.run(parse([*TINY, "--allow-cpu", "--csv", str(tmp_path / "taken")])) == 2
+    assert f"cannot write {tmp_path / 'taken'}: it is a directory" in capsys.readouterr().err
+
+
+def test_an_interrupted_run_writes_the_shapes_completed(no_cuda, monkeypatch, tmp_path, capsys):
+    run_shape = bench.run_shape
+
+    def interrupted_after_the_first(shape, inputs, settings, device):
+        if shape.seq == 256:
+            raise KeyboardInterrupt
+        return run_shape(shape, inputs, settings, device)
+    monkeypatch.setattr(bench, "run_shape", interrupted_after_the_first)
+    out = tmp_path / "deep" / "r.csv"
+    argv = [*TINY, "--allow-cpu", "--seq", "128,256", "--causal", "off", "--providers", "sdpa-flash",
+            "--csv", str(out)]
+    assert bench.run(parse(argv)) == 130
+    assert [r["seq"] for r in csv.DictReader(out.open())] == ["128"]
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_the_cli_runs_under_python_oo(tmp_path):
+    """Without docstrings (python -OO) the parsers lose their descriptions, not their lives
+    (``--help`` builds every subcommand's parser)."""
+    import subprocess
+    done = subprocess.run([sys.executable, "-OO", "-m", "sageflash", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "bench" in done.stdout, done.stderr
 
 
 def test_rounds_go_round_robin_and_report_the_median(monkeypatch):
@@ -357,8 +447,10 @@ def test_graph_mode_is_a_skipped_row_without_cuda(no_cuda, tmp_path):
             "--json", str(out)]
     assert bench.run(parse(argv)) == 0
     rows = json.loads(out.read_text())["results"]
-    assert [(r["mode"], r["error"]) for r in rows] == [
-        ("e2e", None), ("graph", "skipped: graph mode needs a CUDA device")]
+    assert [(r["provider"], r["mode"], r["error"]) for r in rows] == [
+        ("sdpa-flash", "e2e", None), ("sageflash", "e2e", None),  # the CPU's baseline, added
+        ("sageflash", "graph", "skipped: graph mode needs a CUDA device")]
+    assert rows[1]["vs_baseline"] == pytest.approx(rows[0]["ms"] / rows[1]["ms"])
 
 
 def test_benchmark_script_writes_csv(no_cuda, tmp_path, capsys):

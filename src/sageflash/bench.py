@@ -27,6 +27,8 @@ import importlib
 import importlib.metadata
 import itertools
 import json
+import math
+import os
 import platform
 import statistics
 import sys
@@ -45,8 +47,9 @@ MODES = ("e2e", "kernel", "graph")
 DEFAULT_MODES = ("e2e", "kernel")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 BASELINE = "sdpa-cudnn"
+CPU_BASELINE = "sdpa-flash"  # torch's flash attention runs on the CPU too
 MIB = 1 << 20
-DESCRIPTION = __doc__.splitlines()[0].replace("``", "")
+DESCRIPTION = (__doc__ or "").partition("\n")[0].replace("``", "")  # empty under python -OO
 
 # Shape presets: explicit flags win, then --quick (or the tiny CPU shape when running on the CPU).
 PRESETS = {
@@ -88,10 +91,12 @@ class Knobs:
     pv_accum: PVAccum
     granularity: QKGranularity
     smooth_k: bool
+    smooth_v: bool = False  # only through GGML_SAGE_SMOOTH_V (with pv_accum fp32)
 
     @property
     def label(self) -> str:
-        return f"{self.pv_accum}/{self.granularity}" + ("" if self.smooth_k else "/no-smooth-k")
+        return (f"{self.pv_accum}/{self.granularity}" + ("" if self.smooth_k else "/no-smooth-k")
+                + ("/smooth-v" if self.smooth_v else ""))
 
 
 @dataclasses.dataclass
@@ -234,7 +239,7 @@ def _build_sageattention_sm89(q, k, v, causal, knobs: Knobs, mode, layout):
                               "sageattn_qk_int8_pv_fp8_cuda (SageAttention 2)")
     return functools.partial(module.sageattn_qk_int8_pv_fp8_cuda, q, k, v, tensor_layout=layout,
                              is_causal=causal, qk_quant_gran=str(knobs.granularity),
-                             pv_accum_dtype=str(knobs.pv_accum), smooth_k=knobs.smooth_k)
+                             pv_accum_dtype=str(knobs.pv_accum), smooth_k=knobs.smooth_k, smooth_v=knobs.smooth_v)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -457,6 +462,12 @@ def time_run(provider: Provider, knobs: Knobs | None, mode: str, inputs, shape: 
     return ms, peak_extra_bytes(fn, device) if mode == "e2e" else None, host_us(fn, device)
 
 
+def blank_rows(shape: Shape, settings: Settings, error: str | None = None) -> list[Result]:
+    """One unmeasured row per run of ``shape``, in run order (with ``error``, each says why)."""
+    return [Result(shape, settings.dtype, provider.name, knobs.label if knobs else "", mode, settings.layout,
+                   error=error) for provider, knobs, mode in settings.runs()]
+
+
 def run_shape(shape: Shape, inputs, settings: Settings, device: torch.device) -> list[Result]:
     """Every run of one shape, timed in `Settings.rounds` interleaved rounds; a row's time is the
     median of its rounds and any failure becomes its error.
@@ -465,8 +476,7 @@ def run_shape(shape: Shape, inputs, settings: Settings, device: torch.device) ->
     cap and its SM clock drops from 1980 to 1500-1900 MHz (benchmarks/NOTES.md v8), so a run timed
     right after a long one measured up to 15% slower than the same work timed first."""
     runs = list(settings.runs())
-    results = [Result(shape, settings.dtype, provider.name, knobs.label if knobs else "", mode, settings.layout)
-               for provider, knobs, mode in runs]
+    results = blank_rows(shape, settings)
     samples = [[] for _ in runs]
     readings = [[] for _ in runs]  # (MHz, W) with --telemetry
     for round_index in range(settings.rounds):
@@ -490,8 +500,10 @@ def run_shape(shape: Shape, inputs, settings: Settings, device: torch.device) ->
             if peak is not None:
                 result.peak_mib = peak / MIB
                 result.x_qkv = peak / sum(t.numel() * t.element_size() for t in inputs)
-    baseline_ms = next((statistics.median(times) for result, times in zip(results, samples)
-                        if result.provider == settings.baseline and result.error is None), None)
+    # The baseline is the baseline provider's first row (its first knobs and mode); if that failed,
+    # no row of the shape gets a ratio (never one against another of its rows).
+    baseline, times = next((r, t) for r, t in zip(results, samples) if r.provider == settings.baseline)
+    baseline_ms = None if baseline.error is not None else statistics.median(times)
     for result, times, read in zip(results, samples, readings):
         if result.error is None:
             result.ms = statistics.median(times)
@@ -507,10 +519,16 @@ def run_benchmarks(settings: Settings, device: torch.device, on_result: Callable
     """Every shape x run; calls ``on_result`` for each row as its shape completes and returns all rows."""
     results = []
     for head_dim, seq in itertools.product(settings.head_dims, settings.seqs):
-        inputs = make_inputs(settings, seq, head_dim, device)
+        try:
+            inputs, error = make_inputs(settings, seq, head_dim, device), None
+        except Exception as exc:  # e.g. out of memory: every run of the shape says so, the next shapes run
+            inputs, error = None, f"inputs: {short_error(exc)}"
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         for causal in settings.causals:
             shape = Shape(settings.batch, settings.heads, settings.kv_heads, seq, head_dim, causal)
-            for result in run_shape(shape, inputs, settings, device):
+            rows = run_shape(shape, inputs, settings, device) if error is None else blank_rows(shape, settings, error)
+            for result in rows:
                 results.append(result)
                 on_result(result)
         del inputs
@@ -577,6 +595,7 @@ def environment(device: torch.device, settings: Settings) -> dict:
         compiled_for = device_capability(device)
         if compiled_for != major * 10 + minor:  # TRITON_OVERRIDE_ARCH: another arch's code path
             meta["kernels_compiled_for"] = f"sm_{compiled_for}"
+    meta["ggml_sage_env"] = {name: value for name, value in os.environ.items() if name.startswith("GGML_SAGE_")}
     settings_dict = dataclasses.asdict(settings)
     settings_dict["knobs"] = [k.label for k in settings.knobs]
     meta["settings"] = settings_dict
@@ -593,6 +612,7 @@ def _version(distribution: str) -> str | None:
 def preamble(meta: dict, baseline: str) -> str:
     settings = meta["settings"]
     device = meta["device"] + (f" ({meta['capability']})" if "capability" in meta else "")
+    overrides = " ".join(f"{name}={value}" for name, value in meta["ggml_sage_env"].items())
     return "\n".join([
         f"# sageflash bench on {device}: torch {meta['torch']}, triton {meta['triton']}, "
         f"sageflash {meta['sageflash']}, {settings['dtype']}, {settings['layout']} "
@@ -600,6 +620,7 @@ def preamble(meta: dict, baseline: str) -> str:
         f"# timer: {meta['timer']}; warmup {settings['warmup']:g} ms, rep {settings['rep']:g} ms "
         f"in {settings['rounds']} interleaved rounds (median)",
         f"# TOPS = {meta['flops']}; vs {baseline} = its time / this time on the same shape",
+        *([f"# set in the environment (sageflash reads them): {overrides}"] if overrides else []),
     ])
 
 
@@ -692,6 +713,11 @@ def _choice(choices) -> Callable:
     return convert
 
 
+def _knob(enum_cls, flag: str) -> Callable:
+    """A knob flag's word: a name, or ggml's integer code (``2`` for fp32+fp16), as the op takes them."""
+    return lambda word: enum_cls.parse(int(word) if word.isdigit() else word, flag)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     shapes = parser.add_argument_group("shapes (defaults: B=4 H=32 D=64,128 S=1k..32k; --quick: B=2 "
                                        "H=8 S=1k,4k; on the CPU: B=1 H=2 D=64 S=128)")
@@ -712,16 +738,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     runs = parser.add_argument_group("providers")
     runs.add_argument("--providers", action="append", type=_list_of(_choice(PROVIDERS), "providers"),
                       help=f"comma list of {', '.join(PROVIDERS)} (default: all)")
-    runs.add_argument("--baseline", choices=tuple(PROVIDERS), default=BASELINE,
-                      help=f"the provider every row is compared to (default: {BASELINE})")
+    runs.add_argument("--baseline", choices=tuple(PROVIDERS),
+                      help=f"the provider every row is compared to, always timed (first); its first knobs "
+                           f"and mode when it has several (default: {BASELINE}; on the CPU {CPU_BASELINE})")
     runs.add_argument("--modes", action="append", type=_list_of(_choice(MODES), "modes"),
                       help="e2e (quantization included), kernel (the attention on ready payloads: GPU time), "
                            "graph (e2e replayed from a CUDA graph: no host time); default: e2e,kernel")
-    runs.add_argument("--pv-accum", action="append",
-                      type=_list_of(lambda w: PVAccum.parse(w, "--pv-accum"), "pv_accum values"),
+    runs.add_argument("--pv-accum", action="append", type=_list_of(_knob(PVAccum, "--pv-accum"), "pv_accum values"),
                       help="sageflash P·V accumulation, comma list (default: fp32+fp16)")
     runs.add_argument("--granularity", action="append",
-                      type=_list_of(lambda w: QKGranularity.parse(w, "--granularity"), "granularities"),
+                      type=_list_of(_knob(QKGranularity, "--granularity"), "granularities"),
                       help="sageflash Q/K scale groups, comma list (default: per_thread)")
     runs.add_argument("--smooth-k", action=argparse.BooleanOptionalAction, default=True,
                       help="subtract K's mean before int8 (default: on)")
@@ -763,14 +789,15 @@ def settings_from_args(args: argparse.Namespace, device: torch.device) -> Settin
     heads = args.heads or preset["heads"]
     kv_heads = args.kv_heads or heads
     if heads % kv_heads:
-        raise ValueError(f"--heads ({heads}) must be a multiple of --kv-heads ({kv_heads})")
-    if args.warmup < 0 or args.rep <= 0:
-        raise ValueError(f"--warmup must be >= 0 and --rep > 0 (ms), got {args.warmup:g} and {args.rep:g}")
+        preset_heads = "" if args.heads else ", the preset's"
+        raise ValueError(f"--heads ({heads}{preset_heads}) must be a multiple of --kv-heads ({kv_heads})")
+    if not (0 <= args.warmup < math.inf and 0 < args.rep < math.inf):
+        raise ValueError(f"--warmup must be >= 0 and --rep > 0 (finite ms), got {args.warmup:g} and {args.rep:g}")
     if args.rounds < 1:
         raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
-    baseline = args.baseline
-    providers = _flatten(args.providers) or DEFAULT_PROVIDERS
-    providers = sorted(providers, key=lambda name: name != baseline)  # stable: the baseline first
+    # The baseline is always timed, first: SDPA's flash backend on the CPU, where cuDNN cannot run.
+    baseline = args.baseline or (CPU_BASELINE if device.type == "cpu" else BASELINE)
+    providers = list(dict.fromkeys([baseline, *(_flatten(args.providers) or DEFAULT_PROVIDERS)]))
     knobs = list(dict.fromkeys(resolved_knobs(pv, gran, args.smooth_k) for pv, gran in itertools.product(
         _flatten(args.pv_accum) or [PVAccum.FP32_FP16], _flatten(args.granularity) or [QKGranularity.PER_THREAD])))
     causals = {"on": [True], "off": [False], "both": [False, True]}[args.causal]
@@ -784,7 +811,7 @@ def settings_from_args(args: argparse.Namespace, device: torch.device) -> Settin
 def resolved_knobs(pv_accum, granularity, smooth_k: bool) -> Knobs:
     """The knobs a run really uses, after the ``GGML_SAGE_*`` overrides, so the labels tell the truth."""
     params = resolve_params(None, False, smooth_k, False, pv_accum, granularity)
-    return Knobs(params.pv_accum, params.granularity, params.smooth_k)
+    return Knobs(params.pv_accum, params.granularity, params.smooth_k, params.smooth_v)
 
 
 def pick_device(allow_cpu: bool) -> torch.device | None:
@@ -815,18 +842,50 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return _fail(str(exc))
 
+    for path in filter(None, (args.json, args.csv, args.plot)):  # checked before a long run, not after it
+        if reason := unwritable(path):
+            return _fail(f"cannot write {path}: {reason}")
+
     meta = environment(device, settings)
     print(preamble(meta, settings.baseline))
     print(format_header(settings.baseline, settings.telemetry), flush=True)
-    results = run_benchmarks(settings, device, lambda r: print(format_row(r, settings.baseline, settings.telemetry),
-                                                               flush=True))
-    if args.json:
-        write_json(args.json, meta, results)
-    if args.csv:
-        write_csv(args.csv, results)
-    if args.plot:
-        write_plot(args.plot, results)
+    results = []
+
+    def report(result: Result) -> None:
+        results.append(result)
+        print(format_row(result, settings.baseline, settings.telemetry), flush=True)
+    interrupted = False
+    try:
+        run_benchmarks(settings, device, report)
+    except KeyboardInterrupt:  # keep what was measured: the shapes completed so far
+        interrupted = True
+        print(f"# interrupted: writing the {len(results)} rows of the shapes completed", file=sys.stderr)
+    try:
+        if args.json:
+            write_json(args.json, meta, results)
+        if args.csv:
+            write_csv(args.csv, results)
+        if args.plot:
+            write_plot(args.plot, results)
+    except OSError as exc:
+        return _fail(str(exc))
+    if interrupted:
+        return 130
     return 0 if any(r.ms is not None for r in results) else 1
+
+
+def unwritable(path: str) -> str | None:
+    """Why an output file cannot be written at ``path`` (its folder is created), or None."""
+    target = Path(path)
+    if target.is_dir():
+        return "it is a directory"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        return "permission denied"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ SUBCOMMANDS = [run, dump, compare, bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sageflash", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="sageflash", description=(__doc__ or "").partition("\n")[0])
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in SUBCOMMANDS:
         module.register(subparsers)

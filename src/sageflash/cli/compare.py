@@ -24,7 +24,7 @@ from .run import dump_workload, format_case, parse_report, pick_backend, run_wor
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("compare", help="compare the op with the official output of dumps",
-                                   description=__doc__.splitlines()[0])
+                                   description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("prefixes", nargs="*", metavar="PREFIX", help="dumps to compare")
     parser.add_argument("--case", action="append", default=[], metavar="NAME",
                         help="compare the dump <tmp-dir>/<NAME>, writing it first if missing (repeatable)")

@@ -35,7 +35,7 @@ _OFFICIAL_QUANTIZERS = {
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("dump", help="write built-in cases as dumps (inputs, SDPA reference, payloads)",
-                                   description=__doc__.splitlines()[0])
+                                   description=(__doc__ or "").partition("\n")[0])
     add_case_flags(parser)
     add_knob_flags(parser)
     where = parser.add_mutually_exclusive_group()

@@ -56,7 +56,7 @@ def add_knob_flags(parser: argparse.ArgumentParser) -> None:
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "run", help="run built-in cases or dumps, report timings and errors (the default)",
-        description=__doc__.splitlines()[0])
+        description=(__doc__ or "").partition("\n")[0])
     add_case_flags(parser)
     parser.add_argument("--list", action="store_true", help="list the built-in cases and exit")
     parser.add_argument("--iters", type=positive_int, default=1,

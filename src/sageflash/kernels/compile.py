@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import itertools
 
-    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(main.__doc__ or "").partition("\n")[0])
     parser.add_argument("--capability", type=int, nargs="+", default=[89, 90])
     parser.add_argument("--head-dim", type=int, nargs="+", default=list(groups.HEAD_DIMS))
     parser.add_argument("--pv-accum", nargs="+", default=[m.value for m in PVAccum])
