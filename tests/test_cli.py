@@ -175,6 +175,37 @@ def test_broken_dumps_are_one_line_errors(capsys, case_dump):
     assert_one_line_error(*cli(capsys, "--load", case_dump)[::2], "unknown key 'colour'")
 
 
+def with_meta_line(prefix: str, key: str, value: str | None) -> None:
+    """Rewrite ``<prefix>.meta`` with ``key``'s line set to ``value`` (None: removed)."""
+    lines = [line for line in open(f"{prefix}.meta").read().splitlines() if line.split(" ")[0] != key]
+    with open(f"{prefix}.meta", "w") as fh:
+        fh.write("\n".join(lines + ([] if value is None else [f"{key} {value}"])) + "\n")
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("is_causal", None, "missing keys is_causal"),  # SPEC §9 gives it and smooth_k no default
+    ("smooth_k", None, "missing keys smooth_k"),
+    ("seq_q", "0", "seq_q must be positive"),
+    ("head_dim", "-64", "head_dim must be positive"),
+    ("is_causal", "2", "is_causal must be 0 or 1"),
+])
+def test_meta_errors_are_one_line(capsys, case_dump, key, value, message):
+    """A meta that misses a key without a default, or has a size below 1 or a flag not 0/1, is a
+    one-line error, never a silent default or a traceback."""
+    with_meta_line(case_dump, key, value)
+    assert_one_line_error(*cli(capsys, "--load", case_dump)[::2], message)
+
+
+def test_meta_knobs_may_be_ggml_codes_and_the_defaulted_ones_missing(capsys, case_dump):
+    named = dumps.read_meta(case_dump)
+    with_meta_line(case_dump, "granularity", str(named.params.granularity.code))
+    with_meta_line(case_dump, "pv_accum", "1")
+    with_meta_line(case_dump, "smooth_v", None)
+    meta = dumps.read_meta(case_dump)
+    assert (meta.granularity, meta.pv_accum, meta.smooth_v) == (named.granularity, "fp32+fp32", False)
+    assert cli(capsys, "--load", case_dump)[0] == 0
+
+
 def test_dump_load_compare_round_trip(capsys, case_dump):
     meta = dumps.read_meta(case_dump)
     q, k, v = CASES[CASE].inputs(9, device=pick_backend()[0])

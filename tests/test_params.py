@@ -34,6 +34,7 @@ def test_enums_carry_ggml_codes_and_compare_as_strings(enum_cls, values):
         member = enum_cls.parse(text, "knob")
         assert member == text and str(member) == text and f"{member}" == text
         assert enum_cls.parse(code, "knob") is member
+        assert enum_cls.parse(f" {code}", "knob") is member  # as text: a dump's meta, a command line
         assert enum_cls.parse(text.upper(), "knob") is member
         assert enum_cls.parse(member, "knob") is member
 

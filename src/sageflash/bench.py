@@ -713,11 +713,6 @@ def _choice(choices) -> Callable:
     return convert
 
 
-def _knob(enum_cls, flag: str) -> Callable:
-    """A knob flag's word: a name, or ggml's integer code (``2`` for fp32+fp16), as the op takes them."""
-    return lambda word: enum_cls.parse(int(word) if word.isdigit() else word, flag)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     shapes = parser.add_argument_group("shapes (defaults: B=4 H=32 D=64,128 S=1k..32k; --quick: B=2 "
                                        "H=8 S=1k,4k; on the CPU: B=1 H=2 D=64 S=128)")
@@ -744,10 +739,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     runs.add_argument("--modes", action="append", type=_list_of(_choice(MODES), "modes"),
                       help="e2e (quantization included), kernel (the attention on ready payloads: GPU time), "
                            "graph (e2e replayed from a CUDA graph: no host time); default: e2e,kernel")
-    runs.add_argument("--pv-accum", action="append", type=_list_of(_knob(PVAccum, "--pv-accum"), "pv_accum values"),
+    runs.add_argument("--pv-accum", action="append", type=_list_of(lambda w: PVAccum.parse(w, "--pv-accum"), "pv_accum values"),
                       help="sageflash P·V accumulation, comma list (default: fp32+fp16)")
     runs.add_argument("--granularity", action="append",
-                      type=_list_of(_knob(QKGranularity, "--granularity"), "granularities"),
+                      type=_list_of(lambda w: QKGranularity.parse(w, "--granularity"), "granularities"),
                       help="sageflash Q/K scale groups, comma list (default: per_thread)")
     runs.add_argument("--smooth-k", action=argparse.BooleanOptionalAction, default=True,
                       help="subtract K's mean before int8 (default: on)")

@@ -19,8 +19,9 @@ from .params import PVAccum, QKGranularity, SageParams
 LEGACY_WARNING = ("warning: {prefix} missing .sage_quant.bin; converting legacy layout "
                   "(expect ~0.39 RMS vs float refs if not regenerated)")
 
-_REQUIRED_KEYS = ("head_dim", "seq_q", "seq_k", "num_q_heads", "num_k_heads", "batch",
-                  "is_causal", "smooth_k", "smooth_v", "pv_accum", "granularity")
+_SIZE_KEYS = ("head_dim", "seq_q", "seq_k", "num_q_heads", "num_k_heads", "batch")
+_KEYS = (*_SIZE_KEYS, "is_causal", "smooth_k", "smooth_v", "pv_accum", "granularity")
+_DEFAULTED_KNOBS = ("smooth_v", "pv_accum", "granularity")  # SPEC §9: may be missing (DumpMeta's defaults)
 _OPTIONAL_KEYS = ("dtype", "softmax_scale", "seed", "distribution", "source")
 _DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16}
 
@@ -108,18 +109,27 @@ class DumpMeta:
             if not line.strip():
                 continue
             key, _, value = line.strip().partition(" ")
-            if key not in _REQUIRED_KEYS and key not in _OPTIONAL_KEYS:
+            if key not in _KEYS and key not in _OPTIONAL_KEYS:
                 raise DumpError(f"{origin}:{number}: unknown key {key!r}")
             raw[key] = value.strip()
-        missing = [k for k in _REQUIRED_KEYS[:6] if k not in raw]
+        missing = [k for k in _KEYS if k not in raw and k not in _DEFAULTED_KNOBS]
         if missing:
             raise DumpError(f"{origin}: missing keys {', '.join(missing)}")
         try:
-            meta = cls(**{k: int(raw[k]) for k in _REQUIRED_KEYS[:6]})
+            sizes = {k: int(raw[k]) for k in _SIZE_KEYS}
+            if bad := [k for k, size in sizes.items() if size < 1]:
+                raise DumpError(f"{origin}: {', '.join(bad)} must be positive, got "
+                                f"{', '.join(raw[k] for k in bad)}")
+            meta = cls(**sizes)
             for key in ("is_causal", "smooth_k", "smooth_v"):
                 if key in raw:
-                    setattr(meta, key, bool(int(raw[key])))
-            for key in ("pv_accum", "granularity", "distribution", "source"):
+                    if raw[key] not in ("0", "1"):
+                        raise DumpError(f"{origin}: {key} must be 0 or 1, got {raw[key]!r}")
+                    setattr(meta, key, raw[key] == "1")
+            for key, knob in (("pv_accum", PVAccum), ("granularity", QKGranularity)):
+                if key in raw:  # a name, or ggml's code: kept as the name
+                    setattr(meta, key, knob.parse(raw[key], key).value)
+            for key in ("distribution", "source"):
                 if key in raw:
                     setattr(meta, key, raw[key])
             if "dtype" in raw:

@@ -50,12 +50,14 @@ class _KnobEnum(str, enum.Enum):
 
     @classmethod
     def parse(cls, value, argument: str):
-        """Accept a member, its string (any case) or its integer code; else ValueError/TypeError."""
+        """Accept a member, its string (any case) or its integer code, also as text ("2", as a
+        dump's meta or a command line gives it); else ValueError/TypeError."""
         if isinstance(value, cls):
             return value
         if isinstance(value, bool) or not isinstance(value, (str, int)):
             raise TypeError(f"{argument} must be a string or an integer code, got {type(value).__name__}")
-        member = _KNOB_LOOKUP[cls].get(value.strip().lower() if isinstance(value, str) else value)
+        key = value.strip().lower() if isinstance(value, str) else value
+        member = _KNOB_LOOKUP[cls].get(int(key) if isinstance(key, str) and key.isdecimal() else key)
         if member is not None:
             return member
         raise ValueError(f"{argument} must be one of {cls.choices()}, got {value!r}")
