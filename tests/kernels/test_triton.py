@@ -146,7 +146,7 @@ def test_quantize_qk_is_exact_at_rounding_ties(granularity, dtype):
 
 @pytest.mark.parametrize("pv_accum,smooth_v", [("fp32", True), ("fp32", False), ("fp32+fp16", False)])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("seq_k,head_dim", [(131, 40), (64, 128), (250, 80)])
+@pytest.mark.parametrize("seq_k,head_dim", [(131, 40), (64, 128), (250, 80), (96, 40)])  # 96: no zero tokens in the window
 def test_quantize_v_matches_reference(pv_accum, smooth_v, dtype, seq_k, head_dim):
     _, _, v = random_qkv(seq_k + head_dim, 2, 2, 3, 1, seq_k, head_dim, DTYPES[dtype])
     v[:, :, :, 1] = 0  # an all-zero channel: scale 0, payload 0
@@ -157,6 +157,7 @@ def test_quantize_v_matches_reference(pv_accum, smooth_v, dtype, seq_k, head_dim
     assert_scales_close(got[1], want[1])
     assert (got[1][:, :, 1] == 0).all() and (got[0][:, :, 1].float() == 0).all()
     assert (got[0][..., seq_k:].float() == 0).all()
+    assert (got[1][:, :, head_dim:] == 0).all()  # padded channels: scale 0 (they were inf)
     if smooth_v:
         torch.testing.assert_close(got[2].cpu(), want[2], rtol=1e-5, atol=1e-6)
     else:

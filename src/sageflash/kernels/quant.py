@@ -255,7 +255,7 @@ def _stats_kernel(K, V, STATS, stat_stride, seq, head_dim, kv_heads, n_chunks,
 
     ``STATS`` holds four ``[B, Hk, n_chunks, D]`` float32 planes ``stat_stride`` apart: K's sum,
     V's max, min and (SMOOTH_V) sum (`_KSUM`, `_VMAX`, `_VMIN`, `_VSUM`); a channel past
-    ``head_dim`` has max -inf and min +inf.
+    ``head_dim`` loads as zeros, so its statistics are 0 and its V scale 0, as the reference's.
     """
     let_next_launch_start(PDL)
     chunk, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -285,8 +285,6 @@ def _stats_kernel(K, V, STATS, stat_stride, seq, head_dim, kv_heads, n_chunks,
                                       stride_vb, stride_vh, stride_vs),
                     mask=in_head[None, :], other=0.0)
         v_max, v_min = _max_min(v)
-        v_max = tl.where(in_head, v_max, -float("inf"))
-        v_min = tl.where(in_head, v_min, float("inf"))
         if SMOOTH_V:
             v_sum = tl.sum(tl.where(in_seq[:, None], v.to(tl.float32), 0.0), axis=0)
         wait_for_earlier_launch(PDL)
