@@ -151,6 +151,26 @@ print(json.dumps({"errors": errors, "kernels_imported": "sageflash.kernels" in s
 """
 
 
+LATE_INTERPRETER = """
+import json, os, torch, sageflash, sageflash.kernels
+os.environ["TRITON_INTERPRET"] = "1"  # too late: the kernels were built for the GPU
+q = torch.rand(1, 2, 16, 64).half()
+support = sageflash.is_supported(q, q, q, backend="triton")
+try:
+    sageflash.sage_attn_sm89_fp16(q, q, q, backend="triton")
+    error = None
+except ValueError as err:
+    error = str(err)
+print(json.dumps({"ok": support.ok, "reason": support.reason, "error": error}))
+"""
+
+
+def test_an_interpreter_switched_on_after_the_kernels_were_built_is_a_clear_error():
+    result, _ = run_python(LATE_INTERPRETER)
+    assert not result["ok"] and result["reason"] == result["error"]
+    assert "TRITON_INTERPRET" in result["error"] and "before importing" in result["error"]
+
+
 def test_triton_backend_on_cpu_needs_the_interpreter():
     """No silent fallback to the reference: a clear error, raised before the Triton backend is
     imported (a fresh interpreter, since conftest turns the interpreter on for CPU machines)."""

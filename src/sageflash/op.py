@@ -57,6 +57,10 @@ def select_backend(backend: str, device: torch.device) -> ModuleType:
         raise ValueError(f"backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), "
                          f"got tensors on {device}")
     from . import kernels
+    if device.type == "cpu" and not kernels.INTERPRETED:
+        raise ValueError("backend='triton' on CPU tensors: TRITON_INTERPRET=1 was set after sageflash's Triton "
+                         "kernels were imported, and Triton reads it when it builds them: set it before importing "
+                         "sageflash")
     kernels.check_device(device)
     return kernels
 

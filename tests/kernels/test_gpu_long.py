@@ -110,3 +110,16 @@ def test_large_calls_stay_under_0_6x_extra_memory(monkeypatch):
     monkeypatch.setattr(kernels, "CHUNKED_FROM_BYTES", 1 << 62)
     one_piece = sageflash.sage_attn_sm89_fp16(q, k, v)
     assert not torch.equal(out, torch.zeros_like(out)) and torch.equal(out, one_piece)
+
+
+def test_a_batch_past_the_grid_limit():
+    """65536 batch entries (temporal attention over a 256x256 latent), one more than CUDA's grid
+    axis z holds: split into slices, each entry as when it runs alone."""
+    from sageflash.kernels import launch
+    gen = torch.Generator(device="cuda").manual_seed(65536)
+    q, k, v = (torch.randn(launch.MAX_GRID_BATCH + 1, 1, 16, 64, generator=gen, device="cuda", dtype=torch.float16)
+               for _ in range(3))
+    out = sageflash.sage_attn_sm89_fp16(q, k, v, is_causal=True)
+    for b in (0, launch.MAX_GRID_BATCH - 1, launch.MAX_GRID_BATCH):  # the first, the last of a slice, the next
+        alone = sageflash.sage_attn_sm89_fp16(q[b:b + 1], k[b:b + 1], v[b:b + 1], is_causal=True)
+        assert torch.equal(out[b:b + 1], alone)

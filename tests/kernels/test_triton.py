@@ -248,6 +248,38 @@ def test_chunked_attention_is_the_one_piece_result(monkeypatch, case, layout):
         assert torch.equal(got, want)
 
 
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log2")  # masked padding rows' LSE, not stored
+@pytest.mark.parametrize("mask_batch", [5, 1])
+def test_batches_past_the_grid_limit_run_in_slices(monkeypatch, mask_batch):
+    """A batch above launch.MAX_GRID_BATCH (CUDA's 65535 on grid axis z) runs in slices with the
+    one-launch result bit for bit (here with the limit lowered to 2: 5 -> 2 + 2 + 1), a per-batch
+    mask sliced with it, a broadcast one not; the low-level calls refuse such a batch by name."""
+    from sageflash.kernels import launch
+    q, k, v = random_qkv(7, 5, 4, 2, 40, 70, 64, torch.float16)
+    gen = torch.Generator().manual_seed(10)
+    mask = (torch.rand(mask_batch, 1, 40, 70, generator=gen) > 0.3).to(q.device)
+    call = lambda: sageflash.sage_attn_sm89_fp16(q, k, v, is_causal=True, return_lse=True, attn_mask=mask,  # noqa: E731
+                                                 backend="triton")
+    whole = call()
+    monkeypatch.setattr(launch, "MAX_GRID_BATCH", 2)
+    sliced = call()
+    for got, want in zip(sliced, whole):
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="batch size 5 is above 2"):
+        sageflash.quantize_qk(q, k, granularity="per_thread", smooth_k=True, backend="triton")
+
+
+def test_tensors_passed_by_keyword():
+    """The backend's functions find their device from keyword tensors too (they raised StopIteration)."""
+    q, k, v = random_qkv(3, 1, 2, 2, 64, 64, 64, torch.float16)
+    by_keyword = kernels.quantize_v(v=v, pv_accum="fp32", smooth_v=False)
+    by_position = kernels.quantize_v(v, pv_accum="fp32", smooth_v=False)
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if a.dtype == torch.float8_e4m3fn
+               else torch.equal(a, b) for a, b in zip(by_keyword[:2], by_position[:2]))
+    assert torch.equal(kernels.quantize_qk(q=q, k=k, granularity="per_thread", smooth_k=True)[0],
+                       kernels.quantize_qk(q, k, granularity="per_thread", smooth_k=True)[0])
+
+
 ATTENTION_SHAPES = [  # batch, q heads, kv heads, seq_q, seq_k, head dim, causal
     (1, 2, 1, 64, 64, 64, True),
     (2, 4, 2, 77, 131, 40, False),

@@ -14,7 +14,9 @@ from triton.runtime import driver
 from .. import groups
 from ..op import interpreter_enabled
 
-if interpreter_enabled():
+# Triton reads TRITON_INTERPRET when it decorates the kernels (this import): fixed from here on.
+INTERPRETED = interpreter_enabled()
+if INTERPRETED:
     from .interpreter import check_numpy, install_gpu_arithmetic
 
     check_numpy()
@@ -55,8 +57,8 @@ def _on_tensor_device(fn):
     would otherwise be read by a kernel on the wrong GPU."""
     @functools.wraps(fn)
     def on_device(*args, **kwargs):
-        device = next(a.device for a in args if isinstance(a, torch.Tensor))
-        if device.type == "cuda" and device.index != torch.cuda.current_device():
+        device = next((a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if device is not None and device.type == "cuda" and device.index != torch.cuda.current_device():
             with torch.cuda.device(device):
                 return fn(*args, **kwargs)
         return fn(*args, **kwargs)
@@ -100,9 +102,12 @@ def kv_head_chunks(q, k, v) -> int:
 @_on_tensor_device
 def attention(q, k, v, params, return_lse: bool = False, out=None, attn_mask=None):
     """Quantize Q, K and V, then run the attention kernel; large calls in `kv_head_chunks` pieces,
-    with the same result (every quantization statistic is per batch and KV head)."""
+    and batches past the grid's `launch.MAX_GRID_BATCH` in slices, with the same result (every
+    quantization statistic is per batch and KV head)."""
     if out is None:
         out = q.new_empty(q.shape)
+    if q.shape[0] > launch.MAX_GRID_BATCH:
+        return _in_batch_slices(q, k, v, params, return_lse, out, attn_mask)
     chunks = kv_head_chunks(q, k, v)
     if chunks == 1:
         return _attend_heads(q, k, v, params, return_lse, out, attn_mask, chained=False)
@@ -118,6 +123,19 @@ def attention(q, k, v, params, return_lse: bool = False, out=None, attn_mask=Non
                                None if mask is None else mask[:, qh], chained=first > 0 and not return_lse)
         if return_lse:
             lse[:, qh] = result[1]
+    return (out, lse) if return_lse else out
+
+
+def _in_batch_slices(q, k, v, params, return_lse, out, attn_mask):
+    """`attention` over slices of at most `launch.MAX_GRID_BATCH` batch entries (temporal attention
+    that folds a 256x256 latent into the batch has 65536), into ``out``'s slices."""
+    lse = q.new_empty(q.shape[:3], dtype=torch.float32) if return_lse else None
+    batched_mask = attn_mask is not None and attn_mask.dim() == 4 and attn_mask.shape[0] > 1
+    for first in range(0, q.shape[0], launch.MAX_GRID_BATCH):
+        b = slice(first, first + launch.MAX_GRID_BATCH)
+        result = attention(q[b], k[b], v[b], params, return_lse, out[b], attn_mask[b] if batched_mask else attn_mask)
+        if return_lse:
+            lse[b] = result[1]
     return (out, lse) if return_lse else out
 
 

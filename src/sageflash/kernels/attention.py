@@ -19,8 +19,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .. import groups
 from ..params import PVAccum, QKGranularity, SageParams, warn_once
-from .launch import (Launcher, dependent_launch, device_capability, e4m3_cast_in_ptx, let_next_launch_start,
-                     wait_for_earlier_launch)
+from .launch import (Launcher, check_grid_batch, dependent_launch, device_capability, e4m3_cast_in_ptx,
+                     let_next_launch_start, wait_for_earlier_launch)
 from .quant import k_group, q_group, to_e4m3
 
 BLOCK_N = tl.constexpr(groups.K_TILE)  # keys per running-max block (SPEC §5)
@@ -395,6 +395,7 @@ def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_
     """
     batch, q_heads = q_int8.shape[:2]
     kv_heads, padded = k_int8.shape[1], k_int8.shape[-1]
+    check_grid_batch(batch)
     if not v_kernel_order:
         v_fp8 = v_in_kernel_order(v_fp8)
     if out is None:

@@ -33,6 +33,7 @@ from ..op import interpreter_enabled
 from . import replay
 
 MAX_PATTERNS = 256  # argument patterns kept per kernel; past it the cache starts again
+MAX_GRID_BATCH = 65535  # CUDA's limit on grid axes y and z; every kernel puts the batch on z
 PDL_MIN_CAPABILITY = 90  # griddepcontrol (programmatic dependent launch): Hopper and later
 TRITON_E4M3_CAST_MIN_CAPABILITY = 90  # below, Triton 3.6 casts float32 to e4m3 in two roundings
 PDL = True  # False: ordinary launches only (A/B runs; set it before the first call: replays keep their launches)
@@ -53,6 +54,14 @@ def device_capability(device: torch.device) -> int:
 def _hardware_capability(device: torch.device) -> int:
     major, minor = torch.cuda.get_device_capability(device)
     return major * 10 + minor
+
+
+def check_grid_batch(batch: int) -> None:
+    """A ValueError for a batch past `MAX_GRID_BATCH` (a launch would fail with CUDA's "invalid
+    argument"); the op itself splits such batches (`kernels.attention`)."""
+    if batch > MAX_GRID_BATCH:
+        raise ValueError(f"batch size {batch} is above {MAX_GRID_BATCH}, the most one launch's grid holds: "
+                         f"call sage_attn_sm89_fp16, which splits the batch, or pass slices")
 
 
 def dependent_launch(device: torch.device) -> bool:

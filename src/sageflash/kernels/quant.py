@@ -25,7 +25,8 @@ import triton.language as tl
 
 from .. import groups
 from ..params import PVAccum, QKGranularity
-from .launch import Launcher, dependent_launch, e4m3_cast_in_ptx, let_next_launch_start, wait_for_earlier_launch
+from .launch import (Launcher, check_grid_batch, dependent_launch, e4m3_cast_in_ptx, let_next_launch_start,
+                     wait_for_earlier_launch)
 
 
 
@@ -399,6 +400,7 @@ def quantize_qkv(q, k, v, *, granularity, smooth_k: bool, km=None, pv_accum=None
     """
     per_thread = QKGranularity.parse(granularity, "granularity") is QKGranularity.PER_THREAD
     batch, kv_heads, seq_k, head_dim = (k if k is not None else v).shape
+    check_grid_batch(batch)
     padded = groups.padded_head_dim(head_dim)
     device = (k if k is not None else v).device
     if (q is None) != (k is None):
