@@ -274,6 +274,10 @@ def test_an_output_that_cannot_be_written_fails_before_the_run(no_cuda, monkeypa
     (tmp_path / "taken").mkdir()
     assert bench.run(parse([*TINY, "--allow-cpu", "--csv", str(tmp_path / "taken")])) == 2
     assert f"cannot write {tmp_path / 'taken'}: it is a directory" in capsys.readouterr().err
+    (tmp_path / "plain").write_text("")  # a file where a folder must be: what os.access could not tell root
+    assert bench.run(parse([*TINY, "--allow-cpu", "--json", str(tmp_path / "plain" / "r.json")])) == 2
+    assert "cannot write" in capsys.readouterr().err
+    assert bench.unwritable(str(tmp_path / "new" / "r.csv")) is None and not (tmp_path / "new" / "r.csv").exists()
 
 
 def test_an_interrupted_run_writes_the_shapes_completed(no_cuda, monkeypatch, tmp_path, capsys):

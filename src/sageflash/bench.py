@@ -874,12 +874,15 @@ def unwritable(path: str) -> str | None:
     target = Path(path)
     if target.is_dir():
         return "it is a directory"
-    try:
+    existed = target.exists()
+    try:  # opened, not asked (os.access says yes to root, and nothing of a file system it cannot write)
         target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "a"):
+            pass
     except OSError as exc:
         return exc.strerror or str(exc)
-    if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        return "permission denied"
+    if not existed:
+        target.unlink()
     return None
 
 
