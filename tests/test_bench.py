@@ -171,25 +171,34 @@ def test_cpu_run_rows(cpu_run):
 
 
 def test_cpu_run_table_and_csv_match_json(cpu_run):
+    """Every CSV field is the JSON row's, and every table cell, cut at the columns' widths, is the
+    JSON value in its column's format (a cell under the wrong header fails)."""
     _, stdout, report, csv_rows = cpu_run
     rows = report["results"]
     lines = stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if not line.startswith("#"))
-    assert lines[header].split()[:9] == ["B", "H", "Hkv", "S", "D", "causal", "provider", "config", "mode"]
-    assert "vs sdpa-flash" in lines[header]
+    columns = bench.table_columns("sdpa-flash")
+    assert lines[header] == "  ".join(f"{name:>{width}}" for name, width, _ in columns).rstrip()
     table = lines[header + 1:]
     assert len(table) == len(rows) == len(csv_rows)
+    formats = {"B": ("batch", "d"), "H": ("heads", "d"), "Hkv": ("kv_heads", "d"), "S": ("seq", "d"),
+               "D": ("head_dim", "d"), "provider": ("provider", "s"), "config": ("config", "s"), "mode": ("mode", "s"),
+               "ms": ("ms", ".4g"), "host µs": ("host_us", ".0f"), "TOPS": ("tops", ".4g"),
+               "vs sdpa-flash": ("vs_baseline", ".2f"), "peak MiB": ("peak_mib", ".1f"), "xQKV": ("x_qkv", ".2f")}
     for line, row, csv_row in zip(table, rows, csv_rows):
-        assert csv_row["provider"] == row["provider"] and csv_row["mode"] == row["mode"]
-        assert csv_row["causal"] == str(row["causal"])
-        if row["error"]:
-            assert line.endswith(row["error"]) and csv_row["error"] == row["error"]
-            continue
-        assert float(csv_row["ms"]) == pytest.approx(row["ms"]) and csv_row["error"] == ""
-        cells = line.split()
-        assert cells[cells.index(row["mode"]) + 1] == format(row["ms"], ".4g")
-        assert cells[cells.index(row["mode"]) + 2] == "-" and row["host_us"] is None  # CPU: all host
-        assert cells[cells.index(row["mode"]) + 3] == format(row["tops"], ".4g")
+        assert csv_row == {key: "" if value is None else str(value) for key, value in row.items()}
+        start = 0
+        for name, width, _ in columns:
+            cell, start = line[start:start + width].strip(), start + width + 2
+            if name == "causal":
+                assert cell == ("yes" if row["causal"] else "no")
+            elif row["error"] and name in ("ms", "host µs", "TOPS", "vs sdpa-flash", "peak MiB", "xQKV"):
+                assert line.endswith(row["error"])
+                break
+            else:
+                key, spec = formats[name]
+                assert cell == ("-" if row[key] is None else format(row[key], spec)), (name, line)
+    assert any(row["vs_baseline"] not in (None, 1.0) for row in rows)  # the ratio column is exercised
 
 
 @pytest.mark.parametrize("provider,mode", [("sageflash", "e2e"), ("sageflash", "kernel"), ("sdpa-flash", "e2e")])

@@ -100,6 +100,20 @@ def test_cases_run_in_the_order_given_and_the_summary_picks_the_extremes(capsys)
     worst = re.search(r"worst rms diff: (\S+) \((\S+)\)", out).groups()
     assert float(worst[0]) == max(r["rms_avg"] for r in records)
     assert any(r["name"] == worst[1] and r["rms_avg"] == float(worst[0]) for r in records)
+    for r in records:  # flash's time over the op's, from the printed times (3 decimals) and ratio (2)
+        assert r["speedup"] == pytest.approx(r["flash_ms"] / r["sage_ms"], rel=0.01, abs=0.01)
+
+
+@pytest.mark.parametrize("extreme_at", [0, 1, 2])
+def test_the_summary_picks_the_extremes_wherever_they_are(extreme_at):
+    from sageflash import resolve_params
+    from sageflash.cli.run import CaseReport, format_summary
+    params = resolve_params(head_dim=64)
+    reports = [CaseReport(f"c{i}", {}, params, 1, sage_ms=2.0, flash_ms=1.0, reference="flash", max_diff=0.1,
+                          rms_avg=1e-3) for i in range(3)]
+    reports[extreme_at].flash_ms, reports[extreme_at].rms_avg = 5.0, 7e-3
+    summary = format_summary(reports)
+    assert f"best speedup: 2.50x (c{extreme_at})" in summary and f"worst rms diff: 7.000e-03 (c{extreme_at})" in summary
 
 
 def test_all_ten_cases_report_their_table_knobs(capsys):

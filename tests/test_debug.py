@@ -93,7 +93,7 @@ def test_dump_writes_every_intermediate_of_the_first_call(monkeypatch, tmp_path,
     prefix = str(tmp_path / "call")
     monkeypatch.setenv(debug.DUMP, prefix)
     q, k, v = gqa_inputs(5)
-    knobs = dict(pv_accum="fp32", smooth_v=True, granularity="per_thread")
+    knobs = dict(pv_accum="fp32", smooth_v=True, granularity="per_thread", softmax_scale=0.3)
     out = op(q, k, v, **knobs)
     op(*gqa_inputs(6), **knobs)  # a later call leaves the dump alone
 
@@ -109,6 +109,7 @@ def test_dump_writes_every_intermediate_of_the_first_call(monkeypatch, tmp_path,
     for tag, tensor in expected.items():
         assert torch.equal(read[tag].view(torch.uint8), tensor.view(torch.uint8)), tag
     assert (meta.granularity, meta.pv_accum, meta.smooth_v, meta.num_q_heads) == ("per_thread", "fp32", True, 4)
+    assert meta.params.softmax_scale == 0.3  # written and read back (the default would be 40 ** -0.5)
 
     monkeypatch.delenv(debug.DUMP)
     assert main(["--load", prefix]) == 0 and f"Case {prefix}\n" in capsys.readouterr().out
@@ -189,6 +190,13 @@ def test_kernel_telemetry_follows_the_online_softmax_to_the_lse(monkeypatch, cap
         if block == "3":  # the last block: m and l are final, LSE = (m + log2 l) ln 2
             assert (float(m) + math.log2(float(row_sum))) * math.log(2) == pytest.approx(
                 lse[0, 2, int(row)].item(), abs=1e-5)
+    by_row = {}
+    for row, block, m, alpha, row_sum in lines:  # each block rescales by 2^(m_before - m_now)
+        before = by_row.get(row)
+        if before is not None:
+            assert float(alpha) == pytest.approx(2 ** (before[0] - float(m)), rel=1e-5, abs=1.5e-6)  # printed to 6 places
+            assert float(row_sum) >= (float(alpha) - 1e-6) * before[1]  # l = alpha l_before + this block's sum
+        by_row[row] = (float(m), float(row_sum))
     monkeypatch.setenv(debug.KERNEL_ITERS, "2")
     op(q, k, v, is_causal=causal, smooth_k=False)
     assert len(re.findall(r"sageflash kernel: .* block [01]:", capsys.readouterr().err)) == 3 * 2

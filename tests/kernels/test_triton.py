@@ -13,6 +13,7 @@ import triton.language as tl
 
 import sageflash
 from conftest import HAS_CUDA, nmse
+from helpers import make_mask
 from sageflash import dumps, kernels, reference
 from sageflash.kernels import quant
 from sageflash.params import resolve_params
@@ -105,6 +106,18 @@ def test_quantize_qk_matches_reference(granularity, smooth_k, dtype, seq_q, seq_
         torch.testing.assert_close(got[4][..., :head_dim].cpu().float(), km_cpu.float(), rtol=1e-3, atol=1e-3)
     else:
         assert got[4] is None
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_per_warp_groups_of_tiny_values_keep_their_own_scale(backend):
+    """SPEC §3's per_warp floor (amax >= 1e-7) binds only below it: bf16 values of ~1e-5 get scales
+    amax / 127 (≈1e-7) and codes up to ±127, not a floor-sized scale and codes near 0."""
+    q, k, _ = random_qkv(11, 1, 2, 2, 100, 100, 64, torch.bfloat16)
+    q, k = q * 1e-5, k * 1e-5
+    q8, qs, k8, ks, _ = sageflash.quantize_qk(q, k, granularity="per_warp", smooth_k=False, backend=backend)
+    for payload, scales in ((q8, qs), (k8, ks)):
+        assert payload.abs().max() == 127 and scales.max() < 1e-6
+        assert (scales.cpu() > 0).all()
 
 
 def values_at_rounding_ties(dtype, heads, seq, head_dim):
@@ -227,16 +240,20 @@ def test_kv_head_chunks_policy():
     dict(shape=(2, 6, 3, 70, 100, 40), is_causal=True, return_lse=True),  # 3 chunks of one KV head
     dict(shape=(1, 4, 4, 64, 130, 64), pv_accum="fp32+fp32", mask=True),  # 2 chunks, a bool mask
     dict(shape=(2, 2, 2, 90, 90, 128), pv_accum="fp32", smooth_v=True, return_lse=True),
-], ids=["gqa-causal-lse", "mask", "fp32-smooth_v"])
+    dict(shape=(1, 4, 2, 64, 130, 64), mask="bool_per_head"),  # a chunk's query heads pick their mask rows
+], ids=["gqa-causal-lse", "mask", "fp32-smooth_v", "gqa-mask-per-head"])
 def test_chunked_attention_is_the_one_piece_result(monkeypatch, case, layout):
     """Attention in KV-head chunks (what large calls do) gives the one-piece output and LSE bit
     for bit: quantization statistics never cross a (batch, KV head)."""
     case = dict(case)
     batch, hq, hk, sq, sk, d = case.pop("shape")
     q, k, v = random_qkv(sq * d + hq, batch, hq, hk, sq, sk, d, torch.float16)
-    if case.pop("mask", False):
+    mask = case.pop("mask", False)
+    if mask is True:
         gen = torch.Generator().manual_seed(9)
         case["attn_mask"] = (torch.rand(batch, 1, sq, sk, generator=gen) > 0.2).to(q.device)
+    elif mask:
+        case["attn_mask"] = make_mask(mask, batch, hq, sq, sk, seed=9, device=q.device)
     if layout == "NHD":
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))
     call = lambda: sageflash.sage_attn_sm89_fp16(q, k, v, tensor_layout=layout, backend="triton", **case)  # noqa: E731

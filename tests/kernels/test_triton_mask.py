@@ -67,6 +67,26 @@ def test_neutral_masks_change_nothing():
         assert_same_numbers(out, plain)
 
 
+@pytest.mark.parametrize("granularity", ["per_warp", "per_thread"])
+@pytest.mark.parametrize("kind", ["bool_per_head", "alibi_fp16", "additive_bf16"])
+def test_masks_in_128_key_steps(kind, granularity):
+    """Hopper's default launch takes 128 keys per loop step as two 64-key softmax blocks, each with
+    its own K scales and mask columns: run here (pointer loads, so also on Ada and the interpreter)
+    over the same payloads as the reference."""
+    from sageflash.kernels.attention import LaunchConfig
+    q, k, v = random_qkv(B, 4, 2, SQ, 200, D, seed=7, device=DEVICE)
+    mask = make_mask(kind, B, 4, SQ, 200, seed=8, device=DEVICE)
+    params = sageflash.resolve_params(head_dim=D, is_causal=True, granularity=granularity)
+    q8, qs, k8, ks, _, v8, vs, vm = kernels.quantize_qkv(q, k, v, granularity=params.granularity, smooth_k=True,
+                                                         pv_accum=params.pv_accum)
+    payloads = dict(params=params, seq_q=SQ, seq_k=200, head_dim=D, out_dtype=q.dtype, attn_mask=mask)
+    out = kernels.attention_from_payloads(q8, qs, k8, ks, v8, vs, vm, out=torch.full_like(q, math.nan),
+                                          launch=LaunchConfig(64, 128, 4, 3), **payloads)
+    ref = reference.attention_from_payloads(*(x.cpu() for x in (q8, qs, k8, ks, v8, vs)), None,
+                                            **{**payloads, "attn_mask": mask.cpu()})
+    assert torch.isfinite(out).all() and nmse(out.cpu(), ref) <= 1e-5
+
+
 @pytest.mark.filterwarnings("ignore:divide by zero encountered in log2")  # the interpreter's log2(0) = -inf
 def test_fully_masked_rows_give_zeros_and_lse_minus_inf():
     q, k, v = random_qkv(1, HQ, HK, 64, 64, D, seed=5, device=DEVICE)
