@@ -194,7 +194,8 @@ def test_kernel_telemetry_follows_the_online_softmax_to_the_lse(monkeypatch, cap
     for row, block, m, alpha, row_sum in lines:  # each block rescales by 2^(m_before - m_now)
         before = by_row.get(row)
         if before is not None:
-            assert float(alpha) == pytest.approx(2 ** (before[0] - float(m)), rel=1e-5, abs=1.5e-6)  # printed to 6 places
+            # printed to 6 places
+            assert float(alpha) == pytest.approx(2 ** (before[0] - float(m)), rel=1e-5, abs=1.5e-6)
             assert float(row_sum) >= (float(alpha) - 1e-6) * before[1]  # l = alpha l_before + this block's sum
         by_row[row] = (float(m), float(row_sum))
     monkeypatch.setenv(debug.KERNEL_ITERS, "2")

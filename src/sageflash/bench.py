@@ -502,8 +502,8 @@ def run_shape(shape: Shape, inputs, settings: Settings, device: torch.device) ->
                 result.x_qkv = peak / sum(t.numel() * t.element_size() for t in inputs)
     # The baseline is the baseline provider's first row (its first knobs and mode); if that failed,
     # no row of the shape gets a ratio (never one against another of its rows).
-    baseline, times = next((r, t) for r, t in zip(results, samples) if r.provider == settings.baseline)
-    baseline_ms = None if baseline.error is not None else statistics.median(times)
+    baseline, baseline_times = next((r, t) for r, t in zip(results, samples) if r.provider == settings.baseline)
+    baseline_ms = None if baseline.error is not None else statistics.median(baseline_times)
     for result, times, read in zip(results, samples, readings):
         if result.error is None:
             result.ms = statistics.median(times)
@@ -739,7 +739,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     runs.add_argument("--modes", action="append", type=_list_of(_choice(MODES), "modes"),
                       help="e2e (quantization included), kernel (the attention on ready payloads: GPU time), "
                            "graph (e2e replayed from a CUDA graph: no host time); default: e2e,kernel")
-    runs.add_argument("--pv-accum", action="append", type=_list_of(lambda w: PVAccum.parse(w, "--pv-accum"), "pv_accum values"),
+    runs.add_argument("--pv-accum", action="append",
+                      type=_list_of(lambda w: PVAccum.parse(w, "--pv-accum"), "pv_accum values"),
                       help="sageflash P·V accumulation, comma list (default: fp32+fp16)")
     runs.add_argument("--granularity", action="append",
                       type=_list_of(lambda w: QKGranularity.parse(w, "--granularity"), "granularities"),
