@@ -115,6 +115,23 @@ def test_dump_writes_every_intermediate_of_the_first_call(monkeypatch, tmp_path,
     assert main(["--load", prefix]) == 0 and f"Case {prefix}\n" in capsys.readouterr().out
 
 
+def test_a_masked_calls_dump_and_telemetry_say_they_leave_the_mask_out(monkeypatch, tmp_path, capsys):
+    """The dump format has no mask (SPEC §9): the meta's source and a stderr line say so, and the
+    kernel telemetry says its values leave the mask out."""
+    prefix = str(tmp_path / "masked")
+    monkeypatch.setenv(debug.DUMP, prefix)
+    monkeypatch.setenv(debug.KERNEL_ITERS, "1")
+    q, k, v = gqa_inputs(8)
+    mask = torch.rand(q.shape[2], k.shape[2], generator=torch.Generator().manual_seed(8)) > 0.5
+    op(q, k, v, attn_mask=mask)
+    err = capsys.readouterr().err
+    assert f"sageflash dump: {prefix}: attn_mask is not recorded" in err
+    assert "sageflash kernel: call 0: the values below leave out attn_mask" in err
+    assert "attn_mask not recorded" in dumps.read_meta(prefix).source
+    op(*gqa_inputs(9))  # unmasked: no such line
+    assert "attn_mask" not in capsys.readouterr().err
+
+
 def test_dump_qk_int8_writes_only_the_qk_payloads(monkeypatch, tmp_path):
     prefix = str(tmp_path / "qk")
     monkeypatch.setenv(debug.DUMP_QK_INT8, prefix)

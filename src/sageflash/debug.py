@@ -350,20 +350,29 @@ def run(backend, q, k, v, params: SageParams, return_lse: bool = False, out=None
     call = next(_calls)
     _, where = qk_quantizer(backend, toggles)
     payloads = quantize(backend, q, k, v, params, toggles)
-    meta = meta_for(q, k, params, source=f"sageflash debug dump, call {call}, Q/K by {where}")
+    unrecorded = "" if attn_mask is None else "; attn_mask not recorded: run --load replays the call unmasked"
+    meta = meta_for(q, k, params, source=f"sageflash debug dump, call {call}, Q/K by {where}{unrecorded}")
     sample = (toggles.sample_head, toggles.sample_block)
+
+    def dump(prefix: str, tags: dict) -> None:
+        write_dump(prefix, *restrict(meta, tags, *sample))
+        if attn_mask is not None:  # the format has no mask tag (SPEC §9)
+            _say("dump", f"{prefix}: attn_mask is not recorded; sageflash run --load replays the call unmasked")
+
     if toggles.dump_qk_int8 and call == 0:
-        qk_tags = {"q": q, "k": k, **payloads.tags(["q_int8", "q_scale", "k_int8", "k_scale", "k_mean"])}
-        write_dump(toggles.dump_qk_int8, *restrict(meta, qk_tags, *sample))
+        dump(toggles.dump_qk_int8, {"q": q, "k": k, **payloads.tags(["q_int8", "q_scale", "k_int8", "k_scale",
+                                                                     "k_mean"])})
     if toggles.debug_quant:
         print_scale_stats(payloads, meta, where, call)
     if toggles.kernel_iters:
+        if attn_mask is not None:
+            _say("kernel", f"call {call}: the values below leave out attn_mask")
         print_softmax_telemetry(payloads, params, meta, toggles, call)
     result = attend(backend, payloads, q, k.shape[2], params, return_lse, out, attn_mask)
     out = result[0] if return_lse else result
     tensors = {**input_tags(q, k, v), **payloads.tags(), "out": out}
     if toggles.dump and call == 0:
-        write_dump(toggles.dump, *restrict(meta, tensors, *sample))
+        dump(toggles.dump, tensors)
     if toggles.sample_prefix and call < toggles.sample_limit:
-        write_dump(f"{toggles.sample_prefix}{call}", *restrict(meta, tensors, *sample))
+        dump(f"{toggles.sample_prefix}{call}", tensors)
     return result
