@@ -515,9 +515,8 @@ def run_shape(shape: Shape, inputs, settings: Settings, device: torch.device) ->
     return results
 
 
-def run_benchmarks(settings: Settings, device: torch.device, on_result: Callable[[Result], None]):
-    """Every shape x run; calls ``on_result`` for each row as its shape completes and returns all rows."""
-    results = []
+def run_benchmarks(settings: Settings, device: torch.device, on_result: Callable[[Result], None]) -> None:
+    """Every shape x run; calls ``on_result`` for each row as its shape completes."""
     for head_dim, seq in itertools.product(settings.head_dims, settings.seqs):
         try:
             inputs, error = make_inputs(settings, seq, head_dim, device), None
@@ -529,10 +528,8 @@ def run_benchmarks(settings: Settings, device: torch.device, on_result: Callable
             shape = Shape(settings.batch, settings.heads, settings.kv_heads, seq, head_dim, causal)
             rows = run_shape(shape, inputs, settings, device) if error is None else blank_rows(shape, settings, error)
             for result in rows:
-                results.append(result)
                 on_result(result)
         del inputs
-    return results
 
 
 # ---------------------------------------------------------------------------------------------

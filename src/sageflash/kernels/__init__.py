@@ -57,7 +57,9 @@ def _on_tensor_device(fn):
     would otherwise be read by a kernel on the wrong GPU."""
     @functools.wraps(fn)
     def on_device(*args, **kwargs):
-        device = next((a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+        if device is None:  # tensors by keyword only (the op's own calls pass them by position)
+            device = next((a.device for a in kwargs.values() if isinstance(a, torch.Tensor)), None)
         if device is not None and device.type == "cuda" and device.index != torch.cuda.current_device():
             with torch.cuda.device(device):
                 return fn(*args, **kwargs)
