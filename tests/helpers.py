@@ -44,15 +44,13 @@ def random_qkv(batch=1, q_heads=2, kv_heads=1, seq_q=37, seq_k=None, head_dim=64
     return tuple(x.to(device, dtype) for x in (q, k, v))
 
 
-def exact_attention(q, k, v, softmax_scale=None, is_causal=False, attn_mask=None) -> torch.Tensor:
-    """Float64 softmax attention: query head h reads KV head h // (Hq/Hk); causal is
-    bottom-right (key j visible to query t iff j <= t + Sk - Sq); ``attn_mask`` as torch SDPA's
-    (bool: True keeps; float: added to the scaled scores); a row with no visible key is 0.
-    """
-    q, k, v = (x.double() for x in (q, k, v))
+def exact_scores(q, k, softmax_scale=None, is_causal=False, attn_mask=None) -> torch.Tensor:
+    """Float64 scaled scores ``[B, Hq, Sq, Sk]``, hidden keys at -inf: query head h reads KV head
+    h // (Hq/Hk); causal is bottom-right (key j visible to query t iff j <= t + Sk - Sq);
+    ``attn_mask`` as torch SDPA's (bool: True keeps; float: added to the scaled scores)."""
+    q, k = q.double(), k.double()
     seq_q, seq_k, head_dim = q.shape[2], k.shape[2], q.shape[3]
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scale = head_dim ** -0.5 if softmax_scale is None else softmax_scale
     scores = (q @ k.transpose(-1, -2)) * scale
     if is_causal:
@@ -63,8 +61,20 @@ def exact_attention(q, k, v, softmax_scale=None, is_causal=False, attn_mask=None
         scores = scores.masked_fill(~attn_mask, float("-inf"))
     elif attn_mask is not None:
         scores = scores + attn_mask.double()
+    return scores
+
+
+def exact_attention(q, k, v, softmax_scale=None, is_causal=False, attn_mask=None) -> torch.Tensor:
+    """Float64 softmax attention over `exact_scores`; a row with no visible key is 0."""
+    scores = exact_scores(q, k, softmax_scale, is_causal, attn_mask)
     weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows: NaN -> 0
-    return weights @ v
+    return weights @ v.double().repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+
+
+def exact_lse(q, k, softmax_scale=None, is_causal=False, attn_mask=None) -> torch.Tensor:
+    """Float64 natural-log logsumexp of `exact_scores`, on the CPU (-inf for a row with no visible key)."""
+    mask = None if attn_mask is None else attn_mask.cpu()
+    return torch.logsumexp(exact_scores(q.cpu(), k.cpu(), softmax_scale, is_causal, mask), dim=-1)
 
 
 def load_refdump(prefix: str, *tags: str):

@@ -13,7 +13,7 @@ import torch
 
 import sageflash
 from conftest import HAS_CUDA, nmse
-from helpers import exact_attention, load_refdump, no_env_overrides, random_qkv  # noqa: F401 (fixture)
+from helpers import exact_attention, exact_lse, load_refdump, no_env_overrides, random_qkv  # noqa: F401 (fixture)
 from sageflash import debug, reference
 
 pytestmark = pytest.mark.usefixtures("no_env_overrides")
@@ -32,17 +32,6 @@ def inputs(backend, *shape, seed, layout="HND", **kw):
     """Seeded inputs on the backend's device, as [B, H, S, D] or (NHD) contiguous [B, S, H, D]."""
     qkv = random_qkv(*shape, seed=seed, device=device_of(backend), **kw)
     return qkv if layout == "HND" else tuple(x.transpose(1, 2).contiguous() for x in qkv)
-
-
-def exact_lse(q, k, softmax_scale=None, is_causal=False) -> torch.Tensor:
-    """Float64 natural-log logsumexp of the scaled scores (bottom-right causal, -inf without keys)."""
-    q, k = q.double().cpu(), k.double().cpu().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    scores = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
-    if is_causal:
-        t = torch.arange(q.shape[2])[:, None]
-        j = torch.arange(k.shape[2])[None, :]
-        scores = scores.masked_fill(j > t + k.shape[2] - q.shape[2], -math.inf)
-    return torch.logsumexp(scores, dim=-1)
 
 
 # --- return_lse --------------------------------------------------------------------------------

@@ -40,7 +40,8 @@ from typing import Callable
 import torch
 
 from . import __version__
-from .op import LAYOUTS, as_hnd, quantize_qk, quantize_v, sage_attn_sm89_fp16, select_backend
+from .op import (LAYOUTS, as_hnd, attention_ready_v, quantize_qk, quantize_v, sage_attn_sm89_fp16,
+                 select_backend)
 from .params import PVAccum, QKGranularity, resolve_params
 
 MODES = ("e2e", "kernel", "graph")
@@ -178,9 +179,8 @@ def _build_sageflash(q, k, v, causal, knobs: Knobs, mode, layout):
         q, k, granularity=params.granularity, smooth_k=params.smooth_k, tensor_layout=layout, backend=backend)
     v_fp8, v_scale, v_mean = quantize_v(v, pv_accum=params.pv_accum, smooth_v=params.smooth_v,
                                         tensor_layout=layout, backend=backend)
-    module, order = select_backend(backend, q.device), {}
-    if backend == "triton":  # the kernel reads V's tokens in its own order: reordered once, untimed
-        v_fp8, order = module.v_in_kernel_order(v_fp8), {"v_kernel_order": True}
+    module = select_backend(backend, q.device)
+    v_fp8, order = attention_ready_v(module, v_fp8)  # reordered for the kernel once, untimed
     q_hnd, k_hnd = as_hnd(q, layout), as_hnd(k, layout)
     attend = functools.partial(module.attention_from_payloads,
                                q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_mean, params=params,

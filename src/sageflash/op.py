@@ -65,6 +65,17 @@ def select_backend(backend: str, device: torch.device) -> ModuleType:
     return kernels
 
 
+def attention_ready_v(module: ModuleType, v_fp8: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """V's payload (`quantize_v`, natural token order) as ``module.attention_from_payloads``
+    reads it, and the keyword saying so: the Triton kernel reads each 16 tokens in its mma
+    registers' order (`groups.v_kernel_token`), so a payload attended more than once is reordered
+    here once rather than on every call; the reference reads natural order."""
+    from . import reference
+    if module is reference:
+        return v_fp8, {}
+    return module.v_in_kernel_order(v_fp8), {"v_kernel_order": True}
+
+
 def check_layout(tensor_layout) -> None:
     """``tensor_layout`` must be "HND" (``[B, H, S, D]``) or "NHD" (``[B, S, H, D]``)."""
     if not isinstance(tensor_layout, str):
@@ -127,9 +138,12 @@ def validate_v(v, like_k=None, tensor_layout: str = "HND") -> None:
                          f"got {tuple(v.shape)}")
 
 
-def check_attn_mask(attn_mask, q, k, tensor_layout: str = "HND") -> None:
+def check_attn_mask(attn_mask, q, k, tensor_layout: str = "HND", *, seq_q: int | None = None,
+                    seq_k: int | None = None) -> None:
     """``attn_mask``: None, or a bool / float16 / bfloat16 / float32 tensor on q's device that
-    broadcasts to ``[B, Hq, Sq, Sk]`` (whatever ``tensor_layout``, as torch SDPA's)."""
+    broadcasts to ``[B, Hq, Sq, Sk]`` (whatever ``tensor_layout``, as torch SDPA's). ``seq_q`` /
+    ``seq_k`` replace q's and k's token counts (`sageflash.parallel`: a shard's mask spans the
+    whole sequence)."""
     if attn_mask is None:
         return
     if not isinstance(attn_mask, torch.Tensor):
@@ -140,7 +154,7 @@ def check_attn_mask(attn_mask, q, k, tensor_layout: str = "HND") -> None:
     if attn_mask.device != q.device:
         raise ValueError(f"attn_mask must be on q's device {q.device}, got {attn_mask.device}")
     q, k = as_hnd(q, tensor_layout), as_hnd(k, tensor_layout)
-    target = (*q.shape[:3], k.shape[2])
+    target = (*q.shape[:2], q.shape[2] if seq_q is None else seq_q, k.shape[2] if seq_k is None else seq_k)
     if attn_mask.dim() > 4 or any(m not in (1, t) for m, t in zip(attn_mask.shape[::-1], target[::-1])):
         raise ValueError(f"attn_mask must be broadcastable to [B, Hq, Sq, Sk] = {list(target)}, "
                          f"got shape {list(attn_mask.shape)}")

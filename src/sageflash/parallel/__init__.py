@@ -1,0 +1,21 @@
+"""Sequence parallelism on torch.distributed: each rank of a process group holds a piece of the
+sequence, and the attention spans all of it.
+
+- `ulysses_attention` (DeepSpeed-Ulysses): all-to-all from sequence shards to head shards, the op
+  on whole sequences, all-to-all back. The single-device op's result bit for bit; 16-bit traffic;
+  the group's size must divide the query heads.
+- `ring_attention`: each rank's K and V go around the ring as their int8/fp8 payloads (half the
+  bytes of fp16), quantized once; partial outputs merge by their LSEs. Any head count, cross
+  attention, and with ``sharding="zigzag"`` balanced causal work.
+
+`shard_sequence`, `sequence_positions` and `gather_sequence` cut a whole sequence the way these
+expect and put it back together. Works on any backend torch.distributed has for the tensors'
+device (NCCL for CUDA, gloo for the CPU reference).
+"""
+
+from .ring import ring_attention
+from .sharding import SHARDINGS, gather_sequence, sequence_positions, shard_sequence
+from .ulysses import ulysses_attention
+
+__all__ = ["SHARDINGS", "gather_sequence", "ring_attention", "sequence_positions", "shard_sequence",
+           "ulysses_attention"]

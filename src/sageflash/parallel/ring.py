@@ -1,0 +1,159 @@
+"""Ring attention: K and V travel around the ranks as their int8/fp8 payloads.
+
+Every rank holds the same number of tokens of q, k and v. It quantizes its own Q, K and V once,
+packs K's and V's payloads (codes, scales, K's mean, V's mean) into one byte buffer and passes it
+around the ring: at each of the group's P steps it attends its queries to the shard it holds with
+`attention_from_payloads` (returning the LSE) while the next shard is in flight, and merges the
+partial outputs by their LSEs in float32. The payloads are half the bytes of fp16 K and V, and no
+shard is quantized twice.
+
+Each shard's K is smoothed by its own mean and V scaled by its own channel maxima, so the result
+is not the single-device op's bit for bit but attention quantized per shard, as accurate
+(the LSE adds each shard's smooth_k shift back, so the merge is exact). Causal attention needs
+q and k shards of the same length; its pairs of chunks are whole (earlier chunk), causal
+(the same chunk) or skipped (later chunk). With contiguous shards rank r then does r + 1 of the P
+pairs; ``sharding="zigzag"`` (`sharding.SHARDINGS`) gives every rank the same work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+
+from ..op import as_hnd, attention_ready_v, check_attn_mask, check_call, select_backend
+from ..params import SageParams, apply_overrides
+from .sharding import RingPeers, check_sharding, chunk_ids, group_rank_and_size
+
+_ALIGN = 16  # bytes: every payload in the buffer starts where a TMA descriptor may point
+
+
+class PackedPayloads:
+    """Tensors (None allowed) in one flat byte buffer, so that a ring step is one message. Every
+    rank's payloads have the same shapes, so a buffer received is read with the local layout."""
+
+    def __init__(self, tensors: list[torch.Tensor | None]):
+        self.layout, size = [], 0
+        for t in tensors:
+            self.layout.append(None if t is None else (size, t.dtype, t.shape))
+            size += 0 if t is None else -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+        device = next(t.device for t in tensors if t is not None)
+        self.buffer = torch.empty(size, dtype=torch.uint8, device=device)
+        for t, spec in zip(tensors, self.layout):
+            if t is not None:
+                self.buffer[spec[0]: spec[0] + t.numel() * t.element_size()].copy_(
+                    t.contiguous().view(-1).view(torch.uint8))
+
+    def unpack(self, buffer: torch.Tensor) -> list[torch.Tensor | None]:
+        """The tensors held in ``buffer`` (this one's or a peer's), as views of it."""
+        tensors = []
+        for spec in self.layout:
+            if spec is None:
+                tensors.append(None)
+                continue
+            offset, dtype, shape = spec
+            nbytes = shape.numel() * torch.empty(0, dtype=dtype).element_size()
+            tensors.append(buffer[offset: offset + nbytes].view(dtype).view(shape))
+        return tensors
+
+
+class LseMerge:
+    """Attention outputs over disjoint key sets, combined by their LSEs in float32: the output
+    over the union. A row no key reached stays 0 with LSE -inf."""
+
+    def __init__(self):
+        self.out = self.lse = None
+
+    def add(self, out: torch.Tensor, lse: torch.Tensor) -> None:
+        if self.out is None:
+            self.out, self.lse = out.float(), lse
+            return
+        merged = torch.logaddexp(self.lse, lse)
+        base = torch.where(merged == -torch.inf, 0.0, merged)  # both -inf: weights 0, not NaN
+        self.out.mul_(torch.exp(self.lse - base)[..., None]).add_(out.float() * torch.exp(lse - base)[..., None])
+        self.lse = merged
+
+
+def _exchange(send: torch.Tensor, receive: torch.Tensor, peers: RingPeers, group) -> list:
+    """Start sending ``send`` to the next rank and receiving the previous rank's into ``receive``."""
+    return dist.batch_isend_irecv([dist.P2POp(dist.isend, send, peers.next, group),
+                                   dist.P2POp(dist.irecv, receive, peers.prev, group)])
+
+
+def _quantize_chunks(module, q, k, v, params: SageParams, chunks: int):
+    """Each local chunk quantized once: its Q payload (with the chunk of q, for the LSE's
+    smooth_k term), and every chunk's K and V payloads packed for the ring; plus the keyword that
+    says V's payload is in the kernel's token order (`attention_ready_v`)."""
+    q_len, k_len = q.shape[2] // chunks, k.shape[2] // chunks
+    queries, keys = [], []
+    for i in range(chunks):
+        q_i = q[:, :, i * q_len:(i + 1) * q_len]
+        k_i, v_i = k[:, :, i * k_len:(i + 1) * k_len], v[:, :, i * k_len:(i + 1) * k_len]
+        q_int8, q_scale, k_int8, k_scale, km = module.quantize_qk(
+            q_i, k_i, granularity=params.granularity, smooth_k=params.smooth_k)
+        v_fp8, v_scale, v_mean = module.quantize_v(v_i, pv_accum=params.pv_accum, smooth_v=params.smooth_v)
+        v_fp8, v_order = attention_ready_v(module, v_fp8)
+        queries.append((q_i, q_int8, q_scale))
+        keys += [k_int8, k_scale, km, v_fp8, v_scale, v_mean]
+    return queries, PackedPayloads(keys), v_order
+
+
+def ring_attention(q, k, v, softmax_scale=None, is_causal=False, smooth_k=True, smooth_v=False,
+                   pv_accum="fp32+fp16", granularity="per_thread", *, group=None, sharding="contiguous",
+                   tensor_layout="HND", return_lse=False, attn_mask=None, backend="auto"):
+    """`sage_attn_sm89_fp16` over a sequence split across the ranks of ``group`` (None: the
+    default group), as ring attention. Every rank passes its shard, the same shapes on every
+    rank: q ``[B, Hq, Sq/P, D]``, k and v ``[B, Hk, Sk/P, D]`` (``[B, S/P, H, D]`` with NHD), cut
+    as ``sharding`` says (`shard_sequence`); returns its shard of the output (and of the LSE,
+    ``[B, Hq, Sq/P]``). Knobs as the op's. ``is_causal`` is over the whole sequence and needs
+    Sq == Sk. ``attn_mask``: this rank's query rows against the whole sequence's keys in global
+    order, broadcastable to ``[B, Hq, Sq/P, Sk]``.
+    """
+    params, return_lse = check_call(q, k, v, softmax_scale, is_causal, smooth_k, smooth_v, pv_accum,
+                                    granularity, tensor_layout, return_lse, None, backend)
+    check_sharding(sharding)
+    rank, world_size = group_rank_and_size(group)
+    out = q.new_empty(q.shape)  # contiguous in the caller's layout, as the op's
+    q, k, v = (as_hnd(x, tensor_layout) for x in (q, k, v))
+    chunks = len(chunk_ids(rank, world_size, sharding))
+    seq_q, seq_k = q.shape[2], k.shape[2]
+    if seq_q % chunks or seq_k % chunks:
+        raise ValueError(f"sharding='zigzag' holds two chunks per rank: q's and k's local token counts must be "
+                         f"even, got {seq_q} and {seq_k}")
+    if params.is_causal and seq_q != seq_k:
+        raise ValueError(f"causal ring attention needs q and k shards of the same length, got {seq_q} and {seq_k}")
+    check_attn_mask(attn_mask, q, k, seq_k=seq_k * world_size)
+    params = apply_overrides(params)
+    module = select_backend(backend, q.device)
+    q_len, k_len = seq_q // chunks, seq_k // chunks
+    if attn_mask is not None:
+        attn_mask = attn_mask.expand(q.shape[0], q.shape[1], seq_q, seq_k * world_size)
+
+    queries, packed, v_order = _quantize_chunks(module, q, k, v, params, chunks)
+    peers = RingPeers.of(group, rank, world_size)
+    current, spare = packed.buffer, (torch.empty_like(packed.buffer) if world_size > 1 else None)
+    whole = dataclasses.replace(params, is_causal=False)  # a chunk pair where every key is visible
+    merges = [LseMerge() for _ in range(chunks)]
+    for step in range(world_size):
+        source = (rank - step) % world_size
+        in_flight = _exchange(current, spare, peers, group) if step + 1 < world_size else []
+        payloads = packed.unpack(current)
+        for i, (a, (q_i, q_int8, q_scale)) in enumerate(zip(chunk_ids(rank, world_size, sharding), queries)):
+            for j, b in enumerate(chunk_ids(source, world_size, sharding)):
+                if params.is_causal and b > a:
+                    continue
+                k_int8, k_scale, km, v_fp8, v_scale, v_mean = payloads[6 * j: 6 * j + 6]
+                mask = None if attn_mask is None else \
+                    attn_mask[:, :, i * q_len:(i + 1) * q_len, b * k_len:(b + 1) * k_len]
+                merges[i].add(*module.attention_from_payloads(
+                    q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_mean, params=params if a == b else whole,
+                    seq_q=q_len, seq_k=k_len, head_dim=q.shape[-1], out_dtype=q.dtype, q=q_i, km=km,
+                    return_lse=True, attn_mask=mask, **v_order))
+        for work in in_flight:
+            work.wait()
+        current, spare = spare, current
+
+    for i, merge in enumerate(merges):
+        as_hnd(out, tensor_layout)[:, :, i * q_len:(i + 1) * q_len] = merge.out
+    return (out, torch.cat([merge.lse for merge in merges], dim=2)) if return_lse else out

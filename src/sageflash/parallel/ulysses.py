@@ -1,0 +1,93 @@
+"""DeepSpeed-Ulysses sequence parallelism: all-to-all from sequence shards to head shards and back.
+
+Every rank holds the same number of tokens of q, k and v (contiguous sharding, rank r the r-th
+piece). One all-to-all per tensor gives each rank the whole sequence of ``H / world_size`` heads,
+on which it runs `sageflash.sage_attn_sm89_fp16` unchanged; a second all-to-all returns the output
+to sequence shards. Each head sees exactly what a single-device call would, so the result is the
+single-device op's, bit for bit. Traffic is the 16-bit q, k, v and output (quantizing before the
+exchange would need the whole sequence's K mean and V channel maxima first).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..op import as_hnd, check_attn_mask, check_call, sage_attn_sm89_fp16
+from .sharding import group_rank_and_size
+
+
+def _as_nhd(x: torch.Tensor, tensor_layout: str) -> torch.Tensor:
+    return x if tensor_layout == "NHD" else x.transpose(1, 2)
+
+
+def heads_from_sequence(x: torch.Tensor, world_size: int, group) -> torch.Tensor:
+    """``[B, S/P, H, D]`` sequence shards → ``[B, S, H/P, D]`` head shards (rank r: heads
+    ``r·H/P ..``), tokens in rank order. A view of the received buffer when B == 1."""
+    batch, seq, heads, dim = x.shape
+    send = x.reshape(batch, seq, world_size, heads // world_size, dim).permute(2, 0, 1, 3, 4).contiguous()
+    received = torch.empty_like(send)  # [source rank, B, S/P, H/P, D]
+    dist.all_to_all_single(received, send, group=group)
+    return received.transpose(0, 1).reshape(batch, world_size * seq, heads // world_size, dim)
+
+
+def sequence_from_heads(y: torch.Tensor, world_size: int, group, into: torch.Tensor) -> None:
+    """``[B, S, H/P, D]`` head shards → this rank's ``[B, S/P, H, D]`` tokens, written into ``into``."""
+    batch, seq, heads, dim = y.shape
+    send = y.reshape(batch, world_size, seq // world_size, heads, dim).transpose(0, 1).contiguous()
+    received = torch.empty_like(send)  # [head group, B, S/P, H/P, D]
+    dist.all_to_all_single(received, send, group=group)
+    into.unflatten(2, (world_size, heads)).copy_(received.permute(1, 2, 0, 3, 4))
+
+
+def lse_from_heads(lse: torch.Tensor, world_size: int, group) -> torch.Tensor:
+    """``[B, H/P, S]`` head shards of the LSE → this rank's ``[B, H, S/P]``."""
+    batch, heads, seq = lse.shape
+    send = lse.reshape(batch, heads, world_size, seq // world_size).permute(2, 0, 1, 3).contiguous()
+    received = torch.empty_like(send)  # [head group, B, H/P, S/P]
+    dist.all_to_all_single(received, send, group=group)
+    return received.transpose(0, 1).reshape(batch, world_size * heads, seq // world_size)
+
+
+def ulysses_attention(q, k, v, softmax_scale=None, is_causal=False, smooth_k=True, smooth_v=False,
+                      pv_accum="fp32+fp16", granularity="per_thread", *, group=None, tensor_layout="HND",
+                      return_lse=False, attn_mask=None, backend="auto"):
+    """`sage_attn_sm89_fp16` over a sequence split across the ranks of ``group`` (None: the default
+    group), DeepSpeed-Ulysses style. Every rank passes its shard: q ``[B, Hq, Sq/P, D]`` and k, v
+    ``[B, Hk, Sk/P, D]`` (``[B, S/P, H, D]`` with NHD), the same shapes on every rank, rank r
+    holding the r-th piece of the sequence; returns its shard of the output (and of the LSE,
+    ``[B, Hq, Sq/P]``). Knobs as the op's; causal is over the whole sequence, bottom-right aligned.
+
+    Hq must be a multiple of the group's size P; Hk a multiple of P, or a divisor of P (KV heads
+    are then repeated so that each rank gets the one its query heads read). ``attn_mask`` spans
+    the whole sequence, broadcastable to ``[B, Hq, Sq, Sk]``, the same on every rank.
+    """
+    check_call(q, k, v, softmax_scale, is_causal, smooth_k, smooth_v, pv_accum, granularity, tensor_layout,
+               return_lse, None, backend)
+    rank, world_size = group_rank_and_size(group)
+    q_heads, kv_heads = as_hnd(q, tensor_layout).shape[1], as_hnd(k, tensor_layout).shape[1]
+    if q_heads % world_size:
+        raise ValueError(f"ulysses_attention splits heads over the group's {world_size} ranks: q has "
+                         f"{q_heads} heads, not a multiple of {world_size}")
+    if kv_heads % world_size and world_size % kv_heads:
+        raise ValueError(f"ulysses_attention splits heads over the group's {world_size} ranks: k and v have "
+                         f"{kv_heads} heads, neither a multiple nor a divisor of {world_size}")
+    seq_q, seq_k = (as_hnd(x, tensor_layout).shape[2] * world_size for x in (q, k))
+    check_attn_mask(attn_mask, q, k, tensor_layout, seq_q=seq_q, seq_k=seq_k)
+
+    out = q.new_empty(q.shape)  # contiguous in the caller's layout, as the op's
+    q, k, v = (_as_nhd(x, tensor_layout) for x in (q, k, v))
+    if kv_heads < world_size:  # each rank's query heads read one KV head: give every rank a copy
+        k, v = (x.repeat_interleave(world_size // kv_heads, dim=2) for x in (k, v))
+    local_q, local_k, local_v = (heads_from_sequence(x, world_size, group) for x in (q, k, v))
+    if attn_mask is not None and attn_mask.dim() >= 3 and attn_mask.shape[-3] > 1:
+        local_heads = q_heads // world_size
+        attn_mask = attn_mask.narrow(-3, rank * local_heads, local_heads)
+    result = sage_attn_sm89_fp16(local_q, local_k, local_v, softmax_scale, is_causal, smooth_k, smooth_v,
+                                 pv_accum, granularity, tensor_layout="NHD", return_lse=return_lse,
+                                 attn_mask=attn_mask, backend=backend)
+    local_out, local_lse = result if return_lse else (result, None)
+    sequence_from_heads(local_out, world_size, group, into=_as_nhd(out, tensor_layout))
+    if not return_lse:
+        return out
+    return out, lse_from_heads(local_lse, world_size, group)

@@ -1,0 +1,76 @@
+"""What each process of a test's process group runs (`torch.multiprocessing` spawns it): the
+sequence-parallel calls of a list of cases on this rank's shards of seeded inputs, each result
+saved for the test to put back together. Imported by the spawned processes by name, so it imports
+nothing from the tests at module level that would need pytest's fixtures."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def case_inputs(case: dict):
+    """The whole sequence's q, k, v (``[B, H, S, D]``) and mask of ``case`` on its ``device``, the
+    same in every process."""
+    from helpers import make_mask, random_qkv
+
+    batch, q_heads, kv_heads, seq_q, seq_k, head_dim = case["shape"]
+    device = case.get("device", "cpu")
+    q, k, v = random_qkv(batch, q_heads, kv_heads, seq_q, seq_k, head_dim, seed=case["seed"], dtype=case["dtype"],
+                         device=device, k_offset=case.get("k_offset", 0.0), v_offset=case.get("v_offset", 0.0))
+    mask = None
+    if case.get("mask"):
+        mask = make_mask(case["mask"], batch, q_heads, seq_q, seq_k, seed=case["seed"] + 1, device=device)
+    return q, k, v, mask
+
+
+def rank_call(case: dict, rank: int, world_size: int, group=None):
+    """``case``'s call on this rank's shards: ``(out, lse)`` as ``[B, H, S/P, D]`` and ``[B, H, S/P]``."""
+    from sageflash import parallel
+
+    q, k, v, mask = case_inputs(case)
+    sharding = case.get("sharding", "contiguous")
+    shard_as = case.get("shard_as", sharding)  # another than the call's: a caller's mistake
+    q, k, v = (parallel.shard_sequence(x, rank, world_size, dim=2, sharding=shard_as) for x in (q, k, v))
+    if case["fn"] == "ring" and mask is not None and mask.dim() >= 2 and mask.shape[-2] > 1:
+        mask = parallel.shard_sequence(mask, rank, world_size, dim=-2, sharding=shard_as)  # this rank's rows
+    layout = case.get("layout", "HND")
+    if layout == "NHD":  # views, as a caller holding [B, S, H, D] passes them
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    call = parallel.ring_attention if case["fn"] == "ring" else parallel.ulysses_attention
+    extra = {"sharding": sharding} if case["fn"] == "ring" else {}
+    out, lse = call(q, k, v, **case.get("knobs", {}), group=group, tensor_layout=layout, return_lse=True,
+                    attn_mask=mask, backend=case.get("backend", "reference"), **extra)
+    return (out.transpose(1, 2) if layout == "NHD" else out), lse
+
+
+def gather_call(case: dict, rank: int, world_size: int):
+    """``gather_sequence`` of this rank's shard of ``case``'s q: the whole q on every rank."""
+    from sageflash import parallel
+
+    q = case_inputs(case)[0]
+    sharding = case.get("sharding", "contiguous")
+    return parallel.gather_sequence(parallel.shard_sequence(q, rank, world_size, dim=2, sharding=sharding),
+                                    dim=2, sharding=sharding), None
+
+
+def run(rank: int, world_size: int, rendezvous: str, cases: list[dict], out_dir: str,
+        dist_backend: str = "gloo") -> None:
+    """Join the group at ``rendezvous`` (a file), run every case (on ``cuda:<rank>`` with NCCL), save
+    ``<name>.<rank>.pt``: ``{"out", "lse"}``, or ``{"error"}`` for a case that raised."""
+    device = "cpu"
+    if dist_backend == "nccl":
+        device = f"cuda:{rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(dist_backend, init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
+    try:
+        for case in cases:
+            call = gather_call if case["fn"] == "gather" else rank_call
+            try:
+                out, lse = call(dict(case, device=device), rank, world_size)
+                result = {"out": out.cpu(), "lse": None if lse is None else lse.cpu()}
+            except (TypeError, ValueError) as err:
+                result = {"error": f"{type(err).__name__}: {err}"}
+            torch.save(result, f"{out_dir}/{case['name']}.{rank}.pt")
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,341 @@
+"""Sequence parallelism (`sageflash.parallel`) in real process groups: gloo on the CPU (spawned
+processes, reference backend and Triton's interpreter), NCCL on two GPUs.
+
+Ulysses must give the single-device op's output and LSE bit for bit. Ring attention quantizes
+each shard on its own, so it is checked against what it claims to compute: for every query
+chunk, the op on each visible (query chunk, key chunk) pair merged by the LSEs in float64 here,
+independently of which rank held which chunk; and against exact attention, as accurate as the op.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import parallel_worker
+import sageflash
+from conftest import HAS_CUDA, nmse
+from helpers import exact_attention, exact_lse
+from sageflash import parallel
+
+INTERPRETER = not HAS_CUDA  # conftest sets TRITON_INTERPRET=1 without a GPU; spawned ranks inherit it
+
+CASES = {
+    2: [
+        dict(name="ulysses", fn="ulysses", shape=(2, 4, 2, 96, 96, 64), dtype=torch.float16, seed=1),
+        dict(name="ulysses_nhd_gqa_causal", fn="ulysses", shape=(1, 4, 1, 64, 128, 64), dtype=torch.bfloat16,
+             seed=2, layout="NHD", knobs=dict(is_causal=True), mask="key_padding"),
+        dict(name="ulysses_knobs_head_mask", fn="ulysses", shape=(2, 4, 4, 64, 64, 96), dtype=torch.float16,
+             seed=3, mask="bool_per_head", v_offset=3.0,
+             knobs=dict(pv_accum="fp32", smooth_v=True, granularity="per_warp", softmax_scale=0.07)),
+        dict(name="ring_cross", fn="ring", shape=(2, 4, 2, 128, 192, 64), dtype=torch.float16, seed=4),
+        dict(name="ring_causal", fn="ring", shape=(1, 4, 2, 256, 256, 64), dtype=torch.float16, seed=5,
+             knobs=dict(is_causal=True)),
+        dict(name="ring_zigzag_nhd_mask", fn="ring", shape=(1, 4, 2, 256, 256, 64), dtype=torch.bfloat16, seed=6,
+             knobs=dict(is_causal=True), sharding="zigzag", layout="NHD", mask="bool_per_head"),
+        dict(name="ring_knobs_alibi", fn="ring", shape=(1, 2, 1, 192, 192, 128), dtype=torch.float16, seed=7,
+             mask="alibi_fp16", k_offset=5.0, v_offset=3.0,
+             knobs=dict(pv_accum="fp32", smooth_v=True, granularity="per_warp", is_causal=True)),
+        dict(name="gather_zigzag", fn="gather", shape=(1, 2, 1, 40, 40, 64), dtype=torch.float16, seed=8,
+             sharding="zigzag"),
+    ] + ([
+        dict(name="ring_triton", fn="ring", shape=(1, 2, 1, 128, 128, 64), dtype=torch.float16, seed=9,
+             knobs=dict(is_causal=True), sharding="zigzag", backend="triton"),
+        dict(name="ulysses_triton", fn="ulysses", shape=(1, 2, 2, 64, 64, 64), dtype=torch.bfloat16, seed=10,
+             knobs=dict(is_causal=True), backend="triton"),
+    ] if INTERPRETER else []),
+    3: [
+        dict(name="ulysses", fn="ulysses", shape=(1, 6, 3, 96, 96, 64), dtype=torch.float16, seed=11,
+             knobs=dict(is_causal=True)),
+        dict(name="ring_causal_gqa", fn="ring", shape=(2, 6, 2, 120, 120, 64), dtype=torch.float16, seed=12,
+             knobs=dict(is_causal=True, granularity="per_warp")),
+        dict(name="ring_zigzag_cross", fn="ring", shape=(1, 2, 2, 120, 180, 64), dtype=torch.bfloat16, seed=13,
+             sharding="zigzag", mask="additive_fp32_row"),
+        dict(name="ring_rows_hidden_at_first", fn="ring", shape=(3, 2, 1, 72, 72, 64), dtype=torch.float16,
+             seed=19, knobs=dict(is_causal=True), mask="key_padding"),  # batch 1: rank 2's own keys all hidden
+        dict(name="gather", fn="gather", shape=(2, 2, 1, 30, 30, 64), dtype=torch.float16, seed=14),
+        # a shard the call refuses, on every rank alike (before any message, so nobody waits)
+        dict(name="bad_q_heads", fn="ulysses", shape=(1, 4, 4, 48, 48, 64), dtype=torch.float16, seed=15,
+             error="ValueError: ulysses_attention splits heads over the group's 3 ranks: q has 4 heads"),
+        dict(name="bad_kv_heads", fn="ulysses", shape=(1, 6, 2, 48, 48, 64), dtype=torch.float16, seed=16,
+             error="ValueError: ulysses_attention splits heads over the group's 3 ranks: k and v have 2 heads"),
+        dict(name="bad_causal_cross", fn="ring", shape=(1, 2, 1, 48, 96, 64), dtype=torch.float16, seed=17,
+             knobs=dict(is_causal=True),
+             error="ValueError: causal ring attention needs q and k shards of the same length, got 16 and 32"),
+        dict(name="bad_zigzag_length", fn="ring", shape=(1, 2, 1, 51, 51, 64), dtype=torch.float16, seed=18,
+             sharding="zigzag", shard_as="contiguous",
+             error=("ValueError: sharding='zigzag' holds two chunks per rank: q's and k's local token counts "
+                    "must be even, got 17 and 17")),
+    ],
+}
+
+
+def spawn(world_size: int, cases: list[dict], tmp_path, dist_backend: str = "gloo") -> dict:
+    """Run ``cases`` in a group of ``world_size`` spawned processes; each case's per-rank results."""
+    mp.start_processes(parallel_worker.run, args=(world_size, str(tmp_path / "rendezvous"), cases,
+                                                  str(tmp_path), dist_backend),
+                       nprocs=world_size, start_method="spawn")
+    return {case["name"]: [torch.load(tmp_path / f"{case['name']}.{rank}.pt") for rank in range(world_size)]
+            for case in cases}
+
+
+@pytest.fixture(scope="module")
+def group_results(tmp_path_factory):
+    """``results(world_size, case)``: the case's per-rank results; every case of a group size runs
+    in one group, spawned on first use."""
+    runs = {}
+
+    def results(world_size: int, case: dict) -> list[dict]:
+        if world_size not in runs:
+            runs[world_size] = spawn(world_size, CASES[world_size], tmp_path_factory.mktemp(f"P{world_size}"))
+        return runs[world_size][case["name"]]
+    return results
+
+
+def assemble(case: dict, results: list[dict], world_size: int):
+    """The whole sequence's output and LSE from the ranks' shards, by `sequence_positions`."""
+    seq_q = case["shape"][3]
+    out = lse = None
+    for rank, result in enumerate(results):
+        assert "error" not in result, result["error"]
+        positions = parallel.sequence_positions(seq_q, rank, world_size, case.get("sharding", "contiguous"))
+        if out is None:
+            out = result["out"].new_full((*result["out"].shape[:2], seq_q, *result["out"].shape[3:]), math.nan)
+            lse = None if result["lse"] is None else result["lse"].new_full((*result["lse"].shape[:2], seq_q), math.nan)
+        out[:, :, positions] = result["out"]
+        if lse is not None:
+            lse[:, :, positions] = result["lse"]
+    return out, lse
+
+
+def chunk_pairs_merged(case: dict, world_size: int):
+    """What ring attention claims to compute: per query chunk, the op on every visible (query
+    chunk, key chunk) pair — the same chunk causal, an earlier one whole, a later one skipped
+    when causal — merged by the pairs' LSEs in float64."""
+    q, k, v, mask = parallel_worker.case_inputs(case)
+    knobs = case.get("knobs", {})
+    causal = knobs.get("is_causal", False)
+    chunks = world_size * (2 if case.get("sharding") == "zigzag" else 1)
+    q_len, k_len = q.shape[2] // chunks, k.shape[2] // chunks
+    if mask is not None:
+        mask = mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    outs, lses = [], []
+    for a in range(chunks):
+        rows = slice(a * q_len, (a + 1) * q_len)
+        parts = []
+        for b in range(a + 1 if causal else chunks):
+            keys = slice(b * k_len, (b + 1) * k_len)
+            parts.append(sageflash.sage_attn_sm89_fp16(
+                q[:, :, rows], k[:, :, keys], v[:, :, keys], **dict(knobs, is_causal=causal and a == b),
+                return_lse=True, attn_mask=None if mask is None else mask[:, :, rows, keys],
+                backend=case.get("backend", "reference")))
+        lse = torch.logsumexp(torch.stack([part_lse.double() for _, part_lse in parts]), dim=0)
+        weights = [torch.exp(part_lse.double() - lse).nan_to_num(0.0)[..., None] for _, part_lse in parts]
+        outs.append(sum(w * part_out.double() for w, (part_out, _) in zip(weights, parts)).to(q.dtype))
+        lses.append(lse.float())
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def cases_of(fn: str | None):
+    """The cases calling ``fn`` that run, or (None) those the call refuses."""
+    return [pytest.param(size, case, id=f"P{size}-{case['name']}")
+            for size, cases in CASES.items() for case in cases
+            if (("error" in case) if fn is None else (case["fn"] == fn and "error" not in case))]
+
+
+@pytest.mark.parametrize("world_size, case", cases_of("ulysses"))
+def test_ulysses_is_the_op_bit_for_bit(group_results, world_size, case):
+    results = group_results(world_size, case)
+    out, lse = assemble(case, results, world_size)
+    q, k, v, mask = parallel_worker.case_inputs(case)
+    expected, expected_lse = sageflash.sage_attn_sm89_fp16(
+        q, k, v, **case.get("knobs", {}), return_lse=True, attn_mask=mask, backend=case.get("backend", "reference"))
+    assert torch.equal(out, expected)
+    assert torch.equal(lse, expected_lse)
+
+
+@pytest.mark.parametrize("world_size, case", cases_of("ring"))
+def test_ring_is_the_chunk_pairs_merged(group_results, world_size, case):
+    results = group_results(world_size, case)
+    out, lse = assemble(case, results, world_size)
+    expected, expected_lse = chunk_pairs_merged(case, world_size)
+    torch.testing.assert_close(out, expected)  # the dtype's tolerance: one rounding apart
+    torch.testing.assert_close(lse, expected_lse, rtol=1e-5, atol=1e-5)
+
+    q, k, v, mask = parallel_worker.case_inputs(case)
+    knobs = case.get("knobs", {})
+    exact = exact_attention(q, k, v, knobs.get("softmax_scale"), knobs.get("is_causal", False), mask)
+    single = sageflash.sage_attn_sm89_fp16(q, k, v, **knobs, attn_mask=mask, backend="reference")
+    assert nmse(out, exact) < 1.5 * nmse(single, exact)  # as accurate as one device
+    exact_log = exact_lse(q, k, knobs.get("softmax_scale"), knobs.get("is_causal", False), mask)
+    torch.testing.assert_close(lse.double(), exact_log, rtol=0, atol=2e-2)
+
+
+@pytest.mark.parametrize("world_size, case", cases_of(None))
+def test_bad_shards_are_named_on_every_rank(group_results, world_size, case):
+    for result in group_results(world_size, case):
+        assert result.get("error", "").startswith(case["error"]), result
+
+
+@pytest.mark.parametrize("world_size, case", cases_of("gather"))
+def test_gather_sequence_puts_the_shards_back(group_results, world_size, case):
+    results = group_results(world_size, case)
+    whole = parallel_worker.case_inputs(case)[0]
+    assert all(torch.equal(r["out"], whole) for r in results)
+
+
+# --- in one process ---------------------------------------------------------------------------
+
+
+def test_zigzag_gives_rank_r_chunks_r_and_2p_minus_1_minus_r():
+    assert parallel.sequence_positions(8, 0, 2, "zigzag").tolist() == [0, 1, 6, 7]
+    assert parallel.sequence_positions(8, 1, 2, "zigzag").tolist() == [2, 3, 4, 5]
+    assert parallel.sequence_positions(9, 2, 3).tolist() == [6, 7, 8]
+    x = torch.arange(24.0).view(1, 1, 12, 2)
+    assert parallel.shard_sequence(x, 1, 3, sharding="zigzag")[0, 0, :, 0].tolist() == [4, 6, 16, 18]
+    assert parallel.shard_sequence(x, 1, 2).data_ptr() == x[:, :, 6:].data_ptr()  # contiguous: a view
+
+
+@pytest.mark.parametrize("args, message", [
+    ((10, 0, 3), "seq_len must be a multiple of 3, got 10"),
+    ((12, 0, 4, "zigzag"), "seq_len must be a multiple of 8, got 12"),
+    ((12, 3, 3), "rank must be in [0, world_size) = [0, 3), got 3"),
+    ((12, 0, 3, "strided"), "sharding must be one of 'contiguous', 'zigzag', got 'strided'"),
+])
+def test_sequence_positions_rejects(args, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parallel.sequence_positions(*args)
+
+
+def test_needs_an_initialized_process_group():
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized here")
+    q = torch.randn(1, 2, 16, 64, dtype=torch.float16)
+    for call in (parallel.ring_attention, parallel.ulysses_attention):
+        with pytest.raises(RuntimeError, match="torch.distributed is not initialized"):
+            call(q, q, q)
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """The default process group of this process alone: ``join(backend)`` ("gloo" on first use)."""
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized here")
+
+    def join(backend: str = "gloo") -> None:
+        if not dist.is_initialized():
+            dist.init_process_group(backend, init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield join
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sharding", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("layout", ["HND", "NHD"])
+@pytest.mark.parametrize("backend", ["reference"] + (["triton"] if INTERPRETER else []))
+def test_one_rank_is_the_op(one_rank_group, sharding, layout, backend):
+    """One rank: Ulysses is the op, ring attention over one chunk too (the same payloads, bit for
+    bit on either backend); over zigzag's two chunks it is the chunk pairs merged."""
+    one_rank_group()
+    q, k, v = (x.transpose(1, 2) if layout == "NHD" else x
+               for x in parallel_worker.case_inputs(dict(shape=(2, 4, 2, 64, 64, 64), dtype=torch.float16, seed=21))[:3])
+    knobs = dict(is_causal=True, tensor_layout=layout, return_lse=True, backend=backend)
+    expected = sageflash.sage_attn_sm89_fp16(q, k, v, **knobs)
+    ulysses = parallel.ulysses_attention(q, k, v, **knobs)
+    ring = parallel.ring_attention(q, k, v, sharding=sharding, **knobs)
+    for got in (ulysses, ring):
+        assert got[0].is_contiguous() and got[0].shape == q.shape
+    assert torch.equal(ulysses[0], expected[0]) and torch.equal(ulysses[1], expected[1])
+    if sharding == "contiguous":
+        assert torch.equal(ring[0], expected[0]) and torch.equal(ring[1], expected[1])
+    else:
+        case = dict(shape=(2, 4, 2, 64, 64, 64), dtype=torch.float16, seed=21, knobs=dict(is_causal=True),
+                    sharding="zigzag", backend=backend)
+        merged, merged_lse = chunk_pairs_merged(case, 1)
+        as_hnd = (lambda x: x.transpose(1, 2)) if layout == "NHD" else (lambda x: x)
+        torch.testing.assert_close(as_hnd(ring[0]), merged)
+        torch.testing.assert_close(ring[1], merged_lse, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("call, kwargs, error, message", [
+    ("ring", dict(sharding="strided"), ValueError, "sharding must be one of 'contiguous', 'zigzag'"),
+    ("ring", dict(group="world"), TypeError, "group must be a torch.distributed.ProcessGroup or None, got str"),
+    ("ring", dict(attn_mask=torch.ones(32, 48, dtype=torch.bool)), ValueError,
+     "attn_mask must be broadcastable to [B, Hq, Sq, Sk] = [1, 2, 32, 32], got shape [32, 48]"),
+    ("ulysses", dict(attn_mask=torch.ones(2, 32, 16, dtype=torch.bool)), ValueError,
+     "attn_mask must be broadcastable to [B, Hq, Sq, Sk] = [1, 2, 32, 32], got shape [2, 32, 16]"),
+    ("ulysses", dict(pv_accum="fp16"), ValueError, "pv_accum must be one of"),
+    ("ring", dict(backend="cuda"), ValueError, "backend must be one of auto, reference, triton"),
+])
+def test_bad_arguments_are_named(one_rank_group, call, kwargs, error, message):
+    one_rank_group()
+    q = torch.randn(1, 2, 32, 64, dtype=torch.float16)
+    fn = parallel.ring_attention if call == "ring" else parallel.ulysses_attention
+    with pytest.raises(error, match=re.escape(message)):
+        fn(q, q, q, **kwargs)
+
+
+def test_ring_sends_half_the_bytes_of_fp16_k_and_v():
+    """The ring's message is K's and V's 8-bit payloads with their scales and means."""
+    from sageflash import reference
+    from sageflash.parallel import ring
+
+    q, k, v = parallel_worker.case_inputs(dict(shape=(1, 8, 8, 1024, 1024, 128), dtype=torch.float16, seed=22))[:3]
+    params = sageflash.resolve_params(head_dim=128, pv_accum="fp32", smooth_v=True)
+    _, packed, _ = ring._quantize_chunks(reference, q, k, v, params, chunks=2)
+    fp16_bytes = (k.numel() + v.numel()) * 2
+    assert fp16_bytes / 2 < packed.buffer.numel() < 0.51 * fp16_bytes
+
+
+# --- on GPUs --------------------------------------------------------------------------------
+
+
+GPU_CASES = [
+    dict(name="ulysses", fn="ulysses", shape=(1, 8, 2, 2048, 2048, 128), dtype=torch.float16, seed=31,
+         knobs=dict(is_causal=True), backend="auto"),
+    dict(name="ring_zigzag", fn="ring", shape=(2, 8, 2, 2048, 2048, 128), dtype=torch.bfloat16, seed=32,
+         knobs=dict(is_causal=True), sharding="zigzag", layout="NHD", backend="auto"),
+    dict(name="ring_mask_d64", fn="ring", shape=(1, 4, 4, 1000, 1536, 64), dtype=torch.float16, seed=33,
+         mask="key_padding", knobs=dict(pv_accum="fp32", smooth_v=True), backend="auto"),
+]
+
+
+def check_gpu_case(case: dict, out, lse, world_size: int) -> None:
+    if case["fn"] == "ulysses":
+        q, k, v, mask = parallel_worker.case_inputs(case)
+        expected = sageflash.sage_attn_sm89_fp16(q, k, v, **case["knobs"], return_lse=True, attn_mask=mask)
+        assert torch.equal(out.cpu(), expected[0].cpu()) and torch.equal(lse.cpu(), expected[1].cpu())
+    else:
+        expected, expected_lse = chunk_pairs_merged(case, world_size)
+        torch.testing.assert_close(out.cpu(), expected.cpu())
+        torch.testing.assert_close(lse.cpu(), expected_lse.cpu(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c["name"])
+def test_gpu_one_rank(one_rank_group, case):
+    """The Triton backend through both paths in a one-GPU NCCL group (no peer to send to)."""
+    one_rank_group("nccl")
+    case = dict(case, device="cuda")
+    out, lse = parallel_worker.rank_call(case, 0, 1)
+    if case["fn"] == "ring" and case.get("sharding") != "zigzag":
+        q, k, v, mask = parallel_worker.case_inputs(case)  # one chunk: the op itself
+        expected = sageflash.sage_attn_sm89_fp16(q, k, v, **case["knobs"], return_lse=True, attn_mask=mask)
+        assert torch.equal(out, expected[0]) and torch.equal(lse, expected[1])
+    else:
+        check_gpu_case(case, out, lse, 1)
+
+
+@pytest.mark.gpu
+def test_gpu_two_ranks_over_nccl(tmp_path):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA GPUs")
+    results = spawn(2, GPU_CASES, tmp_path, "nccl")
+    for case in GPU_CASES:
+        out, lse = assemble(case, results[case["name"]], 2)
+        check_gpu_case(dict(case, device="cuda"), out, lse, 2)
