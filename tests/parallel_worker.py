@@ -24,23 +24,47 @@ def case_inputs(case: dict):
     return q, k, v, mask
 
 
-def rank_call(case: dict, rank: int, world_size: int, group=None):
-    """``case``'s call on this rank's shards: ``(out, lse)`` as ``[B, H, S/P, D]`` and ``[B, H, S/P]``."""
+def grid_groups(world_size: int, ulysses_size: int):
+    """This rank's ``(ulysses_group, ring_group)`` in a grid of Ulysses groups of consecutive ranks
+    (every rank creates every group, in the same order, as ``new_group`` requires)."""
+    rank, ulysses, ring = dist.get_rank(), None, None
+    for first in range(0, world_size, ulysses_size):
+        group = dist.new_group(list(range(first, first + ulysses_size)))
+        ulysses = group if first <= rank < first + ulysses_size else ulysses
+    for position in range(ulysses_size):
+        group = dist.new_group(list(range(position, world_size, ulysses_size)))
+        ring = group if rank % ulysses_size == position else ring
+    return ulysses, ring
+
+
+def rank_call(case: dict, rank: int, world_size: int, groups: dict | None = None):
+    """``case``'s call on this rank's shards: ``(out, lse)`` as ``[B, H, S/P, D]`` and ``[B, H, S/P]``.
+    A "usp" case runs on the grid of ``groups[ulysses_size]`` (`grid_groups`)."""
     from sageflash import parallel
 
     q, k, v, mask = case_inputs(case)
     sharding = case.get("sharding", "contiguous")
     shard_as = case.get("shard_as", sharding)  # another than the call's: a caller's mistake
-    q, k, v = (parallel.shard_sequence(x, rank, world_size, dim=2, sharding=shard_as) for x in (q, k, v))
-    if case["fn"] == "ring" and mask is not None and mask.dim() >= 2 and mask.shape[-2] > 1:
-        mask = parallel.shard_sequence(mask, rank, world_size, dim=-2, sharding=shard_as)  # this rank's rows
+    ulysses_size = case.get("ulysses_size", 1)
+    ring_rank, ring_size = rank // ulysses_size, world_size // ulysses_size
+    if case["fn"] == "ulysses":
+        ring_rank, ring_size, ulysses_size = 0, 1, world_size
+    q, k, v = (parallel.shard_sequence(parallel.shard_sequence(x, ring_rank, ring_size, sharding=shard_as),
+                                       rank % ulysses_size, ulysses_size) for x in (q, k, v))
+    if case["fn"] != "ulysses" and mask is not None and mask.dim() >= 2 and mask.shape[-2] > 1:
+        mask = parallel.shard_sequence(mask, ring_rank, ring_size, dim=-2, sharding=shard_as)  # the ring shard's rows
     layout = case.get("layout", "HND")
     if layout == "NHD":  # views, as a caller holding [B, S, H, D] passes them
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-    call = parallel.ring_attention if case["fn"] == "ring" else parallel.ulysses_attention
-    extra = {"sharding": sharding} if case["fn"] == "ring" else {}
-    out, lse = call(q, k, v, **case.get("knobs", {}), group=group, tensor_layout=layout, return_lse=True,
-                    attn_mask=mask, backend=case.get("backend", "reference"), **extra)
+    call, extra = parallel.ulysses_attention, {}
+    if case["fn"] == "ring":
+        call, extra = parallel.ring_attention, {"sharding": sharding}
+    elif case["fn"] == "usp":
+        ulysses_group, ring_group = (groups or {})[ulysses_size]
+        call, extra = parallel.usp_attention, {"sharding": sharding, "ulysses_group": ulysses_group,
+                                                "ring_group": ring_group}
+    out, lse = call(q, k, v, **case.get("knobs", {}), tensor_layout=layout, return_lse=True, attn_mask=mask,
+                    backend=case.get("backend", "reference"), **extra)
     return (out.transpose(1, 2) if layout == "NHD" else out), lse
 
 
@@ -64,10 +88,14 @@ def run(rank: int, world_size: int, rendezvous: str, cases: list[dict], out_dir:
         torch.cuda.set_device(device)
     dist.init_process_group(dist_backend, init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
     try:
+        grids = {size: grid_groups(world_size, size)
+                 for size in sorted({case["ulysses_size"] for case in cases if case["fn"] == "usp"})}
         for case in cases:
-            call = gather_call if case["fn"] == "gather" else rank_call
             try:
-                out, lse = call(dict(case, device=device), rank, world_size)
+                if case["fn"] == "gather":
+                    out, lse = gather_call(dict(case, device=device), rank, world_size)
+                else:
+                    out, lse = rank_call(dict(case, device=device), rank, world_size, grids)
                 result = {"out": out.cpu(), "lse": None if lse is None else lse.cpu()}
             except (TypeError, ValueError) as err:
                 result = {"error": f"{type(err).__name__}: {err}"}

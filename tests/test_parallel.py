@@ -1,5 +1,5 @@
-"""Sequence parallelism (`sageflash.parallel`) in real process groups: gloo on the CPU (spawned
-processes, reference backend and Triton's interpreter), NCCL on two GPUs.
+"""Sequence parallelism (`sageflash.parallel`) in real process groups: gloo on the CPU (2, 3 and 4
+spawned processes, reference backend and Triton's interpreter), NCCL on one and two GPUs.
 
 Ulysses must give the single-device op's output and LSE bit for bit. Ring attention quantizes
 each shard on its own, so it is checked against what it claims to compute: for every query
@@ -61,9 +61,9 @@ CASES = {
         dict(name="gather", fn="gather", shape=(2, 2, 1, 30, 30, 64), dtype=torch.float16, seed=14),
         # a shard the call refuses, on every rank alike (before any message, so nobody waits)
         dict(name="bad_q_heads", fn="ulysses", shape=(1, 4, 4, 48, 48, 64), dtype=torch.float16, seed=15,
-             error="ValueError: ulysses_attention splits heads over the group's 3 ranks: q has 4 heads"),
+             error="ValueError: ulysses_attention splits heads over the Ulysses group's 3 ranks: q has 4 heads"),
         dict(name="bad_kv_heads", fn="ulysses", shape=(1, 6, 2, 48, 48, 64), dtype=torch.float16, seed=16,
-             error="ValueError: ulysses_attention splits heads over the group's 3 ranks: k and v have 2 heads"),
+             error="ValueError: ulysses_attention splits heads over the Ulysses group's 3 ranks: k and v have 2 heads"),
         dict(name="bad_causal_cross", fn="ring", shape=(1, 2, 1, 48, 96, 64), dtype=torch.float16, seed=17,
              knobs=dict(is_causal=True),
              error="ValueError: causal ring attention needs q and k shards of the same length, got 16 and 32"),
@@ -71,6 +71,19 @@ CASES = {
              sharding="zigzag", shard_as="contiguous",
              error=("ValueError: sharding='zigzag' holds two chunks per rank: q's and k's local token counts "
                     "must be even, got 17 and 17")),
+    ],
+    4: [  # USP on grids of Ulysses groups of consecutive ranks: 2 x 2, 4 x 1 and 1 x 4
+        dict(name="usp_2x2_zigzag_causal_nhd_mask", fn="usp", ulysses_size=2, shape=(1, 4, 2, 256, 256, 64),
+             dtype=torch.float16, seed=41, knobs=dict(is_causal=True), sharding="zigzag", layout="NHD",
+             mask="bool_per_head"),
+        dict(name="usp_2x2_cross_kv_repeated", fn="usp", ulysses_size=2, shape=(2, 4, 1, 128, 192, 64),
+             dtype=torch.bfloat16, seed=42, mask="key_padding"),
+        dict(name="usp_4x1", fn="usp", ulysses_size=4, shape=(1, 8, 4, 128, 128, 64), dtype=torch.float16,
+             seed=43, knobs=dict(is_causal=True, pv_accum="fp32+fp32")),
+        dict(name="usp_1x4", fn="usp", ulysses_size=1, shape=(1, 2, 1, 128, 128, 64), dtype=torch.float16,
+             seed=44, knobs=dict(is_causal=True), sharding="zigzag"),
+        dict(name="bad_usp_heads", fn="usp", ulysses_size=4, shape=(1, 6, 2, 64, 64, 64), dtype=torch.float16,
+             seed=45, error="ValueError: usp_attention splits heads over the Ulysses group's 4 ranks: q has 6 heads"),
     ],
 }
 
@@ -97,13 +110,22 @@ def group_results(tmp_path_factory):
     return results
 
 
+def rank_positions(case: dict, rank: int, world_size: int) -> torch.Tensor:
+    """The global positions of ``rank``'s tokens: its ring shard (`sequence_positions`), then its
+    Ulysses group's piece of it (a Ulysses call: one ring shard; a ring call: Ulysses groups of one)."""
+    ulysses_size = world_size if case["fn"] == "ulysses" else case.get("ulysses_size", 1)
+    ring_shard = parallel.sequence_positions(case["shape"][3], rank // ulysses_size, world_size // ulysses_size,
+                                             case.get("sharding", "contiguous"))
+    return ring_shard.view(ulysses_size, -1)[rank % ulysses_size]
+
+
 def assemble(case: dict, results: list[dict], world_size: int):
-    """The whole sequence's output and LSE from the ranks' shards, by `sequence_positions`."""
+    """The whole sequence's output and LSE from the ranks' shards, by `rank_positions`."""
     seq_q = case["shape"][3]
     out = lse = None
     for rank, result in enumerate(results):
         assert "error" not in result, result["error"]
-        positions = parallel.sequence_positions(seq_q, rank, world_size, case.get("sharding", "contiguous"))
+        positions = rank_positions(case, rank, world_size)
         if out is None:
             out = result["out"].new_full((*result["out"].shape[:2], seq_q, *result["out"].shape[3:]), math.nan)
             lse = None if result["lse"] is None else result["lse"].new_full((*result["lse"].shape[:2], seq_q), math.nan)
@@ -174,6 +196,16 @@ def test_ring_is_the_chunk_pairs_merged(group_results, world_size, case):
     assert nmse(out, exact) < 1.5 * nmse(single, exact)  # as accurate as one device
     exact_log = exact_lse(q, k, knobs.get("softmax_scale"), knobs.get("is_causal", False), mask)
     torch.testing.assert_close(lse.double(), exact_log, rtol=0, atol=2e-2)
+
+
+@pytest.mark.parametrize("world_size, case", cases_of("usp"))
+def test_usp_is_the_ring_over_its_ring_shards(group_results, world_size, case):
+    """Heads are independent: USP gives each head what ring attention over the ring group's
+    shards gives it (the chunk pairs of ``P / P_u`` ranks, merged)."""
+    out, lse = assemble(case, group_results(world_size, case), world_size)
+    expected, expected_lse = chunk_pairs_merged(case, world_size // case["ulysses_size"])
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(lse, expected_lse, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("world_size, case", cases_of(None))
@@ -306,7 +338,11 @@ GPU_CASES = [
 
 
 def check_gpu_case(case: dict, out, lse, world_size: int) -> None:
-    if case["fn"] == "ulysses":
+    if case["fn"] == "usp":
+        expected, expected_lse = chunk_pairs_merged(case, world_size // case["ulysses_size"])
+        torch.testing.assert_close(out.cpu(), expected.cpu())
+        torch.testing.assert_close(lse.cpu(), expected_lse.cpu(), rtol=1e-5, atol=1e-5)
+    elif case["fn"] == "ulysses":
         q, k, v, mask = parallel_worker.case_inputs(case)
         expected = sageflash.sage_attn_sm89_fp16(q, k, v, **case["knobs"], return_lse=True, attn_mask=mask)
         assert torch.equal(out.cpu(), expected[0].cpu()) and torch.equal(lse.cpu(), expected[1].cpu())
@@ -335,7 +371,30 @@ def test_gpu_one_rank(one_rank_group, case):
 def test_gpu_two_ranks_over_nccl(tmp_path):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two CUDA GPUs")
-    results = spawn(2, GPU_CASES, tmp_path, "nccl")
-    for case in GPU_CASES:
+    cases = GPU_CASES + [  # USP: Ulysses over both GPUs, rings of one; then rings over both
+        dict(name=f"usp_{size}x{2 // size}", fn="usp", ulysses_size=size, shape=(1, 8, 2, 2048, 2048, 128),
+             dtype=torch.float16, seed=34, knobs=dict(is_causal=True), sharding="zigzag", backend="auto")
+        for size in (2, 1)]
+    results = spawn(2, cases, tmp_path, "nccl")
+    for case in cases:
         out, lse = assemble(case, results[case["name"]], 2)
         check_gpu_case(dict(case, device="cuda"), out, lse, 2)
+
+
+@pytest.mark.parametrize("name", ["ulysses_attention", "ring_attention", "usp_attention"])
+def test_backward_raises_instead_of_dropping_gradients(one_rank_group, name):
+    """The collectives record no autograd: without a raising backward, training through a call
+    would leave q, k and v without gradients, silently."""
+    one_rank_group()
+    q, k, v = (x.requires_grad_() for x in parallel_worker.case_inputs(
+        dict(shape=(1, 2, 1, 32, 32, 64), dtype=torch.float16, seed=23))[:3])
+    call = getattr(parallel, name)
+    groups = dict(ulysses_group=None, ring_group=None) if name == "usp_attention" else {}
+    out, lse = call(q, k, v, return_lse=True, backend="reference", **groups)
+    expected = sageflash.sage_attn_sm89_fp16(q.detach(), k.detach(), v.detach(), return_lse=True, backend="reference")
+    assert torch.equal(out.detach(), expected[0]) and torch.equal(lse.detach(), expected[1])
+    for result in (out, lse):
+        with pytest.raises(NotImplementedError, match=f"sageflash.parallel.{name} has no backward"):
+            result.float().sum().backward()
+    with torch.no_grad():
+        assert not call(q, k, v, backend="reference", **groups).requires_grad

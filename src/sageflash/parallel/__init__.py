@@ -7,6 +7,8 @@ sequence, and the attention spans all of it.
 - `ring_attention`: each rank's K and V go around the ring as their int8/fp8 payloads (half the
   bytes of fp16), quantized once; partial outputs merge by their LSEs. Any head count, cross
   attention, and with ``sharding="zigzag"`` balanced causal work.
+- `usp_attention` (unified sequence parallelism, as xDiT runs it): Ulysses inside groups with fast
+  links, the ring across them.
 
 `shard_sequence`, `sequence_positions` and `gather_sequence` cut a whole sequence the way these
 expect and put it back together. Works on any backend torch.distributed has for the tensors'
@@ -16,6 +18,7 @@ device (NCCL for CUDA, gloo for the CPU reference).
 from .ring import ring_attention
 from .sharding import SHARDINGS, gather_sequence, sequence_positions, shard_sequence
 from .ulysses import ulysses_attention
+from .usp import usp_attention
 
 __all__ = ["SHARDINGS", "gather_sequence", "ring_attention", "sequence_positions", "shard_sequence",
-           "ulysses_attention"]
+           "ulysses_attention", "usp_attention"]

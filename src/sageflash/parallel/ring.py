@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from ..op import as_hnd, attention_ready_v, check_attn_mask, check_call, select_backend
 from ..params import SageParams, apply_overrides
+from .autograd import without_backward
 from .sharding import RingPeers, check_sharding, chunk_ids, group_rank_and_size
 
 _ALIGN = 16  # bytes: every payload in the buffer starts where a TMA descriptor may point
@@ -156,4 +157,5 @@ def ring_attention(q, k, v, softmax_scale=None, is_causal=False, smooth_k=True, 
 
     for i, merge in enumerate(merges):
         as_hnd(out, tensor_layout)[:, :, i * q_len:(i + 1) * q_len] = merge.out
-    return (out, torch.cat([merge.lse for merge in merges], dim=2)) if return_lse else out
+    result = (out, torch.cat([merge.lse for merge in merges], dim=2)) if return_lse else out
+    return without_backward("ring_attention", result, q, k, v)

@@ -10,10 +10,13 @@ exchange would need the whole sequence's K mean and V channel maxima first).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 
 from ..op import as_hnd, check_attn_mask, check_call, sage_attn_sm89_fp16
+from .autograd import without_backward
 from .sharding import group_rank_and_size
 
 
@@ -49,6 +52,48 @@ def lse_from_heads(lse: torch.Tensor, world_size: int, group) -> torch.Tensor:
     return received.transpose(0, 1).reshape(batch, world_size * heads, seq // world_size)
 
 
+class HeadExchange(NamedTuple):
+    """Ulysses' exchanges over ``group``: each rank's sequence shard of every head ↔ the group's
+    whole token range of ``1/P`` of the heads (rank r: query heads ``r·Hq/P ..``)."""
+
+    group: object
+    rank: int
+    world_size: int
+
+    @classmethod
+    def checked(cls, group, q_heads: int, kv_heads: int, caller: str) -> "HeadExchange":
+        """The exchange over ``group``, once the head counts are known to split over it."""
+        rank, world_size = group_rank_and_size(group)
+        if q_heads % world_size:
+            raise ValueError(f"{caller} splits heads over the Ulysses group's {world_size} ranks: q has "
+                             f"{q_heads} heads, not a multiple of {world_size}")
+        if kv_heads % world_size and world_size % kv_heads:
+            raise ValueError(f"{caller} splits heads over the Ulysses group's {world_size} ranks: k and v have "
+                             f"{kv_heads} heads, neither a multiple nor a divisor of {world_size}")
+        return cls(group, rank, world_size)
+
+    def to_heads(self, q, k, v, tensor_layout: str):
+        """This rank's heads of the group's tokens, as NHD ``[B, S·P, H/P, D]``."""
+        q, k, v = (_as_nhd(x, tensor_layout) for x in (q, k, v))
+        if k.shape[2] < self.world_size:  # each rank's query heads read one KV head: give every rank a copy
+            k, v = (x.repeat_interleave(self.world_size // k.shape[2], dim=2) for x in (k, v))
+        return tuple(heads_from_sequence(x, self.world_size, self.group) for x in (q, k, v))
+
+    def mask_heads(self, attn_mask, q_heads: int):
+        """``attn_mask``'s query heads of this rank (a mask with one head stays as it is)."""
+        if attn_mask is None or attn_mask.dim() < 3 or attn_mask.shape[-3] == 1:
+            return attn_mask
+        local_heads = q_heads // self.world_size
+        return attn_mask.narrow(-3, self.rank * local_heads, local_heads)
+
+    def to_sequence(self, result, return_lse: bool, out: torch.Tensor, tensor_layout: str):
+        """The attention ``result`` over this rank's heads back to this rank's tokens of every
+        head: written into ``out`` (the caller's layout), with the LSE when ``return_lse``."""
+        local_out, local_lse = result if return_lse else (result, None)
+        sequence_from_heads(local_out, self.world_size, self.group, into=_as_nhd(out, tensor_layout))
+        return (out, lse_from_heads(local_lse, self.world_size, self.group)) if return_lse else out
+
+
 def ulysses_attention(q, k, v, softmax_scale=None, is_causal=False, smooth_k=True, smooth_v=False,
                       pv_accum="fp32+fp16", granularity="per_thread", *, group=None, tensor_layout="HND",
                       return_lse=False, attn_mask=None, backend="auto"):
@@ -64,30 +109,13 @@ def ulysses_attention(q, k, v, softmax_scale=None, is_causal=False, smooth_k=Tru
     """
     check_call(q, k, v, softmax_scale, is_causal, smooth_k, smooth_v, pv_accum, granularity, tensor_layout,
                return_lse, None, backend)
-    rank, world_size = group_rank_and_size(group)
-    q_heads, kv_heads = as_hnd(q, tensor_layout).shape[1], as_hnd(k, tensor_layout).shape[1]
-    if q_heads % world_size:
-        raise ValueError(f"ulysses_attention splits heads over the group's {world_size} ranks: q has "
-                         f"{q_heads} heads, not a multiple of {world_size}")
-    if kv_heads % world_size and world_size % kv_heads:
-        raise ValueError(f"ulysses_attention splits heads over the group's {world_size} ranks: k and v have "
-                         f"{kv_heads} heads, neither a multiple nor a divisor of {world_size}")
-    seq_q, seq_k = (as_hnd(x, tensor_layout).shape[2] * world_size for x in (q, k))
-    check_attn_mask(attn_mask, q, k, tensor_layout, seq_q=seq_q, seq_k=seq_k)
-
+    q_hnd, k_hnd = as_hnd(q, tensor_layout), as_hnd(k, tensor_layout)
+    exchange = HeadExchange.checked(group, q_hnd.shape[1], k_hnd.shape[1], "ulysses_attention")
+    check_attn_mask(attn_mask, q, k, tensor_layout, seq_q=q_hnd.shape[2] * exchange.world_size,
+                    seq_k=k_hnd.shape[2] * exchange.world_size)
     out = q.new_empty(q.shape)  # contiguous in the caller's layout, as the op's
-    q, k, v = (_as_nhd(x, tensor_layout) for x in (q, k, v))
-    if kv_heads < world_size:  # each rank's query heads read one KV head: give every rank a copy
-        k, v = (x.repeat_interleave(world_size // kv_heads, dim=2) for x in (k, v))
-    local_q, local_k, local_v = (heads_from_sequence(x, world_size, group) for x in (q, k, v))
-    if attn_mask is not None and attn_mask.dim() >= 3 and attn_mask.shape[-3] > 1:
-        local_heads = q_heads // world_size
-        attn_mask = attn_mask.narrow(-3, rank * local_heads, local_heads)
-    result = sage_attn_sm89_fp16(local_q, local_k, local_v, softmax_scale, is_causal, smooth_k, smooth_v,
-                                 pv_accum, granularity, tensor_layout="NHD", return_lse=return_lse,
-                                 attn_mask=attn_mask, backend=backend)
-    local_out, local_lse = result if return_lse else (result, None)
-    sequence_from_heads(local_out, world_size, group, into=_as_nhd(out, tensor_layout))
-    if not return_lse:
-        return out
-    return out, lse_from_heads(local_lse, world_size, group)
+    result = sage_attn_sm89_fp16(*exchange.to_heads(q, k, v, tensor_layout), softmax_scale, is_causal, smooth_k,
+                                 smooth_v, pv_accum, granularity, tensor_layout="NHD", return_lse=return_lse,
+                                 attn_mask=exchange.mask_heads(attn_mask, q_hnd.shape[1]), backend=backend)
+    return without_backward("ulysses_attention", exchange.to_sequence(result, return_lse, out, tensor_layout),
+                            q, k, v)
