@@ -5,8 +5,16 @@ nothing from the tests at module level that would need pytest's fixtures."""
 
 from __future__ import annotations
 
+import datetime
+import os
+
 import torch
 import torch.distributed as dist
+
+
+# A rank left waiting in a collective (the bug the agreement prevents) fails its test within this,
+# rather than after gloo's default 30 minutes.
+COLLECTIVE_TIMEOUT_S = 60
 
 
 def case_inputs(case: dict):
@@ -49,10 +57,15 @@ def rank_call(case: dict, rank: int, world_size: int, groups: dict | None = None
     ring_rank, ring_size = rank // ulysses_size, world_size // ulysses_size
     if case["fn"] == "ulysses":
         ring_rank, ring_size, ulysses_size = 0, 1, world_size
-    q, k, v = (parallel.shard_sequence(parallel.shard_sequence(x, ring_rank, ring_size, sharding=shard_as),
-                                       rank % ulysses_size, ulysses_size) for x in (q, k, v))
+    if shard_as == "uneven":  # torch's split of 10 tokens over 3 ranks: 4, 4, 2
+        q, k, v = (x.tensor_split(world_size, dim=2)[rank] for x in (q, k, v))
+    else:
+        q, k, v = (parallel.shard_sequence(parallel.shard_sequence(x, ring_rank, ring_size, sharding=shard_as),
+                                           rank % ulysses_size, ulysses_size) for x in (q, k, v))
     if case["fn"] != "ulysses" and mask is not None and mask.dim() >= 2 and mask.shape[-2] > 1:
         mask = parallel.shard_sequence(mask, ring_rank, ring_size, dim=-2, sharding=shard_as)  # the ring shard's rows
+    if case.get("bad_mask_rank") == rank:  # one rank's mask one key short
+        mask = mask[..., :-1]
     layout = case.get("layout", "HND")
     if layout == "NHD":  # views, as a caller holding [B, S, H, D] passes them
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))
@@ -63,8 +76,15 @@ def rank_call(case: dict, rank: int, world_size: int, groups: dict | None = None
         ulysses_group, ring_group = (groups or {})[ulysses_size]
         call, extra = parallel.usp_attention, {"sharding": sharding, "ulysses_group": ulysses_group,
                                                 "ring_group": ring_group}
-    out, lse = call(q, k, v, **case.get("knobs", {}), tensor_layout=layout, return_lse=True, attn_mask=mask,
-                    backend=case.get("backend", "reference"), **extra)
+    name, value = case.get("environment_of", {}).get(rank, (None, None))  # an override on one rank only
+    if name is not None:
+        os.environ[name] = value
+    try:
+        out, lse = call(q, k, v, **case.get("knobs", {}), tensor_layout=layout, return_lse=True, attn_mask=mask,
+                        backend=case.get("backend", "reference"), **extra)
+    finally:
+        if name is not None:
+            del os.environ[name]
     return (out.transpose(1, 2) if layout == "NHD" else out), lse
 
 
@@ -86,7 +106,8 @@ def run(rank: int, world_size: int, rendezvous: str, cases: list[dict], out_dir:
     if dist_backend == "nccl":
         device = f"cuda:{rank}"
         torch.cuda.set_device(device)
-    dist.init_process_group(dist_backend, init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
+    dist.init_process_group(dist_backend, init_method=f"file://{rendezvous}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     try:
         grids = {size: grid_groups(world_size, size)
                  for size in sorted({case["ulysses_size"] for case in cases if case["fn"] == "usp"})}

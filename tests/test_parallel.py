@@ -67,6 +67,19 @@ CASES = {
         dict(name="bad_causal_cross", fn="ring", shape=(1, 2, 1, 48, 96, 64), dtype=torch.float16, seed=17,
              knobs=dict(is_causal=True),
              error="ValueError: causal ring attention needs q and k shards of the same length, got 16 and 32"),
+        dict(name="bad_uneven_shards", fn="ring", shape=(1, 2, 1, 10, 10, 64), dtype=torch.float16, seed=24,
+             shard_as="uneven", error="ValueError: ring_attention needs the same q on every rank of its group "
+                                      "(tensors as (shape, dtype, device type)), got rank 0: ((1, 2, 4, 64), "
+                                      "'torch.float16', 'cpu'), rank 1: ((1, 2, 3, 64), 'torch.float16', 'cpu'), "
+                                      "rank 2: ((1, 2, 3, 64)"),
+        dict(name="bad_mask_on_one_rank", fn="ulysses", shape=(1, 3, 3, 48, 48, 64), dtype=torch.float16, seed=25,
+             mask="bool_sq_sk", bad_mask_rank=1,
+             error={1: "ValueError: attn_mask must be broadcastable to [B, Hq, Sq, Sk] = [1, 3, 48, 48]",
+                    "*": "ValueError: ulysses_attention: rank 1 refused its arguments (ValueError: attn_mask must "
+                         "be broadcastable"}),
+        dict(name="bad_override_on_one_rank", fn="ring", shape=(1, 2, 1, 48, 48, 64), dtype=torch.float16, seed=26,
+             environment_of={2: ("GGML_SAGE_PV_ACCUM", "fp32+fp32")},
+             error="ValueError: ring_attention needs the same environment on every rank of its group"),
         dict(name="bad_zigzag_length", fn="ring", shape=(1, 2, 1, 51, 51, 64), dtype=torch.float16, seed=18,
              sharding="zigzag", shard_as="contiguous",
              error=("ValueError: sharding='zigzag' holds two chunks per rank: q's and k's local token counts "
@@ -84,6 +97,12 @@ CASES = {
              seed=44, knobs=dict(is_causal=True), sharding="zigzag"),
         dict(name="bad_usp_heads", fn="usp", ulysses_size=4, shape=(1, 6, 2, 64, 64, 64), dtype=torch.float16,
              seed=45, error="ValueError: usp_attention splits heads over the Ulysses group's 4 ranks: q has 6 heads"),
+        dict(name="bad_usp_mask_on_one_rank", fn="usp", ulysses_size=2, shape=(1, 4, 2, 64, 64, 64),
+             dtype=torch.float16, seed=46, mask="key_padding", bad_mask_rank=3,  # reaches all 4 in two steps
+             error={3: "ValueError: attn_mask must be broadcastable to [B, Hq, Sq, Sk] = [1, 4, 32, 64], got "
+                       "shape [1, 1, 1, 63]",
+                    "*": "ValueError: usp_attention: rank 3 refused its arguments (ValueError: attn_mask must be "
+                         "broadcastable"}),
     ],
 }
 
@@ -210,8 +229,11 @@ def test_usp_is_the_ring_over_its_ring_shards(group_results, world_size, case):
 
 @pytest.mark.parametrize("world_size, case", cases_of(None))
 def test_bad_shards_are_named_on_every_rank(group_results, world_size, case):
-    for result in group_results(world_size, case):
-        assert result.get("error", "").startswith(case["error"]), result
+    """Every rank raises (none is left waiting in a collective), the rank at fault with its own
+    error, its peers saying which rank refused or what differs."""
+    expected = case["error"] if isinstance(case["error"], dict) else {"*": case["error"]}
+    for rank, result in enumerate(group_results(world_size, case)):
+        assert result.get("error", "").startswith(expected.get(rank, expected["*"])), (rank, result)
 
 
 @pytest.mark.parametrize("world_size, case", cases_of("gather"))
@@ -330,8 +352,11 @@ def test_ring_sends_half_the_bytes_of_fp16_k_and_v():
 GPU_CASES = [
     dict(name="ulysses", fn="ulysses", shape=(1, 8, 2, 2048, 2048, 128), dtype=torch.float16, seed=31,
          knobs=dict(is_causal=True), backend="auto"),
-    dict(name="ring_zigzag", fn="ring", shape=(2, 8, 2, 2048, 2048, 128), dtype=torch.bfloat16, seed=32,
+    # chunks of 1024 keys or more over two ranks: K and V read through TMA descriptors on Hopper
+    dict(name="ring_zigzag", fn="ring", shape=(2, 8, 2, 4096, 4096, 128), dtype=torch.bfloat16, seed=32,
          knobs=dict(is_causal=True), sharding="zigzag", layout="NHD", backend="auto"),
+    dict(name="ring_d256", fn="ring", shape=(1, 4, 2, 2048, 2048, 256), dtype=torch.float16, seed=35,
+         knobs=dict(is_causal=True, pv_accum="fp32+fp32"), backend="auto"),
     dict(name="ring_mask_d64", fn="ring", shape=(1, 4, 4, 1000, 1536, 64), dtype=torch.float16, seed=33,
          mask="key_padding", knobs=dict(pv_accum="fp32", smooth_v=True), backend="auto"),
 ]

@@ -5,14 +5,16 @@ sequence, and the attention spans all of it.
   on whole sequences, all-to-all back. The single-device op's result bit for bit; 16-bit traffic;
   the group's size must divide the query heads.
 - `ring_attention`: each rank's K and V go around the ring as their int8/fp8 payloads (half the
-  bytes of fp16), quantized once; partial outputs merge by their LSEs. Any head count, cross
-  attention, and with ``sharding="zigzag"`` balanced causal work.
+  bytes of fp16 at head dims 64/128/256), quantized once; partial outputs merge by their LSEs.
+  Any head count, cross attention, and with ``sharding="zigzag"`` balanced causal work.
 - `usp_attention` (unified sequence parallelism, as xDiT runs it): Ulysses inside groups with fast
   links, the ring across them.
 
 `shard_sequence`, `sequence_positions` and `gather_sequence` cut a whole sequence the way these
 expect and put it back together. Works on any backend torch.distributed has for the tensors'
-device (NCCL for CUDA, gloo for the CPU reference).
+device (NCCL for CUDA, gloo for the CPU reference). Every call first agrees with its peers that
+all of them can go on (`agreement`), so one rank's bad arguments raise everywhere instead of
+leaving the others waiting.
 """
 
 from .ring import ring_attention

@@ -4,8 +4,10 @@ Every rank holds the same number of tokens of q, k and v. It quantizes its own Q
 packs K's and V's payloads (codes, scales, K's mean, V's mean) into one byte buffer and passes it
 around the ring: at each of the group's P steps it attends its queries to the shard it holds with
 `attention_from_payloads` (returning the LSE) while the next shard is in flight, and merges the
-partial outputs by their LSEs in float32. The payloads are half the bytes of fp16 K and V, and no
-shard is quantized twice.
+partial outputs by their LSEs in float32. No shard is quantized twice, and the message is half
+the bytes of fp16 K and V at head dims 64, 128 and 256 (0.502× at D=128; more where the head dim
+is zero-padded: 0.67× at D=96, 0.80× at 80 and 160; and for shards short of a multiple of 64
+tokens, to which V's payload is padded).
 
 Each shard's K is smoothed by its own mean and V scaled by its own channel maxima, so the result
 is not the single-device op's bit for bit but attention quantized per shard, as accurate
@@ -18,12 +20,15 @@ pairs; ``sharding="zigzag"`` (`sharding.SHARDINGS`) gives every rank the same wo
 from __future__ import annotations
 
 import dataclasses
+from types import ModuleType
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from ..op import as_hnd, attention_ready_v, check_attn_mask, check_call, select_backend
 from ..params import SageParams, apply_overrides
+from .agreement import agree, signature
 from .autograd import without_backward
 from .sharding import RingPeers, check_sharding, chunk_ids, group_rank_and_size
 
@@ -100,6 +105,44 @@ def _quantize_chunks(module, q, k, v, params: SageParams, chunks: int):
     return queries, PackedPayloads(keys), v_order
 
 
+class RingCall(NamedTuple):
+    """A checked ring call: its knobs after the overrides, its backend, q/k/v as ``[B, H, S, D]``
+    views, the mask broadcast to ``[B, Hq, Sq/P, Sk]`` (or None), its chunks per rank."""
+
+    params: SageParams
+    module: ModuleType
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    attn_mask: torch.Tensor | None
+    chunks: int
+
+
+def check_ring_lengths(seq_q: int, seq_k: int, is_causal: bool, chunks: int) -> None:
+    """A rank's q and k token counts must cut into its ``chunks`` (zigzag: 2), and match when causal."""
+    if seq_q % chunks or seq_k % chunks:
+        raise ValueError(f"sharding='zigzag' holds two chunks per rank: q's and k's local token counts must be "
+                         f"even, got {seq_q} and {seq_k}")
+    if is_causal and seq_q != seq_k:
+        raise ValueError(f"causal ring attention needs q and k shards of the same length, got {seq_q} and {seq_k}")
+
+
+def check_ring_call(q, k, v, softmax_scale, is_causal, smooth_k, smooth_v, pv_accum, granularity, sharding,
+                    tensor_layout, return_lse, attn_mask, backend, world_size: int) -> RingCall:
+    """Every check of `ring_attention` that needs no message (the op's, the sharding's, the mask's)."""
+    params, _ = check_call(q, k, v, softmax_scale, is_causal, smooth_k, smooth_v, pv_accum, granularity,
+                           tensor_layout, return_lse, None, backend)
+    check_sharding(sharding)
+    q, k, v = (as_hnd(x, tensor_layout) for x in (q, k, v))
+    chunks = len(chunk_ids(0, world_size, sharding))
+    check_ring_lengths(q.shape[2], k.shape[2], params.is_causal, chunks)
+    check_attn_mask(attn_mask, q, k, seq_k=k.shape[2] * world_size)
+    if attn_mask is not None:
+        attn_mask = attn_mask.expand(*q.shape[:3], k.shape[2] * world_size)
+    params = apply_overrides(params)
+    return RingCall(params, select_backend(backend, q.device), q, k, v, attn_mask, chunks)
+
+
 def ring_attention(q, k, v, softmax_scale=None, is_causal=False, smooth_k=True, smooth_v=False,
                    pv_accum="fp32+fp16", granularity="per_thread", *, group=None, sharding="contiguous",
                    tensor_layout="HND", return_lse=False, attn_mask=None, backend="auto"):
@@ -109,28 +152,30 @@ def ring_attention(q, k, v, softmax_scale=None, is_causal=False, smooth_k=True, 
     as ``sharding`` says (`shard_sequence`); returns its shard of the output (and of the LSE,
     ``[B, Hq, Sq/P]``). Knobs as the op's. ``is_causal`` is over the whole sequence and needs
     Sq == Sk. ``attn_mask``: this rank's query rows against the whole sequence's keys in global
-    order, broadcastable to ``[B, Hq, Sq/P, Sk]``.
+    order, broadcastable to ``[B, Hq, Sq/P, Sk]``. A rank that refuses its arguments, or shapes
+    or knobs that differ between ranks, raise on every rank before any message (`agreement`).
     """
-    params, return_lse = check_call(q, k, v, softmax_scale, is_causal, smooth_k, smooth_v, pv_accum,
-                                    granularity, tensor_layout, return_lse, None, backend)
-    check_sharding(sharding)
     rank, world_size = group_rank_and_size(group)
+    knobs = (softmax_scale, is_causal, smooth_k, smooth_v, pv_accum, granularity)
+    call, error = None, None
+    try:
+        call = check_ring_call(q, k, v, *knobs, sharding, tensor_layout, return_lse, attn_mask, backend, world_size)
+    except (TypeError, ValueError, RuntimeError) as err:  # RuntimeError: kernels.UnsupportedDeviceError
+        error = err
+    agree([group], "ring_attention", signature(q, k, v, attn_mask, knobs=knobs, sharding=sharding,
+                                               tensor_layout=tensor_layout, return_lse=return_lse, backend=backend),
+          error)
     out = q.new_empty(q.shape)  # contiguous in the caller's layout, as the op's
-    q, k, v = (as_hnd(x, tensor_layout) for x in (q, k, v))
-    chunks = len(chunk_ids(rank, world_size, sharding))
-    seq_q, seq_k = q.shape[2], k.shape[2]
-    if seq_q % chunks or seq_k % chunks:
-        raise ValueError(f"sharding='zigzag' holds two chunks per rank: q's and k's local token counts must be "
-                         f"even, got {seq_q} and {seq_k}")
-    if params.is_causal and seq_q != seq_k:
-        raise ValueError(f"causal ring attention needs q and k shards of the same length, got {seq_q} and {seq_k}")
-    check_attn_mask(attn_mask, q, k, seq_k=seq_k * world_size)
-    params = apply_overrides(params)
-    module = select_backend(backend, q.device)
-    q_len, k_len = seq_q // chunks, seq_k // chunks
-    if attn_mask is not None:
-        attn_mask = attn_mask.expand(q.shape[0], q.shape[1], seq_q, seq_k * world_size)
+    with torch.no_grad():  # the backends' LSE term reads q: no graph for a backward that raises anyway
+        lse = ring_attend(call, group, rank, world_size, sharding, as_hnd(out, tensor_layout))
+    return without_backward("ring_attention", (out, lse) if return_lse else out, q, k, v)
 
+
+def ring_attend(call: RingCall, group, rank: int, world_size: int, sharding: str, out: torch.Tensor) -> torch.Tensor:
+    """The ring's steps for a checked call, agreed on by every rank: writes the output into ``out``
+    (``[B, Hq, Sq/P, D]``, any strides) and returns the LSE ``[B, Hq, Sq/P]``."""
+    params, module, q, k, v, attn_mask, chunks = call
+    q_len, k_len = q.shape[2] // chunks, k.shape[2] // chunks
     queries, packed, v_order = _quantize_chunks(module, q, k, v, params, chunks)
     peers = RingPeers.of(group, rank, world_size)
     current, spare = packed.buffer, (torch.empty_like(packed.buffer) if world_size > 1 else None)
@@ -154,8 +199,6 @@ def ring_attention(q, k, v, softmax_scale=None, is_causal=False, smooth_k=True, 
         for work in in_flight:
             work.wait()
         current, spare = spare, current
-
     for i, merge in enumerate(merges):
-        as_hnd(out, tensor_layout)[:, :, i * q_len:(i + 1) * q_len] = merge.out
-    result = (out, torch.cat([merge.lse for merge in merges], dim=2)) if return_lse else out
-    return without_backward("ring_attention", result, q, k, v)
+        out[:, :, i * q_len:(i + 1) * q_len] = merge.out
+    return torch.cat([merge.lse for merge in merges], dim=2)

@@ -40,7 +40,8 @@ def sequence_positions(seq_len: int, rank: int, world_size: int, sharding: str =
 def shard_sequence(x: torch.Tensor, rank: int, world_size: int, *, dim: int = 2,
                    sharding: str = "contiguous") -> torch.Tensor:
     """``rank``'s shard of the whole-sequence tensor ``x`` along ``dim`` (2 for ``[B, H, S, D]``, 1 for
-    ``[B, S, H, D]``, -1 for a mask's keys): a view for contiguous sharding, a copy for zigzag."""
+    ``[B, S, H, D]``, -2 for a mask's query rows, as `ring_attention` takes it): a view for
+    contiguous sharding, a copy for zigzag."""
     positions = sequence_positions(x.shape[dim], rank, world_size, sharding)
     if sharding == "contiguous":
         return x.narrow(dim, int(positions[0]), positions.numel())

@@ -15,7 +15,9 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from ..op import as_hnd, check_attn_mask, check_call, sage_attn_sm89_fp16
+from ..op import as_hnd, check_attn_mask, check_call, sage_attn_sm89_fp16, select_backend
+from ..params import resolve_params
+from .agreement import agree, signature
 from .autograd import without_backward
 from .sharding import group_rank_and_size
 
@@ -52,6 +54,16 @@ def lse_from_heads(lse: torch.Tensor, world_size: int, group) -> torch.Tensor:
     return received.transpose(0, 1).reshape(batch, world_size * heads, seq // world_size)
 
 
+def check_heads(q_heads: int, kv_heads: int, world_size: int, caller: str) -> None:
+    """Hq must split over the Ulysses group; Hk too, or divide it (KV heads are then repeated)."""
+    if q_heads % world_size:
+        raise ValueError(f"{caller} splits heads over the Ulysses group's {world_size} ranks: q has "
+                         f"{q_heads} heads, not a multiple of {world_size}")
+    if kv_heads % world_size and world_size % kv_heads:
+        raise ValueError(f"{caller} splits heads over the Ulysses group's {world_size} ranks: k and v have "
+                         f"{kv_heads} heads, neither a multiple nor a divisor of {world_size}")
+
+
 class HeadExchange(NamedTuple):
     """Ulysses' exchanges over ``group``: each rank's sequence shard of every head ↔ the group's
     whole token range of ``1/P`` of the heads (rank r: query heads ``r·Hq/P ..``)."""
@@ -59,18 +71,6 @@ class HeadExchange(NamedTuple):
     group: object
     rank: int
     world_size: int
-
-    @classmethod
-    def checked(cls, group, q_heads: int, kv_heads: int, caller: str) -> "HeadExchange":
-        """The exchange over ``group``, once the head counts are known to split over it."""
-        rank, world_size = group_rank_and_size(group)
-        if q_heads % world_size:
-            raise ValueError(f"{caller} splits heads over the Ulysses group's {world_size} ranks: q has "
-                             f"{q_heads} heads, not a multiple of {world_size}")
-        if kv_heads % world_size and world_size % kv_heads:
-            raise ValueError(f"{caller} splits heads over the Ulysses group's {world_size} ranks: k and v have "
-                             f"{kv_heads} heads, neither a multiple nor a divisor of {world_size}")
-        return cls(group, rank, world_size)
 
     def to_heads(self, q, k, v, tensor_layout: str):
         """This rank's heads of the group's tokens, as NHD ``[B, S·P, H/P, D]``."""
@@ -105,17 +105,30 @@ def ulysses_attention(q, k, v, softmax_scale=None, is_causal=False, smooth_k=Tru
 
     Hq must be a multiple of the group's size P; Hk a multiple of P, or a divisor of P (KV heads
     are then repeated so that each rank gets the one its query heads read). ``attn_mask`` spans
-    the whole sequence, broadcastable to ``[B, Hq, Sq, Sk]``, the same on every rank.
+    the whole sequence, broadcastable to ``[B, Hq, Sq, Sk]``, the same on every rank. A rank that
+    refuses its arguments, or shapes or knobs that differ between ranks, raise on every rank
+    before any message (`agreement`).
     """
-    check_call(q, k, v, softmax_scale, is_causal, smooth_k, smooth_v, pv_accum, granularity, tensor_layout,
-               return_lse, None, backend)
-    q_hnd, k_hnd = as_hnd(q, tensor_layout), as_hnd(k, tensor_layout)
-    exchange = HeadExchange.checked(group, q_hnd.shape[1], k_hnd.shape[1], "ulysses_attention")
-    check_attn_mask(attn_mask, q, k, tensor_layout, seq_q=q_hnd.shape[2] * exchange.world_size,
-                    seq_k=k_hnd.shape[2] * exchange.world_size)
+    rank, world_size = group_rank_and_size(group)
+    knobs = (softmax_scale, is_causal, smooth_k, smooth_v, pv_accum, granularity)
+    error = None
+    try:
+        check_call(q, k, v, *knobs, tensor_layout, return_lse, None, backend)
+        q_hnd, k_hnd = as_hnd(q, tensor_layout), as_hnd(k, tensor_layout)
+        check_heads(q_hnd.shape[1], k_hnd.shape[1], world_size, "ulysses_attention")
+        check_attn_mask(attn_mask, q, k, tensor_layout, seq_q=q_hnd.shape[2] * world_size,
+                        seq_k=k_hnd.shape[2] * world_size)
+        select_backend(backend, q.device)
+        resolve_params(*knobs, head_dim=q.shape[-1])  # the overrides' errors
+    except (TypeError, ValueError, RuntimeError) as err:  # RuntimeError: kernels.UnsupportedDeviceError
+        error = err
+    agree([group], "ulysses_attention", signature(q, k, v, attn_mask, knobs=knobs, tensor_layout=tensor_layout,
+                                                  return_lse=return_lse, backend=backend), error)
+    exchange = HeadExchange(group, rank, world_size)
     out = q.new_empty(q.shape)  # contiguous in the caller's layout, as the op's
-    result = sage_attn_sm89_fp16(*exchange.to_heads(q, k, v, tensor_layout), softmax_scale, is_causal, smooth_k,
-                                 smooth_v, pv_accum, granularity, tensor_layout="NHD", return_lse=return_lse,
-                                 attn_mask=exchange.mask_heads(attn_mask, q_hnd.shape[1]), backend=backend)
+    result = sage_attn_sm89_fp16(*exchange.to_heads(q, k, v, tensor_layout), *knobs, tensor_layout="NHD",
+                                 return_lse=return_lse,
+                                 attn_mask=exchange.mask_heads(attn_mask, as_hnd(q, tensor_layout).shape[1]),
+                                 backend=backend)
     return without_backward("ulysses_attention", exchange.to_sequence(result, return_lse, out, tensor_layout),
                             q, k, v)

@@ -12,11 +12,14 @@ those, and a second all-to-all returns the output. Each head's result is the rin
 
 from __future__ import annotations
 
+import torch
+
 from ..op import as_hnd, check_attn_mask, check_call
+from .agreement import agree, signature
 from .autograd import without_backward
-from .ring import ring_attention
+from .ring import check_ring_call, ring_attend
 from .sharding import check_sharding, group_rank_and_size
-from .ulysses import HeadExchange
+from .ulysses import HeadExchange, check_heads
 
 
 def usp_attention(q, k, v, softmax_scale=None, is_causal=False, smooth_k=True, smooth_v=False,
@@ -28,20 +31,37 @@ def usp_attention(q, k, v, softmax_scale=None, is_causal=False, smooth_k=True, s
     gets its piece of the output (and of the LSE). Head counts as `ulysses_attention` needs over
     ``ulysses_group``; causal as `ring_attention` needs. ``attn_mask``: the query rows of this
     rank's ring shard (its Ulysses group's tokens) against every key in global order,
-    broadcastable to ``[B, Hq, Sq·P_u / P, Sk]``.
+    broadcastable to ``[B, Hq, Sq·P_u / P, Sk]``. A refusal on any rank of the grid, or shapes or
+    knobs that differ, raise on every rank before any message (agreed over the Ulysses group,
+    then the ring group).
     """
-    check_call(q, k, v, softmax_scale, is_causal, smooth_k, smooth_v, pv_accum, granularity, tensor_layout,
-               return_lse, None, backend)
-    check_sharding(sharding)
-    q_hnd, k_hnd = as_hnd(q, tensor_layout), as_hnd(k, tensor_layout)
-    exchange = HeadExchange.checked(ulysses_group, q_hnd.shape[1], k_hnd.shape[1], "usp_attention")
-    _, ring_size = group_rank_and_size(ring_group)
-    check_attn_mask(attn_mask, q, k, tensor_layout, seq_q=q_hnd.shape[2] * exchange.world_size,
-                    seq_k=k_hnd.shape[2] * exchange.world_size * ring_size)
-    out = q.new_empty(q.shape)  # contiguous in the caller's layout, as the op's
-    result = ring_attention(*exchange.to_heads(q, k, v, tensor_layout), softmax_scale, is_causal, smooth_k, smooth_v,
-                            pv_accum, granularity, group=ring_group, sharding=sharding, tensor_layout="NHD",
-                            return_lse=return_lse, attn_mask=exchange.mask_heads(attn_mask, q_hnd.shape[1]),
-                            backend=backend)
-    return without_backward("usp_attention", exchange.to_sequence(result, return_lse, out, tensor_layout),
-                            q, k, v)
+    ulysses_rank, ulysses_size = group_rank_and_size(ulysses_group)
+    ring_rank, ring_size = group_rank_and_size(ring_group)
+    exchange = HeadExchange(ulysses_group, ulysses_rank, ulysses_size)
+    knobs = (softmax_scale, is_causal, smooth_k, smooth_v, pv_accum, granularity)
+    call, error = None, None
+    try:
+        check_call(q, k, v, *knobs, tensor_layout, return_lse, None, backend)
+        check_sharding(sharding)
+        q_hnd, k_hnd, v_hnd = (as_hnd(x, tensor_layout) for x in (q, k, v))
+        check_heads(q_hnd.shape[1], k_hnd.shape[1], ulysses_size, "usp_attention")
+        check_attn_mask(attn_mask, q, k, tensor_layout, seq_q=q_hnd.shape[2] * ulysses_size,
+                        seq_k=k_hnd.shape[2] * ulysses_size * ring_size)
+        # the ring's own checks, on stand-ins of the shapes it will get (this rank's heads of its
+        # ring shard: a broadcast view, no memory) before any message
+        ring_shard = [x[:, :max(1, x.shape[1] // ulysses_size), :1].expand(-1, -1, x.shape[2] * ulysses_size, -1)
+                      for x in (q_hnd, k_hnd, v_hnd)]
+        call = check_ring_call(*ring_shard, *knobs, sharding, "HND", return_lse,
+                               exchange.mask_heads(attn_mask, q_hnd.shape[1]), backend, ring_size)
+    except (TypeError, ValueError, RuntimeError) as err:  # RuntimeError: kernels.UnsupportedDeviceError
+        error = err
+    agree([ulysses_group, ring_group], "usp_attention",
+          signature(q, k, v, attn_mask, knobs=knobs, sharding=sharding, tensor_layout=tensor_layout,
+                    return_lse=return_lse, backend=backend), error)
+    heads = exchange.to_heads(q, k, v, tensor_layout)  # NHD [B, S_ring, H/P_u, D]
+    out, heads_out = q.new_empty(q.shape), torch.empty_like(heads[0])  # out as the op's: contiguous in the layout
+    with torch.no_grad():
+        lse = ring_attend(call._replace(**{name: as_hnd(x, "NHD") for name, x in zip("qkv", heads)}), ring_group,
+                          ring_rank, ring_size, sharding, as_hnd(heads_out, "NHD"))
+    result = (heads_out, lse) if return_lse else heads_out
+    return without_backward("usp_attention", exchange.to_sequence(result, return_lse, out, tensor_layout), q, k, v)
