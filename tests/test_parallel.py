@@ -9,8 +9,12 @@ independently of which rank held which chunk; and against exact attention, as ac
 
 from __future__ import annotations
 
+import csv
 import math
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -19,8 +23,8 @@ import torch.multiprocessing as mp
 
 import parallel_worker
 import sageflash
-from conftest import HAS_CUDA, nmse
-from helpers import exact_attention, exact_lse
+from conftest import HAS_CUDA, ROOT, nmse
+from helpers import PACKAGE_ROOT, exact_attention, exact_lse
 from sageflash import parallel
 
 INTERPRETER = not HAS_CUDA  # conftest sets TRITON_INTERPRET=1 without a GPU; spawned ranks inherit it
@@ -423,3 +427,23 @@ def test_backward_raises_instead_of_dropping_gradients(one_rank_group, name):
             result.float().sum().backward()
     with torch.no_grad():
         assert not call(q, k, v, backend="reference", **groups).requires_grad
+
+
+def test_bench_parallel_runs_every_method(tmp_path):
+    """`benchmarks/bench_parallel.py` end to end (gloo on the CPU here: a smoke run, its times
+    mean nothing): a table row and a CSV row per method and shape, each with a time and the op's
+    single-device time to compare with."""
+    csv_path = tmp_path / "parallel.csv"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_parallel.py"), "--world", "2",
+                           "--seq", "64", "--heads", "4", "--kv-heads", "2", "--head-dim", "64", "--causal", "yes",
+                           "--methods", "ulysses,ring,ring-zigzag,usp", "--ulysses-size", "2", "--iters", "1",
+                           "--rounds", "1", "--csv", str(csv_path)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [row["method"] for row in rows] == ["ulysses", "ring", "ring-zigzag", "usp"]
+    for row in rows:
+        assert not row["error"] and float(row["ms"]) > 0 and float(row["single_ms"]) > 0, row
+        assert float(row["speedup"]) == pytest.approx(float(row["single_ms"]) / float(row["ms"]))
+        assert f"| {row['method']} | 2 | 1 | 4 | 2 | 64 | 64 | yes |" in proc.stdout
