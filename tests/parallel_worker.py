@@ -57,7 +57,7 @@ def rank_call(case: dict, rank: int, world_size: int, groups: dict | None = None
     ring_rank, ring_size = rank // ulysses_size, world_size // ulysses_size
     if case["fn"] == "ulysses":
         ring_rank, ring_size, ulysses_size = 0, 1, world_size
-    if shard_as == "uneven":  # torch's split of 10 tokens over 3 ranks: 4, 4, 2
+    if shard_as == "uneven":  # torch's split of 10 tokens over 3 ranks: 4, 3, 3
         q, k, v = (x.tensor_split(world_size, dim=2)[rank] for x in (q, k, v))
     else:
         q, k, v = (parallel.shard_sequence(parallel.shard_sequence(x, ring_rank, ring_size, sharding=shard_as),
@@ -66,6 +66,8 @@ def rank_call(case: dict, rank: int, world_size: int, groups: dict | None = None
         mask = parallel.shard_sequence(mask, ring_rank, ring_size, dim=-2, sharding=shard_as)  # the ring shard's rows
     if case.get("bad_mask_rank") == rank:  # one rank's mask one key short
         mask = mask[..., :-1]
+    if case.get("all_true_mask_on") == rank:  # a mask that hides nothing, where the others pass none
+        mask = torch.ones(q.shape[2], k.shape[2] * world_size, dtype=torch.bool, device=q.device)
     layout = case.get("layout", "HND")
     if layout == "NHD":  # views, as a caller holding [B, S, H, D] passes them
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))
@@ -76,14 +78,14 @@ def rank_call(case: dict, rank: int, world_size: int, groups: dict | None = None
         ulysses_group, ring_group = (groups or {})[ulysses_size]
         call, extra = parallel.usp_attention, {"sharding": sharding, "ulysses_group": ulysses_group,
                                                 "ring_group": ring_group}
-    name, value = case.get("environment_of", {}).get(rank, (None, None))  # an override on one rank only
-    if name is not None:
-        os.environ[name] = value
+    environment = case.get("environment_of", {}).get(rank, {})  # overrides on some ranks only
+    os.environ.update(environment)
+    knobs = {**case.get("knobs", {}), **case.get("knobs_of", {}).get(rank, {})}  # and knobs
     try:
-        out, lse = call(q, k, v, **case.get("knobs", {}), tensor_layout=layout, return_lse=True, attn_mask=mask,
+        out, lse = call(q, k, v, **knobs, tensor_layout=layout, return_lse=True, attn_mask=mask,
                         backend=case.get("backend", "reference"), **extra)
     finally:
-        if name is not None:
+        for name in environment:
             del os.environ[name]
     return (out.transpose(1, 2) if layout == "NHD" else out), lse
 

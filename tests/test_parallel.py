@@ -72,22 +72,39 @@ CASES = {
              knobs=dict(is_causal=True),
              error="ValueError: causal ring attention needs q and k shards of the same length, got 16 and 32"),
         dict(name="bad_uneven_shards", fn="ring", shape=(1, 2, 1, 10, 10, 64), dtype=torch.float16, seed=24,
-             shard_as="uneven", error="ValueError: ring_attention needs the same q on every rank of its group "
-                                      "(tensors as (shape, dtype, device type)), got rank 0: ((1, 2, 4, 64), "
-                                      "'torch.float16', 'cpu'), rank 1: ((1, 2, 3, 64), 'torch.float16', 'cpu'), "
-                                      "rank 2: ((1, 2, 3, 64)"),
+             shard_as="uneven", error="ValueError: ring_attention needs the same q on every rank of its group, got "
+                                      "rank 0: ((1, 2, 4, 64), 'torch.float16', 'cpu'), rank 1: ((1, 2, 3, 64), "
+                                      "'torch.float16', 'cpu'), rank 2: ((1, 2, 3, 64)"),
         dict(name="bad_mask_on_one_rank", fn="ulysses", shape=(1, 3, 3, 48, 48, 64), dtype=torch.float16, seed=25,
              mask="bool_sq_sk", bad_mask_rank=1,
              error={1: "ValueError: attn_mask must be broadcastable to [B, Hq, Sq, Sk] = [1, 3, 48, 48]",
                     "*": "ValueError: ulysses_attention: rank 1 refused its arguments (ValueError: attn_mask must "
                          "be broadcastable"}),
         dict(name="bad_override_on_one_rank", fn="ring", shape=(1, 2, 1, 48, 48, 64), dtype=torch.float16, seed=26,
-             environment_of={2: ("GGML_SAGE_PV_ACCUM", "fp32+fp32")},
-             error="ValueError: ring_attention needs the same environment on every rank of its group"),
+             environment_of={2: {"GGML_SAGE_PV_ACCUM": "fp32+fp32"}},
+             error="ValueError: ring_attention needs the same params on every rank of its group, got rank 0: "
+                   "{'softmax_scale': 0.125, 'is_causal': False, 'smooth_k': True, 'smooth_v': False, "
+                   "'pv_accum': 'fp32+fp16'"),
+        dict(name="bad_type_on_one_rank", fn="ring", shape=(1, 2, 1, 48, 48, 64), dtype=torch.float16, seed=27,
+             knobs_of={0: dict(smooth_k="yes")},
+             error={0: "TypeError: smooth_k must be a bool",
+                    "*": "ValueError: ring_attention: rank 0 refused its arguments (TypeError: smooth_k must be a "
+                         "bool"}),
+        dict(name="bad_debug_toggle_on_one_rank", fn="ulysses", shape=(1, 3, 3, 48, 48, 64), dtype=torch.float16,
+             seed=28, environment_of={2: {"GGML_SAGE_DEBUG_QUANT": "1", "GGML_SAGE_SAMPLE_HEAD": "x"}},
+             error={2: "ValueError: environment variable GGML_SAGE_SAMPLE_HEAD must be an integer >= 0, got 'x'",
+                    "*": "ValueError: ulysses_attention: rank 2 refused its arguments (ValueError: environment "
+                         "variable GGML_SAGE_SAMPLE_HEAD"}),
         dict(name="bad_zigzag_length", fn="ring", shape=(1, 2, 1, 51, 51, 64), dtype=torch.float16, seed=18,
              sharding="zigzag", shard_as="contiguous",
              error=("ValueError: sharding='zigzag' holds two chunks per rank: q's and k's local token counts "
                     "must be even, got 17 and 17")),
+        # after the refusals, in the same group: rank-local differences the ring takes (spellings of the
+        # same knobs, a mask on one rank that keeps every key, no LSE on another)
+        dict(name="ring_rank_local_differences", fn="ring", shape=(1, 2, 1, 96, 96, 64), dtype=torch.float16,
+             seed=29, knobs=dict(is_causal=True, pv_accum="fp32+fp16"),
+             knobs_of={1: dict(is_causal=1, pv_accum="FP32+FP16"), 2: dict(is_causal=True, pv_accum=2)},
+             all_true_mask_on=1, environment_of={0: {"GGML_SAGE_SMOOTH_K": "true"}, 2: {"GGML_SAGE_SMOOTH_K": "1"}}),
     ],
     4: [  # USP on grids of Ulysses groups of consecutive ranks: 2 x 2, 4 x 1 and 1 x 4
         dict(name="usp_2x2_zigzag_causal_nhd_mask", fn="usp", ulysses_size=2, shape=(1, 4, 2, 256, 256, 64),
@@ -101,6 +118,10 @@ CASES = {
              seed=44, knobs=dict(is_causal=True), sharding="zigzag"),
         dict(name="bad_usp_heads", fn="usp", ulysses_size=4, shape=(1, 6, 2, 64, 64, 64), dtype=torch.float16,
              seed=45, error="ValueError: usp_attention splits heads over the Ulysses group's 4 ranks: q has 6 heads"),
+        dict(name="bad_usp_override_in_one_ulysses_group", fn="usp", ulysses_size=2, shape=(1, 4, 2, 64, 64, 64),
+             dtype=torch.float16, seed=47,  # each Ulysses group agrees within; only the ring groups see it
+             environment_of={2: {"GGML_SAGE_GRANULARITY": "per_warp"}, 3: {"GGML_SAGE_GRANULARITY": "per_warp"}},
+             error="ValueError: usp_attention needs the same params on every rank of its group"),
         dict(name="bad_usp_mask_on_one_rank", fn="usp", ulysses_size=2, shape=(1, 4, 2, 64, 64, 64),
              dtype=torch.float16, seed=46, mask="key_padding", bad_mask_rank=3,  # reaches all 4 in two steps
              error={3: "ValueError: attn_mask must be broadcastable to [B, Hq, Sq, Sk] = [1, 4, 32, 64], got "
@@ -423,6 +444,7 @@ def test_backward_raises_instead_of_dropping_gradients(one_rank_group, name):
     expected = sageflash.sage_attn_sm89_fp16(q.detach(), k.detach(), v.detach(), return_lse=True, backend="reference")
     assert torch.equal(out.detach(), expected[0]) and torch.equal(lse.detach(), expected[1])
     for result in (out, lse):
+        result.mul_(1)  # in-place ops on the outputs stay allowed, as on the op's
         with pytest.raises(NotImplementedError, match=f"sageflash.parallel.{name} has no backward"):
             result.float().sum().backward()
     with torch.no_grad():

@@ -10,9 +10,9 @@ import torch
 
 class _NoBackward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, name: str, output: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, name: str, holder: list, *inputs: torch.Tensor) -> torch.Tensor:
         ctx.name = name
-        return output.view_as(output)
+        return holder[0]  # passed in a list, so autograd sees a new tensor, not a view of an input
 
     @staticmethod
     def backward(ctx, grad):
@@ -23,9 +23,9 @@ class _NoBackward(torch.autograd.Function):
 
 def without_backward(name: str, result, q, k, v):
     """``result`` (a tensor, or ``(out, lse)``) tied to q, k and v by a backward that raises, when
-    autograd would record the call; else ``result`` itself."""
+    autograd would record the call; else ``result`` itself. In-place ops on it stay allowed."""
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         return result
     if isinstance(result, tuple):
-        return tuple(_NoBackward.apply(name, t.detach(), q, k, v) for t in result)
-    return _NoBackward.apply(name, result.detach(), q, k, v)
+        return tuple(_NoBackward.apply(name, [t.detach()], q, k, v) for t in result)
+    return _NoBackward.apply(name, [result.detach()], q, k, v)

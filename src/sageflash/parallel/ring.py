@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from ..op import as_hnd, attention_ready_v, check_attn_mask, check_call, select_backend
 from ..params import SageParams, apply_overrides
-from .agreement import agree, signature
+from .agreement import agree, describe
 from .autograd import without_backward
 from .sharding import RingPeers, check_sharding, chunk_ids, group_rank_and_size
 
@@ -59,8 +59,7 @@ class PackedPayloads:
                 tensors.append(None)
                 continue
             offset, dtype, shape = spec
-            nbytes = shape.numel() * torch.empty(0, dtype=dtype).element_size()
-            tensors.append(buffer[offset: offset + nbytes].view(dtype).view(shape))
+            tensors.append(buffer[offset: offset + shape.numel() * dtype.itemsize].view(dtype).view(shape))
         return tensors
 
 
@@ -107,7 +106,7 @@ def _quantize_chunks(module, q, k, v, params: SageParams, chunks: int):
 
 class RingCall(NamedTuple):
     """A checked ring call: its knobs after the overrides, its backend, q/k/v as ``[B, H, S, D]``
-    views, the mask broadcast to ``[B, Hq, Sq/P, Sk]`` (or None), its chunks per rank."""
+    views, the mask broadcast to ``[B, Hq, Sq/P, Sk]`` (or None), its sharding."""
 
     params: SageParams
     module: ModuleType
@@ -115,7 +114,12 @@ class RingCall(NamedTuple):
     k: torch.Tensor
     v: torch.Tensor
     attn_mask: torch.Tensor | None
-    chunks: int
+    sharding: str
+
+    def signature(self) -> dict:
+        """What the ring's messages depend on, for `agree` (the mask and LSE stay on their rank)."""
+        return {"q": describe(self.q), "k": describe(self.k), "v": describe(self.v),
+                "params": self.params.as_dict(), "backend": self.module.__name__, "sharding": self.sharding}
 
 
 def check_ring_lengths(seq_q: int, seq_k: int, is_causal: bool, chunks: int) -> None:
@@ -134,13 +138,12 @@ def check_ring_call(q, k, v, softmax_scale, is_causal, smooth_k, smooth_v, pv_ac
                            tensor_layout, return_lse, None, backend)
     check_sharding(sharding)
     q, k, v = (as_hnd(x, tensor_layout) for x in (q, k, v))
-    chunks = len(chunk_ids(0, world_size, sharding))
-    check_ring_lengths(q.shape[2], k.shape[2], params.is_causal, chunks)
+    check_ring_lengths(q.shape[2], k.shape[2], params.is_causal, len(chunk_ids(0, world_size, sharding)))
     check_attn_mask(attn_mask, q, k, seq_k=k.shape[2] * world_size)
     if attn_mask is not None:
         attn_mask = attn_mask.expand(*q.shape[:3], k.shape[2] * world_size)
     params = apply_overrides(params)
-    return RingCall(params, select_backend(backend, q.device), q, k, v, attn_mask, chunks)
+    return RingCall(params, select_backend(backend, q.device), q, k, v, attn_mask, sharding)
 
 
 def ring_attention(q, k, v, softmax_scale=None, is_causal=False, smooth_k=True, smooth_v=False,
@@ -156,25 +159,24 @@ def ring_attention(q, k, v, softmax_scale=None, is_causal=False, smooth_k=True, 
     or knobs that differ between ranks, raise on every rank before any message (`agreement`).
     """
     rank, world_size = group_rank_and_size(group)
-    knobs = (softmax_scale, is_causal, smooth_k, smooth_v, pv_accum, granularity)
     call, error = None, None
     try:
-        call = check_ring_call(q, k, v, *knobs, sharding, tensor_layout, return_lse, attn_mask, backend, world_size)
-    except (TypeError, ValueError, RuntimeError) as err:  # RuntimeError: kernels.UnsupportedDeviceError
+        call = check_ring_call(q, k, v, softmax_scale, is_causal, smooth_k, smooth_v, pv_accum, granularity,
+                               sharding, tensor_layout, return_lse, attn_mask, backend, world_size)
+    except Exception as err:  # whatever stops this rank (an ImportError too) must stop all of them
         error = err
-    agree([group], "ring_attention", signature(q, k, v, attn_mask, knobs=knobs, sharding=sharding,
-                                               tensor_layout=tensor_layout, return_lse=return_lse, backend=backend),
-          error)
+    agree([group], "ring_attention", None if call is None else call.signature(), error)
     out = q.new_empty(q.shape)  # contiguous in the caller's layout, as the op's
     with torch.no_grad():  # the backends' LSE term reads q: no graph for a backward that raises anyway
-        lse = ring_attend(call, group, rank, world_size, sharding, as_hnd(out, tensor_layout))
+        lse = ring_attend(call, group, rank, world_size, as_hnd(out, tensor_layout))
     return without_backward("ring_attention", (out, lse) if return_lse else out, q, k, v)
 
 
-def ring_attend(call: RingCall, group, rank: int, world_size: int, sharding: str, out: torch.Tensor) -> torch.Tensor:
+def ring_attend(call: RingCall, group, rank: int, world_size: int, out: torch.Tensor) -> torch.Tensor:
     """The ring's steps for a checked call, agreed on by every rank: writes the output into ``out``
     (``[B, Hq, Sq/P, D]``, any strides) and returns the LSE ``[B, Hq, Sq/P]``."""
-    params, module, q, k, v, attn_mask, chunks = call
+    params, module, q, k, v, attn_mask, sharding = call
+    chunks = len(chunk_ids(rank, world_size, sharding))
     q_len, k_len = q.shape[2] // chunks, k.shape[2] // chunks
     queries, packed, v_order = _quantize_chunks(module, q, k, v, params, chunks)
     peers = RingPeers.of(group, rank, world_size)

@@ -15,9 +15,10 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from .. import debug
 from ..op import as_hnd, check_attn_mask, check_call, sage_attn_sm89_fp16, select_backend
 from ..params import resolve_params
-from .agreement import agree, signature
+from .agreement import agree, describe
 from .autograd import without_backward
 from .sharding import group_rank_and_size
 
@@ -111,19 +112,21 @@ def ulysses_attention(q, k, v, softmax_scale=None, is_causal=False, smooth_k=Tru
     """
     rank, world_size = group_rank_and_size(group)
     knobs = (softmax_scale, is_causal, smooth_k, smooth_v, pv_accum, granularity)
-    error = None
+    call, error = None, None
     try:
         check_call(q, k, v, *knobs, tensor_layout, return_lse, None, backend)
-        q_hnd, k_hnd = as_hnd(q, tensor_layout), as_hnd(k, tensor_layout)
+        q_hnd, k_hnd, v_hnd = (as_hnd(x, tensor_layout) for x in (q, k, v))
         check_heads(q_hnd.shape[1], k_hnd.shape[1], world_size, "ulysses_attention")
         check_attn_mask(attn_mask, q, k, tensor_layout, seq_q=q_hnd.shape[2] * world_size,
                         seq_k=k_hnd.shape[2] * world_size)
-        select_backend(backend, q.device)
-        resolve_params(*knobs, head_dim=q.shape[-1])  # the overrides' errors
-    except (TypeError, ValueError, RuntimeError) as err:  # RuntimeError: kernels.UnsupportedDeviceError
+        if debug.enabled():
+            debug.Toggles.from_env()  # what the op would refuse after the first exchange
+        call = {"q": describe(q_hnd), "k": describe(k_hnd), "v": describe(v_hnd),
+                "params": resolve_params(*knobs, head_dim=q.shape[-1]).as_dict(),
+                "backend": select_backend(backend, q.device).__name__, "return_lse": return_lse}
+    except Exception as err:  # whatever stops this rank (an ImportError too) must stop all of them
         error = err
-    agree([group], "ulysses_attention", signature(q, k, v, attn_mask, knobs=knobs, tensor_layout=tensor_layout,
-                                                  return_lse=return_lse, backend=backend), error)
+    agree([group], "ulysses_attention", call, error)
     exchange = HeadExchange(group, rank, world_size)
     out = q.new_empty(q.shape)  # contiguous in the caller's layout, as the op's
     result = sage_attn_sm89_fp16(*exchange.to_heads(q, k, v, tensor_layout), *knobs, tensor_layout="NHD",

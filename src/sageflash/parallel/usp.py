@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..op import as_hnd, check_attn_mask, check_call
-from .agreement import agree, signature
+from .agreement import agree, describe
 from .autograd import without_backward
 from .ring import check_ring_call, ring_attend
 from .sharding import check_sharding, group_rank_and_size
@@ -53,15 +53,16 @@ def usp_attention(q, k, v, softmax_scale=None, is_causal=False, smooth_k=True, s
                       for x in (q_hnd, k_hnd, v_hnd)]
         call = check_ring_call(*ring_shard, *knobs, sharding, "HND", return_lse,
                                exchange.mask_heads(attn_mask, q_hnd.shape[1]), backend, ring_size)
-    except (TypeError, ValueError, RuntimeError) as err:  # RuntimeError: kernels.UnsupportedDeviceError
+    except Exception as err:  # whatever stops this rank (an ImportError too) must stop all of them
         error = err
     agree([ulysses_group, ring_group], "usp_attention",
-          signature(q, k, v, attn_mask, knobs=knobs, sharding=sharding, tensor_layout=tensor_layout,
-                    return_lse=return_lse, backend=backend), error)
+          None if call is None else {"q": describe(q_hnd), "k": describe(k_hnd), "v": describe(v_hnd),
+                                     "params": call.params.as_dict(), "backend": call.module.__name__,
+                                     "sharding": sharding, "return_lse": return_lse}, error)
     heads = exchange.to_heads(q, k, v, tensor_layout)  # NHD [B, S_ring, H/P_u, D]
     out, heads_out = q.new_empty(q.shape), torch.empty_like(heads[0])  # out as the op's: contiguous in the layout
     with torch.no_grad():
         lse = ring_attend(call._replace(**{name: as_hnd(x, "NHD") for name, x in zip("qkv", heads)}), ring_group,
-                          ring_rank, ring_size, sharding, as_hnd(heads_out, "NHD"))
+                          ring_rank, ring_size, as_hnd(heads_out, "NHD"))
     result = (heads_out, lse) if return_lse else heads_out
     return without_backward("usp_attention", exchange.to_sequence(result, return_lse, out, tensor_layout), q, k, v)
