@@ -99,18 +99,6 @@ def single_gpu_ms(args, shape: bench.Shape, device: torch.device) -> float | Non
         return None
 
 
-def grid(world: int, ulysses_size: int):
-    """This rank's (Ulysses group, ring group): Ulysses groups of consecutive ranks."""
-    rank, ulysses, ring = dist.get_rank(), None, None
-    for first in range(0, world, ulysses_size):
-        group = dist.new_group(list(range(first, first + ulysses_size)))
-        ulysses = group if first <= rank < first + ulysses_size else ulysses
-    for position in range(ulysses_size):
-        group = dist.new_group(list(range(position, world, ulysses_size)))
-        ring = group if rank % ulysses_size == position else ring
-    return ulysses, ring
-
-
 def method_call(method: str, q, k, v, causal: bool, groups):
     if method == "ulysses":
         return functools.partial(parallel.ulysses_attention, q, k, v, is_causal=causal)
@@ -128,7 +116,7 @@ def worker(rank: int, args, rendezvous: str, result_path: str) -> None:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if args.nccl else "gloo", init_method=f"file://{rendezvous}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(minutes=5))
-    groups = grid(world, args.ulysses_size) if "usp" in args.methods else None
+    groups = parallel.usp_groups(args.ulysses_size) if "usp" in args.methods else None
     rows = []
     try:
         torch.manual_seed(rank)

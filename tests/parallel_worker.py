@@ -32,22 +32,9 @@ def case_inputs(case: dict):
     return q, k, v, mask
 
 
-def grid_groups(world_size: int, ulysses_size: int):
-    """This rank's ``(ulysses_group, ring_group)`` in a grid of Ulysses groups of consecutive ranks
-    (every rank creates every group, in the same order, as ``new_group`` requires)."""
-    rank, ulysses, ring = dist.get_rank(), None, None
-    for first in range(0, world_size, ulysses_size):
-        group = dist.new_group(list(range(first, first + ulysses_size)))
-        ulysses = group if first <= rank < first + ulysses_size else ulysses
-    for position in range(ulysses_size):
-        group = dist.new_group(list(range(position, world_size, ulysses_size)))
-        ring = group if rank % ulysses_size == position else ring
-    return ulysses, ring
-
-
 def rank_call(case: dict, rank: int, world_size: int, groups: dict | None = None):
     """``case``'s call on this rank's shards: ``(out, lse)`` as ``[B, H, S/P, D]`` and ``[B, H, S/P]``.
-    A "usp" case runs on the grid of ``groups[ulysses_size]`` (`grid_groups`)."""
+    A "usp" case runs on the grid of ``groups[ulysses_size]`` (`parallel.usp_groups`)."""
     from sageflash import parallel
 
     q, k, v, mask = case_inputs(case)
@@ -111,7 +98,9 @@ def run(rank: int, world_size: int, rendezvous: str, cases: list[dict], out_dir:
     dist.init_process_group(dist_backend, init_method=f"file://{rendezvous}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     try:
-        grids = {size: grid_groups(world_size, size)
+        from sageflash import parallel
+
+        grids = {size: parallel.usp_groups(size)
                  for size in sorted({case["ulysses_size"] for case in cases if case["fn"] == "usp"})}
         for case in cases:
             try:

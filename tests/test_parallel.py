@@ -469,3 +469,12 @@ def test_bench_parallel_runs_every_method(tmp_path):
         assert not row["error"] and float(row["ms"]) > 0 and float(row["single_ms"]) > 0, row
         assert float(row["speedup"]) == pytest.approx(float(row["single_ms"]) / float(row["ms"]))
         assert f"| {row['method']} | 2 | 1 | 4 | 2 | 64 | 64 | yes |" in proc.stdout
+
+
+def test_usp_groups_need_a_divisor_of_the_ranks(one_rank_group):
+    one_rank_group()
+    for size in (2, 0, True, 1.0):
+        with pytest.raises(ValueError, match="ulysses_size must be a positive divisor of the 1 ranks"):
+            parallel.usp_groups(size)
+    ulysses, ring = parallel.usp_groups(1)
+    assert dist.get_process_group_ranks(ulysses) == dist.get_process_group_ranks(ring) == [0]

@@ -8,7 +8,7 @@ sequence, and the attention spans all of it.
   bytes of fp16 at head dims 64/128/256), quantized once; partial outputs merge by their LSEs.
   Any head count, cross attention, and with ``sharding="zigzag"`` balanced causal work.
 - `usp_attention` (unified sequence parallelism, as xDiT runs it): Ulysses inside groups with fast
-  links, the ring across them.
+  links, the ring across them; `usp_groups` makes that grid.
 
 `shard_sequence`, `sequence_positions` and `gather_sequence` cut a whole sequence the way these
 expect and put it back together. Works on any backend torch.distributed has for the tensors'
@@ -20,7 +20,7 @@ leaving the others waiting.
 from .ring import ring_attention
 from .sharding import SHARDINGS, gather_sequence, sequence_positions, shard_sequence
 from .ulysses import ulysses_attention
-from .usp import usp_attention
+from .usp import usp_attention, usp_groups
 
 __all__ = ["SHARDINGS", "gather_sequence", "ring_attention", "sequence_positions", "shard_sequence",
-           "ulysses_attention", "usp_attention"]
+           "ulysses_attention", "usp_attention", "usp_groups"]

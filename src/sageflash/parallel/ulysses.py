@@ -114,7 +114,7 @@ def ulysses_attention(q, k, v, softmax_scale=None, is_causal=False, smooth_k=Tru
     knobs = (softmax_scale, is_causal, smooth_k, smooth_v, pv_accum, granularity)
     call, error = None, None
     try:
-        check_call(q, k, v, *knobs, tensor_layout, return_lse, None, backend)
+        _, lse_wanted = check_call(q, k, v, *knobs, tensor_layout, return_lse, None, backend)
         q_hnd, k_hnd, v_hnd = (as_hnd(x, tensor_layout) for x in (q, k, v))
         check_heads(q_hnd.shape[1], k_hnd.shape[1], world_size, "ulysses_attention")
         check_attn_mask(attn_mask, q, k, tensor_layout, seq_q=q_hnd.shape[2] * world_size,
@@ -123,15 +123,14 @@ def ulysses_attention(q, k, v, softmax_scale=None, is_causal=False, smooth_k=Tru
             debug.Toggles.from_env()  # what the op would refuse after the first exchange
         call = {"q": describe(q_hnd), "k": describe(k_hnd), "v": describe(v_hnd),
                 "params": resolve_params(*knobs, head_dim=q.shape[-1]).as_dict(),
-                "backend": select_backend(backend, q.device).__name__, "return_lse": return_lse}
+                "backend": select_backend(backend, q.device).__name__, "return_lse": lse_wanted}
     except Exception as err:  # whatever stops this rank (an ImportError too) must stop all of them
         error = err
     agree([group], "ulysses_attention", call, error)
     exchange = HeadExchange(group, rank, world_size)
     out = q.new_empty(q.shape)  # contiguous in the caller's layout, as the op's
     result = sage_attn_sm89_fp16(*exchange.to_heads(q, k, v, tensor_layout), *knobs, tensor_layout="NHD",
-                                 return_lse=return_lse,
-                                 attn_mask=exchange.mask_heads(attn_mask, as_hnd(q, tensor_layout).shape[1]),
+                                 return_lse=lse_wanted, attn_mask=exchange.mask_heads(attn_mask, q_hnd.shape[1]),
                                  backend=backend)
-    return without_backward("ulysses_attention", exchange.to_sequence(result, return_lse, out, tensor_layout),
+    return without_backward("ulysses_attention", exchange.to_sequence(result, lse_wanted, out, tensor_layout),
                             q, k, v)

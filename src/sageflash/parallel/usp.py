@@ -13,6 +13,7 @@ those, and a second all-to-all returns the output. Each head's result is the rin
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from ..op import as_hnd, check_attn_mask, check_call
 from .agreement import agree, describe
@@ -20,6 +21,25 @@ from .autograd import without_backward
 from .ring import check_ring_call, ring_attend
 from .sharding import check_sharding, group_rank_and_size
 from .ulysses import HeadExchange, check_heads
+
+
+def usp_groups(ulysses_size: int):
+    """This rank's ``(ulysses_group, ring_group)`` for `usp_attention` on a grid of all ranks:
+    Ulysses groups of ``ulysses_size`` consecutive ranks (a node's GPUs, where ranks are numbered
+    node by node), ring groups across them. Every rank must call it, in the same order as its
+    other ``new_group`` calls (torch creates groups collectively)."""
+    rank, world_size = group_rank_and_size(None)
+    if isinstance(ulysses_size, bool) or not isinstance(ulysses_size, int) or ulysses_size < 1 \
+            or world_size % ulysses_size:
+        raise ValueError(f"ulysses_size must be a positive divisor of the {world_size} ranks, got {ulysses_size!r}")
+    ulysses = ring = None
+    for first in range(0, world_size, ulysses_size):
+        group = dist.new_group(list(range(first, first + ulysses_size)))
+        ulysses = group if first <= rank < first + ulysses_size else ulysses
+    for position in range(ulysses_size):
+        group = dist.new_group(list(range(position, world_size, ulysses_size)))
+        ring = group if rank % ulysses_size == position else ring
+    return ulysses, ring
 
 
 def usp_attention(q, k, v, softmax_scale=None, is_causal=False, smooth_k=True, smooth_v=False,
@@ -41,7 +61,7 @@ def usp_attention(q, k, v, softmax_scale=None, is_causal=False, smooth_k=True, s
     knobs = (softmax_scale, is_causal, smooth_k, smooth_v, pv_accum, granularity)
     call, error = None, None
     try:
-        check_call(q, k, v, *knobs, tensor_layout, return_lse, None, backend)
+        _, lse_wanted = check_call(q, k, v, *knobs, tensor_layout, return_lse, None, backend)
         check_sharding(sharding)
         q_hnd, k_hnd, v_hnd = (as_hnd(x, tensor_layout) for x in (q, k, v))
         check_heads(q_hnd.shape[1], k_hnd.shape[1], ulysses_size, "usp_attention")
@@ -58,11 +78,11 @@ def usp_attention(q, k, v, softmax_scale=None, is_causal=False, smooth_k=True, s
     agree([ulysses_group, ring_group], "usp_attention",
           None if call is None else {"q": describe(q_hnd), "k": describe(k_hnd), "v": describe(v_hnd),
                                      "params": call.params.as_dict(), "backend": call.module.__name__,
-                                     "sharding": sharding, "return_lse": return_lse}, error)
+                                     "sharding": sharding, "return_lse": lse_wanted}, error)
     heads = exchange.to_heads(q, k, v, tensor_layout)  # NHD [B, S_ring, H/P_u, D]
     out, heads_out = q.new_empty(q.shape), torch.empty_like(heads[0])  # out as the op's: contiguous in the layout
     with torch.no_grad():
         lse = ring_attend(call._replace(**{name: as_hnd(x, "NHD") for name, x in zip("qkv", heads)}), ring_group,
                           ring_rank, ring_size, as_hnd(heads_out, "NHD"))
-    result = (heads_out, lse) if return_lse else heads_out
-    return without_backward("usp_attention", exchange.to_sequence(result, return_lse, out, tensor_layout), q, k, v)
+    result = (heads_out, lse) if lse_wanted else heads_out
+    return without_backward("usp_attention", exchange.to_sequence(result, lse_wanted, out, tensor_layout), q, k, v)
