@@ -32,7 +32,15 @@ import torch.multiprocessing as mp
 from sageflash import bench, parallel, sage_attn_sm89_fp16
 
 DEFAULT_CSV = Path(__file__).resolve().parent / "data" / "parallel.csv"
-METHODS = ("ulysses", "ring", "ring-zigzag", "usp")
+METHODS = ("ulysses", "ring", "ring-zigzag", "usp")  # usp: zigzag rings across Ulysses groups
+GPU_SEQ = [16384, 65536]
+CPU_SEQ = [256]  # the reference backend on CPU processes: a smoke run's length
+
+
+def _yes_no(word: str) -> bool:
+    if word not in ("yes", "no"):
+        raise ValueError(f"expected yes or no, got {word!r}")
+    return word == "yes"
 
 
 @dataclasses.dataclass
@@ -78,8 +86,9 @@ def group_ms(fn, iters: int, rounds: int, device: torch.device, group=None) -> f
 
 
 def single_gpu_ms(args, shape: bench.Shape, device: torch.device) -> float | None:
-    """The op on the whole sequence, timed on this device alone; None where it does not fit."""
-    try:
+    """The op on the whole sequence, timed on this device alone; None where it does not fit (or the
+    op refuses the shape)."""
+    try:  # on rank 0 alone: a refusal here is a blank, not a reason for the group to stop
         q = torch.randn(shape.batch, shape.heads, shape.seq, shape.head_dim, dtype=torch.float16, device=device)
         k, v = (torch.randn(shape.batch, shape.kv_heads, shape.seq, shape.head_dim, dtype=torch.float16,
                             device=device) for _ in range(2))
@@ -95,7 +104,7 @@ def single_gpu_ms(args, shape: bench.Shape, device: torch.device) -> float | Non
             synchronize(device)
             means.append((time.perf_counter() - start) * 1e3 / args.iters)
         return statistics.median(means)
-    except torch.OutOfMemoryError:
+    except (ValueError, TypeError, torch.OutOfMemoryError):
         return None
 
 
@@ -159,14 +168,15 @@ def print_table(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world", type=int, default=max(2, torch.cuda.device_count()), help="processes (GPUs)")
-    parser.add_argument("--seq", type=bench._list_of(bench.parse_size, "lengths"), default=[16384, 65536],
-                        help="whole-sequence lengths, comma list (k = 1024)")
+    parser.add_argument("--seq", type=bench._list_of(bench.parse_size, "lengths"), default=None,
+                        help=f"whole-sequence lengths, comma list (k = 1024; default {GPU_SEQ} on GPUs, "
+                             f"{CPU_SEQ} on the CPU)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=24)
     parser.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--causal", type=bench._list_of(lambda w: {"yes": True, "no": False}[w], "yes/no"),
-                        default=[False, True], help="comma list of yes/no")
+    parser.add_argument("--causal", type=bench._list_of(_yes_no, "yes/no"), default=[False, True],
+                        help="comma list of yes/no")
     parser.add_argument("--methods", type=bench._list_of(bench._choice(METHODS), "methods"),
                         default=["ulysses", "ring", "ring-zigzag"], help=f"comma list of {', '.join(METHODS)}")
     parser.add_argument("--ulysses-size", type=int, default=2, help="usp: ranks per Ulysses group")
@@ -176,8 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.kv_heads = args.kv_heads or args.heads
     args.nccl = torch.cuda.device_count() >= args.world
-    if any(s % (2 * args.world) for s in args.seq):
-        parser.error(f"every --seq must be a multiple of 2 x --world = {2 * args.world} (zigzag's chunks)")
+    args.seq = args.seq or (GPU_SEQ if args.nccl else CPU_SEQ)
+    if args.world < 1 or args.ulysses_size < 1:
+        parser.error("--world and --ulysses-size must be at least 1")
+    chunks = args.world * (2 if {"ring-zigzag", "usp"} & set(args.methods) else 1)
+    if any(s % chunks for s in args.seq):
+        parser.error(f"every --seq must be a multiple of {chunks} (the chunks the methods cut it into)")
     if "usp" in args.methods and args.world % args.ulysses_size:
         parser.error(f"--ulysses-size {args.ulysses_size} must divide --world {args.world}")
     with tempfile.TemporaryDirectory() as scratch:

@@ -95,6 +95,12 @@ CASES = {
              error={2: "ValueError: environment variable GGML_SAGE_SAMPLE_HEAD must be an integer >= 0, got 'x'",
                     "*": "ValueError: ulysses_attention: rank 2 refused its arguments (ValueError: environment "
                          "variable GGML_SAGE_SAMPLE_HEAD"}),
+        dict(name="bad_sample_head_past_local_heads", fn="ulysses", shape=(1, 3, 3, 48, 48, 64),
+             dtype=torch.float16, seed=30,  # each rank's op has one head: the op would refuse after an exchange
+             environment_of={1: {"GGML_SAGE_DEBUG_QUANT": "1", "GGML_SAGE_SAMPLE_HEAD": "1"}},
+             error={1: "ValueError: GGML_SAGE_SAMPLE_HEAD=1 is out of range: the call has 1 query heads",
+                    "*": "ValueError: ulysses_attention: rank 1 refused its arguments (ValueError: "
+                         "GGML_SAGE_SAMPLE_HEAD=1 is out of range"}),
         dict(name="bad_zigzag_length", fn="ring", shape=(1, 2, 1, 51, 51, 64), dtype=torch.float16, seed=18,
              sharding="zigzag", shard_as="contiguous",
              error=("ValueError: sharding='zigzag' holds two chunks per rank: q's and k's local token counts "
@@ -478,3 +484,13 @@ def test_usp_groups_need_a_divisor_of_the_ranks(one_rank_group):
             parallel.usp_groups(size)
     ulysses, ring = parallel.usp_groups(1)
     assert dist.get_process_group_ranks(ulysses) == dist.get_process_group_ranks(ring) == [0]
+
+
+def test_a_group_initialised_without_a_backend(one_rank_group):
+    """torch picks the backend ("undefined" by name; its config says cpu:gloo here): the agreement
+    reads the config, not the name, and keeps its digest on the CPU."""
+    one_rank_group(None)
+    q, k, v = parallel_worker.case_inputs(dict(shape=(1, 2, 1, 32, 32, 64), dtype=torch.float16, seed=24))[:3]
+    expected = sageflash.sage_attn_sm89_fp16(q, k, v, backend="reference")
+    for call in (parallel.ring_attention, parallel.ulysses_attention):
+        assert torch.equal(call(q, k, v, backend="reference"), expected)

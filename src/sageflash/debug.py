@@ -241,13 +241,21 @@ def input_tags(q, k, v) -> dict[str, torch.Tensor]:
     return tags
 
 
+def check_sample(head: int | None, block: int | None, num_q_heads: int, seq_q: int) -> None:
+    """The sampled head and block (`Toggles`) must exist in a call of that many query heads and rows."""
+    if head is not None and head >= num_q_heads:
+        raise ValueError(f"{SAMPLE_HEAD}={head} is out of range: the call has {num_q_heads} query heads")
+    if block is not None and block * groups.Q_TILE >= seq_q:
+        raise ValueError(f"{SAMPLE_BLOCK}={block} is out of range: the call has "
+                         f"{groups.cdiv(seq_q, groups.Q_TILE)} query blocks of {groups.Q_TILE} rows")
+
+
 def restrict(meta: dumps.DumpMeta, tensors: dict, head: int | None, block: int | None):
     """(meta, tensors) cut down to one query head (and its KV head) and/or one 128-row query block."""
     meta = dataclasses.replace(meta)
     notes = []
+    check_sample(head, block, meta.num_q_heads, meta.seq_q)
     if head is not None:
-        if head >= meta.num_q_heads:
-            raise ValueError(f"{SAMPLE_HEAD}={head} is out of range: the call has {meta.num_q_heads} query heads")
         kv_head = head // (meta.num_q_heads // meta.num_k_heads)
         tensors = {tag: t[:, head:head + 1] if tag in _QUERY_HEAD_TAGS else t[:, kv_head:kv_head + 1]
                    for tag, t in tensors.items()}
@@ -255,9 +263,6 @@ def restrict(meta: dumps.DumpMeta, tensors: dict, head: int | None, block: int |
         notes.append(f"query head {head} (kv head {kv_head})")
     if block is not None:
         start, stop = block * groups.Q_TILE, min(meta.seq_q, (block + 1) * groups.Q_TILE)
-        if start >= stop:
-            raise ValueError(f"{SAMPLE_BLOCK}={block} is out of range: the call has "
-                             f"{groups.cdiv(meta.seq_q, groups.Q_TILE)} query blocks of {groups.Q_TILE} rows")
         per_block = groups.q_num_groups(groups.Q_TILE, meta.params.granularity is QKGranularity.PER_THREAD)
         scale_groups = slice(block * per_block, (block + 1) * per_block)
         tensors = {tag: t[:, :, start:stop] if tag in _QUERY_ROW_TAGS else

@@ -11,8 +11,9 @@ sequence, and the attention spans all of it.
   links, the ring across them; `usp_groups` makes that grid.
 
 `shard_sequence`, `sequence_positions` and `gather_sequence` cut a whole sequence the way these
-expect and put it back together. Works on any backend torch.distributed has for the tensors'
-device (NCCL for CUDA, gloo for the CPU reference). Every call first agrees with its peers that
+expect and put it back together (`gather_sequence` needs the same shard shape on every rank).
+Works on the torch.distributed backend the tensors' device has (NCCL for CUDA, gloo for the CPU
+reference). Every call first agrees with its peers that
 all of them can go on (`agreement`), so one rank's bad arguments raise everywhere instead of
 leaving the others waiting.
 """

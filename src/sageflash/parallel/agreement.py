@@ -4,13 +4,15 @@ A rank that refused its arguments (a mask of the wrong shape, an unequal shard, 
 while its peers went on would leave them waiting in a collective until the group times out (gloo:
 30 minutes), or send them data of the wrong size. So each call first exchanges, over its own
 group, a 64-bit digest of what its messages depend on (q/k/v shapes and dtypes, the knobs after
-the ``GGML_SAGE_*`` overrides, the backend, the sharding) and of its own error, if any. Where the
+the ``GGML_SAGE_*`` overrides, the backend; the ring's sharding; Ulysses' and USP's ``return_lse``)
+and of its own error, if any. Where the
 digests differ, the ranks exchange the details and all raise.
 
-On a group whose backend takes CPU tensors (gloo, or torch's ``"cpu:gloo,cuda:nccl"``) the digest
-stays in host memory. On an NCCL-only group it travels as a one-element CUDA tensor, and reading
-it back waits for the GPU work queued before the call: one host synchronization per call. While a
-CUDA graph is being captured (where that is not allowed) the agreement is skipped.
+On a group with a backend for CPU tensors (``get_backend_config`` names one: gloo, or a group
+initialised with ``backend="cpu:gloo,cuda:nccl"``) the digest stays in host memory. Otherwise (an
+NCCL-only group) it travels as a one-element tensor on the call's GPU, and reading it back waits
+for the GPU work queued before the call: one host synchronization per call. While a CUDA graph is
+being captured (where that is not allowed) the agreement is skipped.
 """
 
 from __future__ import annotations
@@ -26,23 +28,30 @@ def describe(x: torch.Tensor) -> tuple:
     return tuple(x.shape), str(x.dtype), x.device.type
 
 
+def device_of(q) -> torch.device:
+    """q's device, or the CPU where q is not a tensor (a call refused on the spot)."""
+    return q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
+
+
 def _digest(value) -> int:
     return int.from_bytes(hashlib.blake2b(repr(value).encode(), digest_size=8).digest(), "little", signed=True)
 
 
-def _digest_device(group) -> torch.device:
-    """Where the digests travel: host memory when ``group`` takes CPU tensors, else this rank's GPU."""
-    if "gloo" in str(dist.get_backend(group)):
+def _digest_device(group, device: torch.device) -> torch.device:
+    """Where the digests travel: host memory when ``group`` has a backend for CPU tensors, else
+    ``device`` (the call's GPU, or the current one when the call did not name a CUDA tensor)."""
+    if "cpu:" in dist.get_backend_config(group):
         return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
+    return device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
 
 
-def agree(groups, caller: str, call: dict | None, error: Exception | None) -> None:
+def agree(groups, caller: str, call: dict | None, error: Exception | None, device: torch.device) -> None:
     """Exchange ``call`` (what this rank's messages depend on; None if it refused) and ``error``
     over each of ``groups`` in turn, carrying what one group learnt to the next (USP's grid: a
     Ulysses group, then a ring group, reaches every rank); then raise on every rank alike, or
     return on every rank alike. The rank at fault raises its own error; the others a ValueError
-    naming it, or the first thing that differs between the ranks' calls."""
+    naming it, or the first thing that differs between the ranks' calls. ``device``: q's, where an
+    NCCL-only group exchanges the digests."""
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         if error is not None:
             raise error
@@ -50,9 +59,9 @@ def agree(groups, caller: str, call: dict | None, error: Exception | None) -> No
     refusal = None if error is None else (dist.get_rank(), f"{type(error).__name__}: {error}", False)
     for group in groups:
         size = dist.get_world_size(group)
-        device = _digest_device(group)
-        digests = [torch.empty(1, dtype=torch.int64, device=device) for _ in range(size)]
-        dist.all_gather(digests, torch.tensor([_digest((call, refusal))], device=device), group=group)
+        where = _digest_device(group, device)
+        digests = [torch.empty(1, dtype=torch.int64, device=where) for _ in range(size)]
+        dist.all_gather(digests, torch.tensor([_digest((call, refusal))], device=where), group=group)
         if len(set(torch.cat(digests).tolist())) == 1:
             continue
         everyone = [None] * size

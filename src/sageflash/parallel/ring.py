@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from ..op import as_hnd, attention_ready_v, check_attn_mask, check_call, select_backend
 from ..params import SageParams, apply_overrides
-from .agreement import agree, describe
+from .agreement import agree, describe, device_of
 from .autograd import without_backward
 from .sharding import RingPeers, check_sharding, chunk_ids, group_rank_and_size
 
@@ -165,7 +165,7 @@ def ring_attention(q, k, v, softmax_scale=None, is_causal=False, smooth_k=True, 
                                sharding, tensor_layout, return_lse, attn_mask, backend, world_size)
     except Exception as err:  # whatever stops this rank (an ImportError too) must stop all of them
         error = err
-    agree([group], "ring_attention", None if call is None else call.signature(), error)
+    agree([group], "ring_attention", None if call is None else call.signature(), error, device_of(q))
     out = q.new_empty(q.shape)  # contiguous in the caller's layout, as the op's
     with torch.no_grad():  # the backends' LSE term reads q: no graph for a backward that raises anyway
         lse = ring_attend(call, group, rank, world_size, as_hnd(out, tensor_layout))

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from .. import debug
 from ..op import as_hnd, check_attn_mask, check_call, sage_attn_sm89_fp16, select_backend
 from ..params import resolve_params
-from .agreement import agree, describe
+from .agreement import agree, describe, device_of
 from .autograd import without_backward
 from .sharding import group_rank_and_size
 
@@ -119,18 +119,21 @@ def ulysses_attention(q, k, v, softmax_scale=None, is_causal=False, smooth_k=Tru
         check_heads(q_hnd.shape[1], k_hnd.shape[1], world_size, "ulysses_attention")
         check_attn_mask(attn_mask, q, k, tensor_layout, seq_q=q_hnd.shape[2] * world_size,
                         seq_k=k_hnd.shape[2] * world_size)
-        if debug.enabled():
-            debug.Toggles.from_env()  # what the op would refuse after the first exchange
+        if debug.enabled():  # what the op would refuse on its rank only, after the first exchange
+            toggles = debug.Toggles.from_env()
+            debug.check_sample(toggles.sample_head, toggles.sample_block, q_hnd.shape[1] // world_size,
+                               q_hnd.shape[2] * world_size)
         call = {"q": describe(q_hnd), "k": describe(k_hnd), "v": describe(v_hnd),
                 "params": resolve_params(*knobs, head_dim=q.shape[-1]).as_dict(),
                 "backend": select_backend(backend, q.device).__name__, "return_lse": lse_wanted}
     except Exception as err:  # whatever stops this rank (an ImportError too) must stop all of them
         error = err
-    agree([group], "ulysses_attention", call, error)
+    agree([group], "ulysses_attention", call, error, device_of(q))
     exchange = HeadExchange(group, rank, world_size)
     out = q.new_empty(q.shape)  # contiguous in the caller's layout, as the op's
-    result = sage_attn_sm89_fp16(*exchange.to_heads(q, k, v, tensor_layout), *knobs, tensor_layout="NHD",
-                                 return_lse=lse_wanted, attn_mask=exchange.mask_heads(attn_mask, q_hnd.shape[1]),
-                                 backend=backend)
+    with torch.no_grad():  # no autograd record of copies whose backward raises anyway
+        heads = exchange.to_heads(q, k, v, tensor_layout)
+    result = sage_attn_sm89_fp16(*heads, *knobs, tensor_layout="NHD", return_lse=lse_wanted,
+                                 attn_mask=exchange.mask_heads(attn_mask, q_hnd.shape[1]), backend=backend)
     return without_backward("ulysses_attention", exchange.to_sequence(result, lse_wanted, out, tensor_layout),
                             q, k, v)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ..op import as_hnd, check_attn_mask, check_call
-from .agreement import agree, describe
+from .agreement import agree, describe, device_of
 from .autograd import without_backward
 from .ring import check_ring_call, ring_attend
 from .sharding import check_sharding, group_rank_and_size
@@ -78,10 +78,11 @@ def usp_attention(q, k, v, softmax_scale=None, is_causal=False, smooth_k=True, s
     agree([ulysses_group, ring_group], "usp_attention",
           None if call is None else {"q": describe(q_hnd), "k": describe(k_hnd), "v": describe(v_hnd),
                                      "params": call.params.as_dict(), "backend": call.module.__name__,
-                                     "sharding": sharding, "return_lse": lse_wanted}, error)
-    heads = exchange.to_heads(q, k, v, tensor_layout)  # NHD [B, S_ring, H/P_u, D]
-    out, heads_out = q.new_empty(q.shape), torch.empty_like(heads[0])  # out as the op's: contiguous in the layout
-    with torch.no_grad():
+                                     "sharding": sharding, "return_lse": lse_wanted}, error, device_of(q))
+    out = q.new_empty(q.shape)  # contiguous in the caller's layout, as the op's
+    with torch.no_grad():  # no autograd record of copies whose backward raises anyway
+        heads = exchange.to_heads(q, k, v, tensor_layout)  # NHD [B, S_ring, H/P_u, D]
+        heads_out = torch.empty_like(heads[0])
         lse = ring_attend(call._replace(**{name: as_hnd(x, "NHD") for name, x in zip("qkv", heads)}), ring_group,
                           ring_rank, ring_size, as_hnd(heads_out, "NHD"))
     result = (heads_out, lse) if lse_wanted else heads_out
