@@ -47,12 +47,7 @@ def _yes_no(word: str) -> bool:
 class Row:
     method: str
     world: int
-    batch: int
-    heads: int
-    kv_heads: int
-    seq: int
-    head_dim: int
-    causal: bool
+    shape: bench.Shape
     ms: float | None
     tops: float | None
     single_ms: float | None
@@ -60,28 +55,41 @@ class Row:
     efficiency: float | None
     error: str | None = None
 
+    def as_row(self) -> dict:
+        """A flat dict (method, world, the shape's fields, the measurement), for the table and CSV."""
+        return {"method": self.method, "world": self.world, **dataclasses.asdict(self.shape),
+                **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)[3:]}}
+
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def group_ms(fn, iters: int, rounds: int, device: torch.device, group=None) -> float:
-    """The slowest rank's median over ``rounds`` of the mean time of ``iters`` calls (after two
-    untimed calls: Triton compiles, the op records its launches)."""
+def median_ms(fn, iters: int, rounds: int, device: torch.device, in_step: bool = False) -> float:
+    """This rank's median over ``rounds`` of the mean time of ``iters`` calls, after two untimed
+    calls (Triton compiles, the op records its launches); ``in_step``: every round starts at a
+    barrier of all ranks."""
     fn()
     fn()
+    synchronize(device)
     means = []
     for _ in range(rounds):
-        dist.barrier(group)
-        synchronize(device)
+        if in_step:
+            dist.barrier()
+            synchronize(device)
         start = time.perf_counter()
         for _ in range(iters):
             fn()
         synchronize(device)
         means.append((time.perf_counter() - start) * 1e3 / iters)
-    everyone = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, statistics.median(means), group=group)
+    return statistics.median(means)
+
+
+def group_ms(fn, iters: int, rounds: int, device: torch.device) -> float:
+    """The slowest rank's `median_ms`, the ranks in step."""
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, median_ms(fn, iters, rounds, device, in_step=True))
     return max(everyone)
 
 
@@ -93,17 +101,7 @@ def single_gpu_ms(args, shape: bench.Shape, device: torch.device) -> float | Non
         k, v = (torch.randn(shape.batch, shape.kv_heads, shape.seq, shape.head_dim, dtype=torch.float16,
                             device=device) for _ in range(2))
         call = functools.partial(sage_attn_sm89_fp16, q, k, v, is_causal=shape.causal)
-        call()
-        call()
-        synchronize(device)
-        means = []
-        for _ in range(args.rounds):
-            start = time.perf_counter()
-            for _ in range(args.iters):
-                call()
-            synchronize(device)
-            means.append((time.perf_counter() - start) * 1e3 / args.iters)
-        return statistics.median(means)
+        return median_ms(call, args.iters, args.rounds, device)
     except (ValueError, TypeError, torch.OutOfMemoryError):
         return None
 
@@ -142,11 +140,10 @@ def worker(rank: int, args, rendezvous: str, result_path: str) -> None:
                 except (ValueError, torch.OutOfMemoryError) as exc:  # the same refusal on every rank
                     error = bench.short_error(exc)
                 speedup = None if ms is None or single is None else single / ms
-                rows.append(Row(method, world, *dataclasses.astuple(shape), ms,
-                                None if ms is None else bench.tops(shape, ms), single, speedup,
-                                None if speedup is None else speedup / world, error))
+                rows.append(Row(method, world, shape, ms, None if ms is None else bench.tops(shape, ms), single,
+                                speedup, None if speedup is None else speedup / world, error))
         if rank == 0:
-            torch.save([dataclasses.asdict(row) for row in rows], result_path)
+            torch.save([row.as_row() for row in rows], result_path)
     finally:
         dist.destroy_process_group()
 
@@ -205,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows)
     Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
     with open(args.csv, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=[f.name for f in dataclasses.fields(Row)])
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     return 0
