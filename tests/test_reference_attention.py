@@ -9,7 +9,8 @@ import torch
 
 import sageflash
 from conftest import nmse
-from helpers import exact_attention, load_refdump, no_env_overrides, random_qkv  # noqa: F401 (fixture)
+from helpers import (exact_attention, load_refdump, no_env_overrides, non_finite_outputs, random_qkv,  # noqa: F401
+                     with_non_finite)
 from sageflash import dumps, reference
 
 pytestmark = pytest.mark.usefixtures("no_env_overrides")
@@ -148,6 +149,26 @@ def test_zero_v_channel_gives_finite_output(smooth_v, pv_accum):
     assert torch.isfinite(out).all()
     assert not out[:, :2, :, 3].any()  # query heads 0 and 1 read KV head 0
     assert nmse(out, exact_attention(q, k, v)) < EXACT_NMSE
+
+
+@pytest.mark.parametrize("granularity", ["per_thread", "per_warp"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("tensor,knobs", [("q", {}), ("k", {"smooth_k": False}), ("k", {}),
+                                          ("v", {}), ("v", {"smooth_v": True, "pv_accum": "fp32"})])
+def test_non_finite_input_reaches_the_outputs_it_feeds(tensor, knobs, value, granularity):
+    """A NaN or inf in q, k or v (an fp16 overflow upstream) spoils the outputs that read it, as
+    in torch SDPA, rather than being dropped or zeroing rows: a superset of SDPA's non-finite
+    outputs, bounded by the quantization groups it lands in (`non_finite_outputs`)."""
+    q, k, v = random_qkv(2, 4, 2, 70, 70, 64, seed=13, dist="normal")
+    q, k, v, position = with_non_finite(q, k, v, tensor, value, seed=len(knobs) + 7 * "qkv".index(tensor))
+    out = sage(q, k, v, granularity=granularity, **knobs)
+    spoiled = non_finite_outputs(out.shape, k.shape[1], tensor, position, granularity)
+    assert torch.equal(~torch.isfinite(out), spoiled)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(2, 1),
+                                                            v.float().repeat_interleave(2, 1))
+    assert not (~torch.isfinite(sdpa) & ~spoiled).any() and (~torch.isfinite(sdpa)).any()
+    finite = ~spoiled
+    assert nmse(out[finite], exact_attention(q, k, v)[finite]) < EXACT_NMSE
 
 
 def errors_vs_exact(inputs, **knobs) -> float:

@@ -40,8 +40,7 @@ from typing import Callable
 import torch
 
 from . import __version__
-from .op import (LAYOUTS, as_hnd, attention_ready_v, quantize_qk, quantize_v, sage_attn_sm89_fp16,
-                 select_backend)
+from .op import LAYOUTS, as_hnd, quantize_for_attention, sage_attn_sm89_fp16, select_backend
 from .params import PVAccum, QKGranularity, resolve_params
 
 MODES = ("e2e", "kernel", "graph")
@@ -175,13 +174,10 @@ def _build_sageflash(q, k, v, causal, knobs: Knobs, mode, layout):
         return captured(call, q.device) if mode == "graph" else call
     params = resolve_params(None, causal, knobs.smooth_k, False, knobs.pv_accum, knobs.granularity,
                             head_dim=q.shape[-1])
-    q_int8, q_scale, k_int8, k_scale, _ = quantize_qk(
-        q, k, granularity=params.granularity, smooth_k=params.smooth_k, tensor_layout=layout, backend=backend)
-    v_fp8, v_scale, v_mean = quantize_v(v, pv_accum=params.pv_accum, smooth_v=params.smooth_v,
-                                        tensor_layout=layout, backend=backend)
     module = select_backend(backend, q.device)
-    v_fp8, order = attention_ready_v(module, v_fp8)  # reordered for the kernel once, untimed
-    q_hnd, k_hnd = as_hnd(q, layout), as_hnd(k, layout)
+    q_hnd, k_hnd, v_hnd = (as_hnd(x, layout) for x in (q, k, v))
+    (q_int8, q_scale, k_int8, k_scale, _, v_fp8, v_scale, v_mean), order = quantize_for_attention(
+        module, q_hnd, k_hnd, v_hnd, params)  # untimed
     attend = functools.partial(module.attention_from_payloads,
                                q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_mean, params=params,
                                seq_q=q_hnd.shape[2], seq_k=k_hnd.shape[2], head_dim=q.shape[-1],

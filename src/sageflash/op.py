@@ -65,15 +65,21 @@ def select_backend(backend: str, device: torch.device) -> ModuleType:
     return kernels
 
 
-def attention_ready_v(module: ModuleType, v_fp8: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """V's payload (`quantize_v`, natural token order) as ``module.attention_from_payloads``
-    reads it, and the keyword saying so: the Triton kernel reads each 16 tokens in its mma
-    registers' order (`groups.v_kernel_token`), so a payload attended more than once is reordered
-    here once rather than on every call; the reference reads natural order."""
+def quantize_for_attention(module: ModuleType, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           params: SageParams) -> tuple[tuple, dict]:
+    """The payloads ``(q_int8, q_scale, k_int8, k_scale, km, v_fp8, v_scale, v_mean)`` of
+    ``[B, H, S, D]`` views as ``module.attention_from_payloads`` reads them, and the keyword saying
+    how: the Triton kernel reads each 16 tokens of V in its mma registers' order
+    (`groups.v_kernel_token`), which its quantizer writes directly (one set of launches for the
+    three tensors); the reference reads natural order. For payloads attended more than once
+    (the ring's, the bench's kernel mode)."""
     from . import reference
     if module is reference:
-        return v_fp8, {}
-    return module.v_in_kernel_order(v_fp8), {"v_kernel_order": True}
+        return (*module.quantize_qk(q, k, granularity=params.granularity, smooth_k=params.smooth_k),
+                *module.quantize_v(v, pv_accum=params.pv_accum, smooth_v=params.smooth_v)), {}
+    payloads = module.quantize_qkv(q, k, v, granularity=params.granularity, smooth_k=params.smooth_k,
+                                   pv_accum=params.pv_accum, smooth_v=params.smooth_v, v_kernel_order=True)
+    return payloads, {"v_kernel_order": True}
 
 
 def check_layout(tensor_layout) -> None:

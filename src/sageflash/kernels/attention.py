@@ -242,11 +242,13 @@ def _attention_kernel(Q8, QS, K8, KS, V8, VS, VM, Out, LSE, Mask,
                                       USE_TMA, PTX_CAST)
 
     row_sum = tl.sum(l_i, axis=1)  # the lanes' partial sums (`_softmax_step`)
+    # A row with no visible key (sum 0) gives 0; a NaN sum (a NaN scale from a NaN input) stays NaN.
+    empty = row_sum == 0
     bh = (batch * kv_heads + kv_head).to(tl.int64) * D
-    out = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None] * tl.load(VS + bh + dims)[None, :]
+    out = acc / tl.where(empty, 1.0, row_sum)[:, None] * tl.load(VS + bh + dims)[None, :]
     if SMOOTH_V:
         out += tl.load(VM + bh + dims)[None, :]
-    out = tl.where((row_sum > 0)[:, None], out, 0.0)  # a row with no visible key gives 0
+    out = tl.where(empty[:, None], 0.0, out)
     tl.store(Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
              + rows[:, None].to(tl.int64) * stride_os + dims[None, :],
              out.to(Out.dtype.element_ty), mask=(rows < seq_q)[:, None] & (dims < head_dim)[None, :])

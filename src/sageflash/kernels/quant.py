@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import types
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -115,6 +116,17 @@ def _per_row(group_values, GROUP_SHAPE: tl.constexpr):
 
 
 @triton.jit
+def _max_keeping_nan(a, b):
+    """A maximum that returns NaN where either operand is NaN (`tl.max`'s drops it): one
+    ``FMNMX.NAN``, as `tl.max`'s FMNMX. As a `tl.reduce` combine, the interpreter reduces with
+    ``numpy_reduction`` in one call (`interpreter`)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+_max_keeping_nan.numpy_reduction = np.max  # propagates NaN
+
+
+@triton.jit
 def _quantize_group_rows(x, real_rows, GROUP_SHAPE: tl.constexpr, PER_THREAD: tl.constexpr):
     """int8 values of float32 rows ``x`` and the scales of their groups; rows not ``real_rows``
     (padding, whose values are not stored) count as zeros in their group's maximum.
@@ -123,19 +135,21 @@ def _quantize_group_rows(x, real_rows, GROUP_SHAPE: tl.constexpr, PER_THREAD: tl
     (g1, g2): a group's maximum is a reduction over the R axes, mostly inside a thread, and the
     scales come out ``[G1·G2]`` in group order. Rounded exactly as the reference: per_thread's
     codes as from IEEE divisions (`_per_thread_codes`), per_warp's inverse scale
-    reciprocal-then-multiply, as in the official quantizers.
+    reciprocal-then-multiply, as in the official quantizers. A NaN in a group makes its scale
+    NaN, as the reference's maximum does, so that the attention's output shows it.
     """
     G1: tl.constexpr = GROUP_SHAPE[0]
     R1: tl.constexpr = GROUP_SHAPE[1]
     G2: tl.constexpr = GROUP_SHAPE[2]
     R2: tl.constexpr = GROUP_SHAPE[3]
-    row_amax = tl.where(real_rows, tl.max(tl.abs(x), axis=1), 0.0)
-    amax = tl.max(tl.max(tl.reshape(row_amax, [G1, R1, G2, R2]), axis=3), axis=1)  # [G1, G2]
+    row_amax = tl.where(real_rows, tl.reduce(tl.abs(x), 1, _max_keeping_nan), 0.0)
+    amax = tl.reduce(tl.reduce(tl.reshape(row_amax, [G1, R1, G2, R2]), 3, _max_keeping_nan), 1,
+                     _max_keeping_nan)  # [G1, G2]
     if PER_THREAD:
         scale = _per_thread_scale(amax)
         multiplier = tl.div_rn(1.0, scale)
     else:
-        amax = tl.maximum(amax, PER_WARP_AMAX_FLOOR)
+        amax = _max_keeping_nan(amax, PER_WARP_AMAX_FLOOR)
         scale = tl.div_rn(amax, 127.0)
         multiplier = tl.div_rn(1.0, amax) * 127.0
     row_multiplier = _per_row(multiplier, GROUP_SHAPE)

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from ..op import as_hnd, attention_ready_v, check_attn_mask, check_call, select_backend
+from ..op import as_hnd, check_attn_mask, check_call, quantize_for_attention, select_backend
 from ..params import SageParams, apply_overrides
 from .agreement import agree, describe, device_of
 from .autograd import without_backward
@@ -63,23 +63,6 @@ class PackedPayloads:
         return tensors
 
 
-class LseMerge:
-    """Attention outputs over disjoint key sets, combined by their LSEs in float32: the output
-    over the union. A row no key reached stays 0 with LSE -inf."""
-
-    def __init__(self):
-        self.out = self.lse = None
-
-    def add(self, out: torch.Tensor, lse: torch.Tensor) -> None:
-        if self.out is None:
-            self.out, self.lse = out.float(), lse
-            return
-        merged = torch.logaddexp(self.lse, lse)
-        base = torch.where(merged == -torch.inf, 0.0, merged)  # both -inf: weights 0, not NaN
-        self.out.mul_(torch.exp(self.lse - base)[..., None]).add_(out.float() * torch.exp(lse - base)[..., None])
-        self.lse = merged
-
-
 def _exchange(send: torch.Tensor, receive: torch.Tensor, peers: RingPeers, group) -> list:
     """Start sending ``send`` to the next rank and receiving the previous rank's into ``receive``."""
     return dist.batch_isend_irecv([dist.P2POp(dist.isend, send, peers.next, group),
@@ -89,16 +72,13 @@ def _exchange(send: torch.Tensor, receive: torch.Tensor, peers: RingPeers, group
 def _quantize_chunks(module, q, k, v, params: SageParams, chunks: int):
     """Each local chunk quantized once: its Q payload (with the chunk of q, for the LSE's
     smooth_k term), and every chunk's K and V payloads packed for the ring; plus the keyword that
-    says V's payload is in the kernel's token order (`attention_ready_v`)."""
+    says how V's payload is ordered (`quantize_for_attention`)."""
     q_len, k_len = q.shape[2] // chunks, k.shape[2] // chunks
     queries, keys = [], []
     for i in range(chunks):
         q_i = q[:, :, i * q_len:(i + 1) * q_len]
-        k_i, v_i = k[:, :, i * k_len:(i + 1) * k_len], v[:, :, i * k_len:(i + 1) * k_len]
-        q_int8, q_scale, k_int8, k_scale, km = module.quantize_qk(
-            q_i, k_i, granularity=params.granularity, smooth_k=params.smooth_k)
-        v_fp8, v_scale, v_mean = module.quantize_v(v_i, pv_accum=params.pv_accum, smooth_v=params.smooth_v)
-        v_fp8, v_order = attention_ready_v(module, v_fp8)
+        (q_int8, q_scale, k_int8, k_scale, km, v_fp8, v_scale, v_mean), v_order = quantize_for_attention(
+            module, q_i, k[:, :, i * k_len:(i + 1) * k_len], v[:, :, i * k_len:(i + 1) * k_len], params)
         queries.append((q_i, q_int8, q_scale))
         keys += [k_int8, k_scale, km, v_fp8, v_scale, v_mean]
     return queries, PackedPayloads(keys), v_order
@@ -172,35 +152,56 @@ def ring_attention(q, k, v, softmax_scale=None, is_causal=False, smooth_k=True, 
     return without_backward("ring_attention", (out, lse) if return_lse else out, q, k, v)
 
 
+def _ring_steps(rank: int, world_size: int, sharding: str, is_causal: bool) -> list[tuple[tuple[int, ...], list]]:
+    """Per ring step, the sequence chunks of the K/V shard this rank holds and the (local query
+    chunk, held key chunk) index pairs it attends: all of them, or with ``is_causal`` those whose
+    key chunk is not later in the sequence."""
+    mine = chunk_ids(rank, world_size, sharding)
+    steps = []
+    for step in range(world_size):
+        held = chunk_ids((rank - step) % world_size, world_size, sharding)
+        steps.append((held, [(i, j) for i, a in enumerate(mine) for j, b in enumerate(held)
+                             if not (is_causal and b > a)]))
+    return steps
+
+
 def ring_attend(call: RingCall, group, rank: int, world_size: int, out: torch.Tensor) -> torch.Tensor:
     """The ring's steps for a checked call, agreed on by every rank: writes the output into ``out``
-    (``[B, Hq, Sq/P, D]``, any strides) and returns the LSE ``[B, Hq, Sq/P]``."""
+    (``[B, Hq, Sq/P, D]``, any strides) and returns the LSE ``[B, Hq, Sq/P]``.
+
+    Each pair's output and raw LSE go through ``module.merge_attention``, which adds the pair's
+    smooth_k term to the LSE, merges into a float32 accumulator per query chunk, and writes the
+    chunk's last pair's result straight into ``out``."""
     params, module, q, k, v, attn_mask, sharding = call
-    chunks = len(chunk_ids(rank, world_size, sharding))
-    q_len, k_len = q.shape[2] // chunks, k.shape[2] // chunks
-    queries, packed, v_order = _quantize_chunks(module, q, k, v, params, chunks)
+    mine = chunk_ids(rank, world_size, sharding)
+    q_len, k_len = q.shape[2] // len(mine), k.shape[2] // len(mine)
+    queries, packed, v_order = _quantize_chunks(module, q, k, v, params, len(mine))
+    steps = _ring_steps(rank, world_size, sharding, params.is_causal)
+    pair_count = [sum(i == chunk for _, pairs in steps for i, _ in pairs) for chunk in range(len(mine))]
+    pairs_left = list(pair_count)
     peers = RingPeers.of(group, rank, world_size)
     current, spare = packed.buffer, (torch.empty_like(packed.buffer) if world_size > 1 else None)
     whole = dataclasses.replace(params, is_causal=False)  # a chunk pair where every key is visible
-    merges = [LseMerge() for _ in range(chunks)]
-    for step in range(world_size):
-        source = (rank - step) % world_size
+    acc = q.new_empty(*q.shape[:3], q.shape[-1], dtype=torch.float32) if max(pair_count) > 1 else None
+    lse = [q.new_empty(*q.shape[:2], q_len, dtype=torch.float32) for _ in mine]
+    part = q.new_empty(*q.shape[:2], q_len, q.shape[-1])  # each pair's output before its merge
+    for step, (held, pairs) in enumerate(steps):
         in_flight = _exchange(current, spare, peers, group) if step + 1 < world_size else []
         payloads = packed.unpack(current)
-        for i, (a, (q_i, q_int8, q_scale)) in enumerate(zip(chunk_ids(rank, world_size, sharding), queries)):
-            for j, b in enumerate(chunk_ids(source, world_size, sharding)):
-                if params.is_causal and b > a:
-                    continue
-                k_int8, k_scale, km, v_fp8, v_scale, v_mean = payloads[6 * j: 6 * j + 6]
-                mask = None if attn_mask is None else \
-                    attn_mask[:, :, i * q_len:(i + 1) * q_len, b * k_len:(b + 1) * k_len]
-                merges[i].add(*module.attention_from_payloads(
-                    q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_mean, params=params if a == b else whole,
-                    seq_q=q_len, seq_k=k_len, head_dim=q.shape[-1], out_dtype=q.dtype, q=q_i, km=km,
-                    return_lse=True, attn_mask=mask, **v_order))
+        for i, j in pairs:
+            q_i, q_int8, q_scale = queries[i]
+            k_int8, k_scale, km, v_fp8, v_scale, v_mean = payloads[6 * j: 6 * j + 6]
+            rows, keys = slice(i * q_len, (i + 1) * q_len), slice(held[j] * k_len, (held[j] + 1) * k_len)
+            part, part_lse = module.attention_from_payloads(
+                q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_mean,
+                params=params if mine[i] == held[j] else whole, seq_q=q_len, seq_k=k_len, head_dim=q.shape[-1],
+                out_dtype=q.dtype, return_lse=True, out=part,
+                attn_mask=None if attn_mask is None else attn_mask[:, :, rows, keys], **v_order)
+            pairs_left[i] -= 1
+            module.merge_attention(None if acc is None else acc[:, :, rows], lse[i], part, part_lse, q=q_i, km=km,
+                                   softmax_scale=params.softmax_scale, first=pairs_left[i] + 1 == pair_count[i],
+                                   result=out[:, :, rows] if pairs_left[i] == 0 else None)
         for work in in_flight:
             work.wait()
         current, spare = spare, current
-    for i, merge in enumerate(merges):
-        out[:, :, i * q_len:(i + 1) * q_len] = merge.out
-    return torch.cat([merge.lse for merge in merges], dim=2)
+    return torch.cat(lse, dim=2)

@@ -111,7 +111,8 @@ def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_
         o = numer / denom.clamp_min(1e-300) * v_scale.double()[:, :, None, None]
         if v_mean is not None:
             o = o + v_mean.double()[:, :, None, None]
-        o = torch.where(denom > 0, o, torch.zeros_like(o))  # a row with no visible key gives 0
+        # A row with no visible key (denom 0) gives 0; a NaN denom (from a NaN input) stays NaN.
+        o = torch.where(denom == 0, torch.zeros_like(o), o)
         out[:, :, rows] = o.flatten(1, 2)[..., :head_dim].to(out_dtype)
         row_lse = (block_max[..., -1:].double() + torch.log2(denom)) * math.log(2.0)
         if q is not None and km is not None:

@@ -1,0 +1,40 @@
+"""The Triton LSE merge (`kernels.merge_attention`) against `reference.merge_attention`.
+
+Runs on the GPU when there is one, else under TRITON_INTERPRET=1 (conftest sets it).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import HAS_CUDA
+from sageflash import kernels, reference
+from test_reference_merge import merge_all, random_parts
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+pytestmark = pytest.mark.usefixtures("poisoned_cuda_allocator")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+@pytest.mark.parametrize("count,smooth_k", [(1, True), (2, False), (3, True)])
+def test_merge_matches_reference(count, smooth_k, head_dim, dtype):
+    """Into an NHD-strided result (the ring writes the caller's layout); rows some parts do not
+    reach (LSE -inf); a NaN in one part stays in its element."""
+    q, parts = random_parts(count, head_dim=head_dim, seed=10 * count + head_dim, dtype=dtype)
+    parts[-1][0][1, 2, 9, 3] = math.nan
+    results = []
+    for module, device in ((kernels, DEVICE), (reference, "cpu")):
+        result = torch.full((q.shape[0], q.shape[2], q.shape[1], head_dim), math.nan, dtype=dtype,
+                            device=device).transpose(1, 2)
+        moved = [tuple(t.to(device) for t in part) for part in parts]
+        lse = merge_all(module, q.to(device), moved, 0.09, result, smooth_k=smooth_k)
+        results.append((result.cpu(), lse.cpu()))
+    (out, lse), (expected, expected_lse) = results
+    assert torch.equal(torch.isnan(out), torch.isnan(expected)) and torch.isnan(out).sum() == 1
+    ulp = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -10  # relative: one rounding of the float32 result apart
+    torch.testing.assert_close(out, expected, rtol=ulp, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(lse, expected_lse, rtol=1e-6, atol=1e-6)
