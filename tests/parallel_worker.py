@@ -83,8 +83,11 @@ def gather_call(case: dict, rank: int, world_size: int):
 
     q = case_inputs(case)[0]
     sharding = case.get("sharding", "contiguous")
-    return parallel.gather_sequence(parallel.shard_sequence(q, rank, world_size, dim=2, sharding=sharding),
-                                    dim=2, sharding=sharding), None
+    if case.get("shard_as") == "uneven":  # torch's split of 10 tokens over 3 ranks: 4, 3, 3
+        shard = q.tensor_split(world_size, dim=2)[rank]
+    else:
+        shard = parallel.shard_sequence(q, rank, world_size, dim=2, sharding=sharding)
+    return parallel.gather_sequence(shard, dim=2, sharding=sharding), None
 
 
 def run(rank: int, world_size: int, rendezvous: str, cases: list[dict], out_dir: str,

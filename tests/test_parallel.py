@@ -101,6 +101,9 @@ CASES = {
              error={1: "ValueError: GGML_SAGE_SAMPLE_HEAD=1 is out of range: the call has 1 query heads",
                     "*": "ValueError: ulysses_attention: rank 1 refused its arguments (ValueError: "
                          "GGML_SAGE_SAMPLE_HEAD=1 is out of range"}),
+        dict(name="bad_uneven_gather", fn="gather", shape=(1, 2, 1, 10, 10, 64), dtype=torch.float16, seed=36,
+             shard_as="uneven", error="ValueError: gather_sequence needs the same x on every rank of its group, got "
+                                      "rank 0: ((1, 2, 4, 64), 'torch.float16', 'cpu'), rank 1: ((1, 2, 3, 64)"),
         dict(name="bad_zigzag_length", fn="ring", shape=(1, 2, 1, 51, 51, 64), dtype=torch.float16, seed=18,
              sharding="zigzag", shard_as="contiguous",
              error=("ValueError: sharding='zigzag' holds two chunks per rank: q's and k's local token counts "

@@ -11,7 +11,8 @@ sequence, and the attention spans all of it.
   links, the ring across them; `usp_groups` makes that grid.
 
 `shard_sequence`, `sequence_positions` and `gather_sequence` cut a whole sequence the way these
-expect and put it back together (`gather_sequence` needs the same shard shape on every rank).
+expect and put it back together (`gather_sequence` needs the same shard shape on every rank, and
+raises on every rank otherwise).
 Works on the torch.distributed backend the tensors' device has (NCCL for CUDA, gloo for the CPU
 reference). Every call first agrees with its peers that
 all of them can go on (`agreement`), so one rank's bad arguments raise everywhere instead of

@@ -7,6 +7,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from .agreement import agree, describe, device_of
+
 # contiguous: the sequence in world_size chunks, rank r holding the r-th. zigzag: in 2·world_size
 # chunks, rank r holding the r-th and the (2·world_size − 1 − r)-th, so that under causal attention
 # every rank has the same work (the first chunks see few keys, the last ones many).
@@ -49,9 +51,21 @@ def shard_sequence(x: torch.Tensor, rank: int, world_size: int, *, dim: int = 2,
 
 
 def gather_sequence(x: torch.Tensor, *, group=None, dim: int = 2, sharding: str = "contiguous") -> torch.Tensor:
-    """The whole sequence from every rank's shard ``x`` (all-gather), tokens in global order."""
-    check_sharding(sharding)
+    """The whole sequence from every rank's shard ``x`` (all-gather), tokens in global order.
+    Shards of different shapes or dtypes, or arguments one rank refuses, raise on every rank
+    before the gather (`agreement`)."""
     rank, world_size = group_rank_and_size(group)
+    call, error = None, None
+    try:
+        check_sharding(sharding)
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not -x.dim() <= dim < x.dim():
+            raise ValueError(f"dim must be in [{-x.dim()}, {x.dim()}) for x of shape {tuple(x.shape)}, got {dim}")
+        call = {"x": describe(x), "dim": dim % x.dim(), "sharding": sharding}
+    except Exception as err:  # whatever stops this rank must stop all of them
+        error = err
+    agree([group], "gather_sequence", call, error, device_of(x))
     pieces = [torch.empty_like(x) for _ in range(world_size)]
     dist.all_gather(pieces, x.contiguous(), group=group)
     whole = torch.cat(pieces, dim=dim)
