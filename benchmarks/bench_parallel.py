@@ -121,7 +121,7 @@ def worker(rank: int, args, rendezvous: str, result_path: str) -> None:
     device = torch.device(f"cuda:{rank}") if args.nccl else torch.device("cpu")
     if args.nccl:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if args.nccl else "gloo", init_method=f"file://{rendezvous}", rank=rank,
+    dist.init_process_group(args.dist_backend, init_method=f"file://{rendezvous}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(minutes=5))
     groups = parallel.usp_groups(args.ulysses_size) if "usp" in args.methods else None
     rows = []
@@ -180,9 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--csv", default=str(DEFAULT_CSV))
+    parser.add_argument("--dist-backend", default=None,
+                        help="torch.distributed backend of the group (default: nccl on GPUs, gloo on the CPU); "
+                             "'cpu:gloo,cuda:nccl' keeps the calls' agreement in host memory")
     args = parser.parse_args(argv)
     args.kv_heads = args.kv_heads or args.heads
     args.nccl = torch.cuda.device_count() >= args.world
+    args.dist_backend = args.dist_backend or ("nccl" if args.nccl else "gloo")
     args.seq = args.seq or (GPU_SEQ if args.nccl else CPU_SEQ)
     if args.world < 1 or args.ulysses_size < 1:
         parser.error("--world and --ulysses-size must be at least 1")
@@ -196,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         mp.start_processes(worker, args=(args, str(Path(scratch, "rendezvous")), result_path),
                            nprocs=args.world, start_method="spawn")
         rows = torch.load(result_path)
-    where = f"{args.world} x {torch.cuda.get_device_name(0)} (NCCL)" if args.nccl else \
+    where = f"{args.world} x {torch.cuda.get_device_name(0)} ({args.dist_backend})" if args.nccl else \
         f"{args.world} CPU processes (gloo: a smoke run, not a GPU measurement)"
     print(f"sageflash.parallel on {where}; fp16, knobs at their defaults")
     print_table(rows)
