@@ -22,7 +22,7 @@ if INTERPRETED:
     check_numpy()
     install_gpu_arithmetic()
 
-from . import attention as _attention, launch, merge as _merge, quant as _quant, replay  # noqa: E402
+from . import attention as _attention, launch, lse as _lse, quant as _quant, replay  # noqa: E402
 
 MIN_CAPABILITY = (8, 9)  # fp8 e4m3 tensor cores: Ada (sm_89) and Hopper (sm_90)
 
@@ -68,7 +68,7 @@ def _on_tensor_device(fn):
 
 
 attention_from_payloads = _on_tensor_device(_attention.attention_from_payloads)
-merge_attention = _on_tensor_device(_merge.merge_attention)
+merge_attention = _on_tensor_device(_lse.merge_attention)
 quantize_qk = _on_tensor_device(_quant.quantize_qk)
 quantize_qkv = _on_tensor_device(_quant.quantize_qkv)
 quantize_v = _on_tensor_device(_quant.quantize_v)

@@ -21,6 +21,7 @@ from .. import groups
 from ..params import PVAccum, QKGranularity, SageParams, warn_once
 from .launch import (Launcher, check_grid_batch, dependent_launch, device_capability, e4m3_cast_in_ptx,
                      let_next_launch_start, wait_for_earlier_launch)
+from .lse import add_smooth_k_term
 from .quant import k_group, q_group, to_e4m3
 
 BLOCK_N = tl.constexpr(groups.K_TILE)  # keys per running-max block (SPEC §5)
@@ -440,6 +441,5 @@ def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_
     if not return_lse:
         return out
     if q is not None and km is not None:  # undo smooth_k's shift of every logit by q·km
-        km = km[..., : q.shape[-1]].float().repeat_interleave(q_heads // kv_heads, dim=1)
-        lse += params.softmax_scale * (q.float() * km[:, :, None]).sum(dim=-1)  # no TF32 matmul
+        add_smooth_k_term(lse, q, km, params.softmax_scale)
     return out, lse

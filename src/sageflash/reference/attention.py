@@ -13,6 +13,7 @@ import torch
 
 from .. import groups
 from ..params import QKGranularity, SageParams
+from .lse import smooth_k_term
 from .quant import quantize_qk, quantize_v, to_e4m3
 
 _CHUNK_ELEMENTS = 1 << 24  # score elements per query chunk (~64 MiB per float32 buffer)
@@ -114,12 +115,10 @@ def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_
         # A row with no visible key (denom 0) gives 0; a NaN denom (from a NaN input) stays NaN.
         o = torch.where(denom == 0, torch.zeros_like(o), o)
         out[:, :, rows] = o.flatten(1, 2)[..., :head_dim].to(out_dtype)
-        row_lse = (block_max[..., -1:].double() + torch.log2(denom)) * math.log(2.0)
+        row_lse = ((block_max[..., -1:].double() + torch.log2(denom)) * math.log(2.0)).flatten(1, 2)[..., 0]
         if q is not None and km is not None:
-            correction = q[:, :, rows].double().unflatten(1, (kv_heads, group)) @ \
-                km[..., : q.shape[-1]].double()[:, :, None, :, None]
-            row_lse = row_lse + params.softmax_scale * correction
-        lse[:, :, rows] = row_lse.flatten(1, 2)[..., 0].float()
+            row_lse = row_lse + smooth_k_term(q[:, :, rows], km, params.softmax_scale)
+        lse[:, :, rows] = row_lse.float()
     return (out, lse) if return_lse else out
 
 

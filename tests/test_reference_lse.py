@@ -1,5 +1,5 @@
-"""`reference.merge_attention`: partial outputs over disjoint key sets merged by their LSEs, the
-ring's merge, against the float64 formula written here."""
+"""`reference.lse`: partial outputs over disjoint key sets merged by their LSEs (the ring's merge),
+with smooth_k's term, against the float64 formula written here."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from sageflash import reference
+from sageflash import groups, reference
 
 
 def random_parts(count, batch=2, q_heads=4, kv_heads=2, seq=40, head_dim=80, *, seed, dtype=torch.float16):
@@ -21,7 +21,7 @@ def random_parts(count, batch=2, q_heads=4, kv_heads=2, seq=40, head_dim=80, *, 
         out = torch.randn(batch, q_heads, seq, head_dim, generator=gen).to(dtype)
         lse = torch.randn(batch, q_heads, seq, generator=gen) * 3
         lse[:, :, index::count + 1] = -math.inf  # rows this part does not reach
-        km = torch.nn.functional.pad(torch.randn(batch, kv_heads, head_dim, generator=gen), (0, 128 - head_dim))
+        km = torch.nn.functional.pad(torch.randn(batch, kv_heads, head_dim, generator=gen), (0, groups.padded_head_dim(head_dim) - head_dim))
         parts.append((torch.where(torch.isinf(lse)[..., None], 0.0, out.float()).to(dtype), lse, km.to(dtype)))
     return q, parts
 

@@ -1,4 +1,4 @@
-"""The Triton LSE merge (`kernels.merge_attention`) against `reference.merge_attention`.
+"""The Triton LSE kernels (`kernels.lse`) against `reference.lse`.
 
 Runs on the GPU when there is one, else under TRITON_INTERPRET=1 (conftest sets it).
 """
@@ -12,7 +12,9 @@ import torch
 
 from conftest import HAS_CUDA
 from sageflash import kernels, reference
-from test_reference_merge import merge_all, random_parts
+from sageflash.kernels import lse as lse_kernels
+from sageflash.reference.lse import smooth_k_term
+from test_reference_lse import merge_all, random_parts
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 pytestmark = pytest.mark.usefixtures("poisoned_cuda_allocator")
@@ -38,3 +40,16 @@ def test_merge_matches_reference(count, smooth_k, head_dim, dtype):
     ulp = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -10  # relative: one rounding of the float32 result apart
     torch.testing.assert_close(out, expected, rtol=ulp, atol=1e-5, equal_nan=True)
     torch.testing.assert_close(lse, expected_lse, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("head_dim", [64, 80, 256])
+def test_smooth_k_term_matches_reference(head_dim):
+    """In place on a contiguous LSE, from an NHD-strided q with GQA; rows at -inf stay there."""
+    q, parts = random_parts(1, head_dim=head_dim, seed=head_dim)
+    _, lse, km = parts[0]
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, Hq, S, D] view of [B, S, Hq, D]
+    expected = (lse.double() + smooth_k_term(q, km, 0.11)).float()
+    got = lse.to(DEVICE)
+    lse_kernels.add_smooth_k_term(got, q.to(DEVICE), km.to(DEVICE), 0.11)
+    assert torch.equal(torch.isinf(got.cpu()), torch.isinf(lse)) and torch.isinf(lse).any()
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-6, atol=1e-6)
