@@ -54,6 +54,7 @@ class Row:
     speedup: float | None
     efficiency: float | None
     error: str | None = None
+    dist_backend: str = ""  # the group's torch.distributed backend (--dist-backend)
 
     def as_row(self) -> dict:
         """A flat dict (method, world, the shape's fields, the measurement), for the table and CSV."""
@@ -141,7 +142,7 @@ def worker(rank: int, args, rendezvous: str, result_path: str) -> None:
                     error = bench.short_error(exc)
                 speedup = None if ms is None or single is None else single / ms
                 rows.append(Row(method, world, shape, ms, None if ms is None else bench.tops(shape, ms), single,
-                                speedup, None if speedup is None else speedup / world, error))
+                                speedup, None if speedup is None else speedup / world, error, args.dist_backend))
         if rank == 0:
             torch.save([row.as_row() for row in rows], result_path)
     finally:

@@ -77,19 +77,23 @@ def exact_lse(q, k, softmax_scale=None, is_causal=False, attn_mask=None) -> torc
     return torch.logsumexp(exact_scores(q.cpu(), k.cpu(), softmax_scale, is_causal, mask), dim=-1)
 
 
-def with_non_finite(q, k, v, tensor: str, value: float, *, seed: int):
+def with_non_finite(q, k, v, tensor: str, value: float, *, seed: int, last_token: bool = False):
     """Copies of q, k, v with ``value`` (NaN or inf) at a random element of the one ``tensor``
-    names ("q", "k" or "v"); returns them and that element's ``(b, h, s, d)``."""
+    names ("q", "k" or "v"), or of its last token (``last_token``: under causal attention the key
+    only the last rows see); returns them and that element's ``(b, h, s, d)``."""
     tensors = {"q": q.clone(), "k": k.clone(), "v": v.clone()}
     gen = torch.Generator().manual_seed(seed)
-    position = tuple(int(torch.randint(n, (1,), generator=gen)) for n in tensors[tensor].shape)
+    position = [int(torch.randint(n, (1,), generator=gen)) for n in tensors[tensor].shape]
+    if last_token:
+        position[2] = tensors[tensor].shape[2] - 1
+    position = tuple(position)
     tensors[tensor][position] = value
     return tensors["q"], tensors["k"], tensors["v"], position
 
 
 def non_finite_outputs(out_shape, kv_heads: int, tensor: str, position, granularity: str) -> torch.Tensor:
     """The outputs (a bool ``[B, Hq, Sq, D]``) a non-finite input at ``position`` of ``tensor``
-    spoils in non-causal 8-bit attention without a mask, written from SPEC §3–4: a query's spoils
+    spoils in 8-bit attention without a mask (a key's: non-causal), written from SPEC §3–4: a query's spoils
     its scale group (`SPEC`'s q groups: a warp's 32 rows, or per_thread the 4 rows t, t+8, t+16,
     t+24 of a 32-row block) in its head; a key's spoils every query of the heads reading its KV
     head (its group's scale, or with smooth_k the mean); a value's spoils its channel there."""

@@ -83,10 +83,11 @@ def gather_call(case: dict, rank: int, world_size: int):
 
     q = case_inputs(case)[0]
     sharding = case.get("sharding", "contiguous")
-    if case.get("shard_as") == "uneven":  # torch's split of 10 tokens over 3 ranks: 4, 3, 3
+    shard_as = case.get("shard_as", sharding)  # another than the call's: a caller's mistake
+    if shard_as == "uneven":  # torch's split of 10 tokens over 3 ranks: 4, 3, 3
         shard = q.tensor_split(world_size, dim=2)[rank]
     else:
-        shard = parallel.shard_sequence(q, rank, world_size, dim=2, sharding=sharding)
+        shard = parallel.shard_sequence(q, rank, world_size, dim=2, sharding=shard_as)
     return parallel.gather_sequence(shard, dim=2, sharding=sharding), None
 
 

@@ -154,21 +154,24 @@ def test_zero_v_channel_gives_finite_output(smooth_v, pv_accum):
 @pytest.mark.parametrize("granularity", ["per_thread", "per_warp"])
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize("tensor,knobs", [("q", {}), ("k", {"smooth_k": False}), ("k", {}),
-                                          ("v", {}), ("v", {"smooth_v": True, "pv_accum": "fp32"})])
+                                          ("v", {}), ("v", {"smooth_v": True, "pv_accum": "fp32"}),
+                                          ("v", {"is_causal": True})])
 def test_non_finite_input_reaches_the_outputs_it_feeds(tensor, knobs, value, granularity):
     """A NaN or inf in q, k or v (an fp16 overflow upstream) spoils the outputs that read it, as
     in torch SDPA, rather than being dropped or zeroing rows: a superset of SDPA's non-finite
     outputs, bounded by the quantization groups it lands in (`non_finite_outputs`)."""
     q, k, v = random_qkv(2, 4, 2, 70, 70, 64, seed=13, dist="normal")
-    q, k, v, position = with_non_finite(q, k, v, tensor, value, seed=len(knobs) + 7 * "qkv".index(tensor))
+    q, k, v, position = with_non_finite(q, k, v, tensor, value, seed=len(knobs) + 7 * "qkv".index(tensor),
+                                        last_token=knobs.get("is_causal", False))
     out = sage(q, k, v, granularity=granularity, **knobs)
     spoiled = non_finite_outputs(out.shape, k.shape[1], tensor, position, granularity)
     assert torch.equal(~torch.isfinite(out), spoiled)
+    causal = knobs.get("is_causal", False)
     sdpa = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(2, 1),
-                                                            v.float().repeat_interleave(2, 1))
+                                                            v.float().repeat_interleave(2, 1), is_causal=causal)
     assert not (~torch.isfinite(sdpa) & ~spoiled).any() and (~torch.isfinite(sdpa)).any()
     finite = ~spoiled
-    assert nmse(out[finite], exact_attention(q, k, v)[finite]) < EXACT_NMSE
+    assert nmse(out[finite], exact_attention(q, k, v, is_causal=causal)[finite]) < EXACT_NMSE
 
 
 def errors_vs_exact(inputs, **knobs) -> float:

@@ -12,8 +12,8 @@ from sageflash import groups, reference
 
 
 def random_parts(count, batch=2, q_heads=4, kv_heads=2, seq=40, head_dim=80, *, seed, dtype=torch.float16):
-    """``count`` partial outputs with their LSEs (some rows -inf: no key in that part), q, and a
-    smooth_k mean per part (``[B, Hk, padded]``, as the quantizer's payload)."""
+    """``count`` partial outputs with their LSEs (some rows -inf: no key in that part; the last two
+    rows in every part), q, and a smooth_k mean per part (``[B, Hk, padded]``, as the quantizer's payload)."""
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, q_heads, seq, head_dim, generator=gen).to(dtype)
     parts = []
@@ -21,6 +21,7 @@ def random_parts(count, batch=2, q_heads=4, kv_heads=2, seq=40, head_dim=80, *, 
         out = torch.randn(batch, q_heads, seq, head_dim, generator=gen).to(dtype)
         lse = torch.randn(batch, q_heads, seq, generator=gen) * 3
         lse[:, :, index::count + 1] = -math.inf  # rows this part does not reach
+        lse[:, :, -2:] = -math.inf  # rows no part reaches
         km = torch.nn.functional.pad(torch.randn(batch, kv_heads, head_dim, generator=gen), (0, groups.padded_head_dim(head_dim) - head_dim))
         parts.append((torch.where(torch.isinf(lse)[..., None], 0.0, out.float()).to(dtype), lse, km.to(dtype)))
     return q, parts

@@ -324,13 +324,15 @@ def test_attention_matches_reference(pv_accum, shape):
 @pytest.mark.parametrize("granularity", ["per_thread", "per_warp"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 @pytest.mark.parametrize("tensor,knobs", [("q", {}), ("k", {"smooth_k": False}), ("k", {}),
-                                          ("v", {"pv_accum": "fp32+fp32"}), ("v", {"smooth_v": True, "pv_accum": "fp32"})])
+                                          ("v", {"pv_accum": "fp32+fp32"}), ("v", {"smooth_v": True, "pv_accum": "fp32"}),
+                                          ("v", {"is_causal": True})])
 def test_non_finite_input_spoils_what_the_reference_spoils(tensor, knobs, value, granularity):
     """A NaN or inf in q, k or v spoils the same outputs as in the reference (`non_finite_outputs`):
     the quantizer's group maxima keep NaN (`quant._max_keeping_nan`), and the kernel zeroes only
     rows whose sum is 0, not NaN. The outputs left finite match the reference's."""
     q, k, v = random_qkv(31, 2, 4, 2, 70, 70, 64, torch.float16)
-    q, k, v, position = with_non_finite(q, k, v, tensor, value, seed=len(knobs) + 7 * "qkv".index(tensor))
+    q, k, v, position = with_non_finite(q, k, v, tensor, value, seed=len(knobs) + 7 * "qkv".index(tensor),
+                                        last_token=knobs.get("is_causal", False))
     knobs = dict(granularity=granularity, **knobs)
     out = sageflash.sage_attn_sm89_fp16(q, k, v, backend="triton", **knobs).cpu()
     ref = sageflash.sage_attn_sm89_fp16(q.cpu(), k.cpu(), v.cpu(), backend="reference", **knobs)

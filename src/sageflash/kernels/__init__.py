@@ -120,7 +120,7 @@ def attention(q, k, v, params, return_lse: bool = False, out=None, attn_mask=Non
     lse = q.new_empty(batch, q_heads, seq_q, dtype=torch.float32) if return_lse else None
     mask = None if attn_mask is None else attn_mask.expand(batch, q_heads, seq_q, k.shape[2])
     step = groups.cdiv(kv_heads, chunks)
-    for first in range(0, kv_heads, step):  # chained unless the LSE's torch ops run after each chunk
+    for first in range(0, kv_heads, step):  # chained unless the LSE's term (a launch of its own) follows each chunk
         kv, qh = slice(first, first + step), slice(first * group, (first + step) * group)
         result = _attend_heads(q[:, qh], k[:, kv], v[:, kv], params, return_lse, out[:, qh],
                                None if mask is None else mask[:, qh], chained=first > 0 and not return_lse)
@@ -147,7 +147,7 @@ _REPLAYS = replay.Replays()
 
 def _attend_heads(q, k, v, params, return_lse, out, attn_mask, chained):
     """`_quantize_and_attend`, through `replay` on CUDA (recorded on a pattern's second call,
-    replayed from its third), except with ``return_lse`` (whose LSE correction runs torch ops)."""
+    replayed from its third), except with ``return_lse`` (whose LSE, allocated per call, is not recorded)."""
     if return_lse or q.device.type != "cuda":
         return _quantize_and_attend(q, k, v, params, return_lse, out, attn_mask, chained)
     inputs = (q, k, v, out, attn_mask)

@@ -98,13 +98,22 @@ _launch_add_smooth_k = Launcher(_add_smooth_k_kernel)
 _launch_merge = Launcher(_merge_kernel)
 
 
+def _check_lse(lse: torch.Tensor, name: str, shape) -> None:
+    """The kernels address an LSE as a contiguous float32 ``[B, Hq, S]``."""
+    if lse.dtype != torch.float32 or tuple(lse.shape) != tuple(shape) or not lse.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous float32 tensor of shape {list(shape)}, got "
+                         f"{lse.dtype} {list(lse.shape)} with strides {lse.stride()}")
+
+
 def merge_attention(acc: torch.Tensor | None, acc_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
                     q: torch.Tensor | None = None, km: torch.Tensor | None = None, softmax_scale: float = 1.0,
                     first: bool, result: torch.Tensor | None = None) -> None:
-    """`sageflash.reference.merge.merge_attention` in one launch, with the same arguments (``acc_lse``,
+    """`sageflash.reference.lse.merge_attention` in one launch, with the same arguments (``acc_lse``,
     ``lse`` and ``km`` contiguous; the others any strides with a unit last one)."""
     batch, q_heads, seq, head_dim = out.shape
     check_grid_batch(batch)
+    _check_lse(acc_lse, "acc_lse", out.shape[:3])
+    _check_lse(lse, "lse", out.shape[:3])
     target = acc if result is None else result
     acc = target if acc is None else acc  # None only for a first part that is also the last: unread
     smooth_k = km is not None
@@ -123,6 +132,7 @@ def add_smooth_k_term(lse: torch.Tensor, q: torch.Tensor, km: torch.Tensor, soft
     one, ``km [B, Hk, padded]``)."""
     batch, q_heads, seq, head_dim = q.shape
     check_grid_batch(batch)
+    _check_lse(lse, "lse", q.shape[:3])
     km = km.contiguous()
     _launch_add_smooth_k(
         (triton.cdiv(seq, LSE_ROWS), q_heads, batch), lse, q, km, seq, head_dim, q_heads,

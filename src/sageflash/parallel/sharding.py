@@ -62,6 +62,9 @@ def gather_sequence(x: torch.Tensor, *, group=None, dim: int = 2, sharding: str 
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if not -x.dim() <= dim < x.dim():
             raise ValueError(f"dim must be in [{-x.dim()}, {x.dim()}) for x of shape {tuple(x.shape)}, got {dim}")
+        if len(chunk_ids(rank, world_size, sharding)) == 2 and x.shape[dim] % 2:
+            raise ValueError(f"sharding='zigzag' holds two chunks per rank: x's local length along dim {dim} must "
+                             f"be even, got {x.shape[dim]}")
         call = {"x": describe(x), "dim": dim % x.dim(), "sharding": sharding}
     except Exception as err:  # whatever stops this rank must stop all of them
         error = err
