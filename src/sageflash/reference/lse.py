@@ -25,8 +25,9 @@ def merge_attention(acc: torch.Tensor | None, acc_lse: torch.Tensor, out: torch.
     """Merge a partial attention ``out [B, Hq, S, D]`` with its ``lse [B, Hq, S]`` into the running
     float32 ``acc`` and ``acc_lse`` (in place). ``first``: there is nothing to merge with yet (acc
     and acc_lse are only written). ``q`` and ``km``: ``lse`` is that of smooth_k's shifted logits
-    (`smooth_k_term` is added to it first). ``result``: the last part; the merged output goes there, in its dtype
-    and strides, instead of into ``acc`` (which may be None when the first part is the last)."""
+    (`smooth_k_term` is added to it first). ``result``: the last part; the merged output goes
+    there, in its dtype and strides, instead of into ``acc`` (which may be None when the first
+    part is the last)."""
     if km is not None:
         lse = (lse.double() + smooth_k_term(q, km, softmax_scale)).float()
     target = acc if result is None else result
