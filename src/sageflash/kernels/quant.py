@@ -123,7 +123,14 @@ def _max_keeping_nan(a, b):
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
-_max_keeping_nan.numpy_reduction = np.max  # propagates NaN
+@triton.jit
+def _min_keeping_nan(a, b):
+    """`_max_keeping_nan`'s minimum."""
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+_max_keeping_nan.numpy_reduction = np.max  # both propagate NaN
+_min_keeping_nan.numpy_reduction = np.min
 
 
 @triton.jit
@@ -243,21 +250,18 @@ def _quantize_fp8_tile(V, VMEAN, INV, PRESCALE, V8, batch, head, tile, seq, head
              + cols[None, :].to(tl.int64) * stride_8d + positions[:, None], to_e4m3(y, PTX_CAST))
 
 
-# `tl.reduce`'s combines for a maximum and a minimum in the operands' dtype (`tl.max` widens 16-bit
-# floats): Triton's own, which the interpreter reduces with numpy (it runs a combine of ours
-# element by element, 10x slower over the test suite).
-_maximum, _minimum = tl.standard._elementwise_max, tl.standard._elementwise_min
-
-
 @triton.jit
 def _max_min(x):
     """Per column of a 16-bit float tile, its maximum and minimum as float32 (exact: a maximum is
-    one of the values). fp16 reduces in fp16, packed two to an instruction; `tl.max` would widen
-    every element first, which at [128, 128] over 64 threads also spills. Triton's bf16 min/max
-    widen anyway (an integer reduction of the bits measured within 1% of it: NOTES v15)."""
-    if x.dtype == tl.float16:
-        return tl.reduce(x, 0, _maximum).to(tl.float32), tl.reduce(x, 0, _minimum).to(tl.float32)
-    return tl.max(x.to(tl.float32), axis=0), tl.min(x.to(tl.float32), axis=0)
+    one of the values), NaN where the column holds one (as the reference's, so that V's scale and
+    every output of the channel show it). fp16 reduces in fp16, packed two to an instruction;
+    `tl.max` would widen every element first, which at [128, 128] over 64 threads also spills.
+    Triton's bf16 min/max widen anyway (an integer reduction of the bits measured within 1% of
+    it: NOTES v15)."""
+    if x.dtype != tl.float16:
+        x = x.to(tl.float32)
+    return (tl.reduce(x, 0, _max_keeping_nan).to(tl.float32),
+            tl.reduce(x, 0, _min_keeping_nan).to(tl.float32))
 
 
 @triton.jit
@@ -332,24 +336,24 @@ def _reduce_kernel(STATS, stat_stride, KM, VSCALE, VMEAN, INV, PRESCALE, n_chunk
         if K_SUM:
             ksum += tl.sum(tl.load(STATS + _KSUM * plane + at, mask=present, other=0.0), axis=0)
         if V_STATS:
-            vmax = tl.maximum(vmax, tl.max(tl.load(STATS + _VMAX * plane + at, mask=present,
-                                                   other=-float("inf")), axis=0))
-            vmin = tl.minimum(vmin, tl.min(tl.load(STATS + _VMIN * plane + at, mask=present,
-                                                   other=float("inf")), axis=0))
+            vmax = _max_keeping_nan(vmax, tl.reduce(tl.load(STATS + _VMAX * plane + at, mask=present,
+                                                            other=-float("inf")), 0, _max_keeping_nan))
+            vmin = _min_keeping_nan(vmin, tl.reduce(tl.load(STATS + _VMIN * plane + at, mask=present,
+                                                            other=float("inf")), 0, _min_keeping_nan))
             if SMOOTH_V:  # the statistics store V's sums for smooth_v only
                 vsum += tl.sum(tl.load(STATS + _VSUM * plane + at, mask=present, other=0.0), axis=0)
     if K_SUM:
         tl.store(KM + bh * D + cols, tl.div_rn(ksum, key_count).to(KM.dtype.element_ty))
     if V_STATS:
         if PAD_IN_WINDOW:  # the ceil_16(Sk) window holds zero tokens too
-            vmax = tl.maximum(vmax, 0.0)
-            vmin = tl.minimum(vmin, 0.0)
+            vmax = _max_keeping_nan(vmax, 0.0)
+            vmin = _min_keeping_nan(vmin, 0.0)
         if SMOOTH_V:
             mean = tl.div_rn(vsum, window)
-            amax = tl.maximum(tl.abs(vmax - mean), tl.abs(vmin - mean))
+            amax = _max_keeping_nan(tl.abs(vmax - mean), tl.abs(vmin - mean))
             tl.store(VMEAN + bh * D + cols, mean)
         else:
-            amax = tl.maximum(tl.abs(vmax), tl.abs(vmin))
+            amax = _max_keeping_nan(tl.abs(vmax), tl.abs(vmin))
         tl.store(VSCALE + bh * D + cols, tl.div_rn(amax, scale_max))
         # An all-zero channel has amax 0: scale 0 and payload 0 (the official code gives NaN here).
         prescale = tl.where(amax < V_PRESCALE_BELOW, V_PRESCALE, 1.0)
