@@ -14,8 +14,8 @@ NCCL-only group) it travels as a one-element tensor on the call's GPU, on a stre
 (`_agreement_stream`): reading it back waits for the exchange (and for collectives of the group
 queued before it), not for the compute queued on the caller's stream, which kept the GPU idle
 while the host launched the call (one GPU, 16k tokens: the ring at 0.64-0.82x the op's speed,
-0.88-0.92x on its own stream, 0.90-1.00x with the digest in host memory; NOTES v25). While a CUDA graph is being captured (where that is not allowed) the
-agreement is skipped.
+0.88-0.92x on its own stream, 0.90-1.00x with the digest in host memory; NOTES v25). While a
+CUDA graph is being captured (where that is not allowed) the agreement is skipped.
 """
 
 from __future__ import annotations
