@@ -30,7 +30,7 @@ from ..op import as_hnd, check_attn_mask, check_call, quantize_for_attention, se
 from ..params import SageParams, apply_overrides
 from .agreement import agree, describe, device_of
 from .autograd import without_backward
-from .sharding import RingPeers, check_sharding, chunk_ids, group_rank_and_size
+from .sharding import RingPeers, check_cuttable, check_sharding, chunk_ids, group_rank_and_size
 
 _ALIGN = 16  # bytes: every payload in the buffer starts where a TMA descriptor may point
 
@@ -104,9 +104,7 @@ class RingCall(NamedTuple):
 
 def check_ring_lengths(seq_q: int, seq_k: int, is_causal: bool, chunks: int) -> None:
     """A rank's q and k token counts must cut into its ``chunks`` (zigzag: 2), and match when causal."""
-    if seq_q % chunks or seq_k % chunks:
-        raise ValueError(f"sharding='zigzag' holds two chunks per rank: q's and k's local token counts must be "
-                         f"even, got {seq_q} and {seq_k}")
+    check_cuttable(chunks, "q's and k's local token counts", seq_q, seq_k)
     if is_causal and seq_q != seq_k:
         raise ValueError(f"causal ring attention needs q and k shards of the same length, got {seq_q} and {seq_k}")
 

@@ -25,6 +25,13 @@ def chunk_ids(rank: int, world_size: int, sharding: str) -> tuple[int, ...]:
     return (rank,) if sharding == "contiguous" else (rank, 2 * world_size - 1 - rank)
 
 
+def check_cuttable(chunks: int, what: str, *lengths: int) -> None:
+    """A rank's local token counts must cut into the ``chunks`` it holds (`chunk_ids`: zigzag two)."""
+    if any(length % chunks for length in lengths):
+        raise ValueError(f"sharding='zigzag' holds two chunks per rank: {what} must be even, got "
+                         f"{' and '.join(map(str, lengths))}")
+
+
 def sequence_positions(seq_len: int, rank: int, world_size: int, sharding: str = "contiguous") -> torch.Tensor:
     """The global positions of the tokens ``rank`` holds, in its local order (int64)."""
     check_sharding(sharding)
@@ -62,9 +69,7 @@ def gather_sequence(x: torch.Tensor, *, group=None, dim: int = 2, sharding: str 
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if not -x.dim() <= dim < x.dim():
             raise ValueError(f"dim must be in [{-x.dim()}, {x.dim()}) for x of shape {tuple(x.shape)}, got {dim}")
-        if len(chunk_ids(rank, world_size, sharding)) == 2 and x.shape[dim] % 2:
-            raise ValueError(f"sharding='zigzag' holds two chunks per rank: x's local length along dim {dim} must "
-                             f"be even, got {x.shape[dim]}")
+        check_cuttable(len(chunk_ids(rank, world_size, sharding)), f"x's local length along dim {dim}", x.shape[dim])
         call = {"x": describe(x), "dim": dim % x.dim(), "sharding": sharding}
     except Exception as err:  # whatever stops this rank must stop all of them
         error = err

@@ -76,9 +76,8 @@ def usp_attention(q, k, v, softmax_scale=None, is_causal=False, smooth_k=True, s
     except Exception as err:  # whatever stops this rank (an ImportError too) must stop all of them
         error = err
     agree([ulysses_group, ring_group], "usp_attention",
-          None if call is None else {"q": describe(q_hnd), "k": describe(k_hnd), "v": describe(v_hnd),
-                                     "params": call.params.as_dict(), "backend": call.module.__name__,
-                                     "sharding": sharding, "return_lse": lse_wanted}, error, device_of(q))
+          None if call is None else {**call.signature(), "q": describe(q_hnd), "k": describe(k_hnd),
+                                     "v": describe(v_hnd), "return_lse": lse_wanted}, error, device_of(q))
     out = q.new_empty(q.shape)  # contiguous in the caller's layout, as the op's
     with torch.no_grad():  # no autograd record of copies whose backward raises anyway
         heads = exchange.to_heads(q, k, v, tensor_layout)  # NHD [B, S_ring, H/P_u, D]
