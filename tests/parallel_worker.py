@@ -55,6 +55,8 @@ def rank_call(case: dict, rank: int, world_size: int, groups: dict | None = None
         mask = mask[..., :-1]
     if case.get("all_true_mask_on") == rank:  # a mask that hides nothing, where the others pass none
         mask = torch.ones(q.shape[2], k.shape[2] * world_size, dtype=torch.bool, device=q.device)
+    if case.get("no_mask_on") == rank:  # the others pass one
+        mask = None
     layout = case.get("layout", "HND")
     if layout == "NHD":  # views, as a caller holding [B, S, H, D] passes them
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))
@@ -63,6 +65,8 @@ def rank_call(case: dict, rank: int, world_size: int, groups: dict | None = None
         call, extra = parallel.ring_attention, {"sharding": sharding}
     elif case["fn"] == "usp":
         ulysses_group, ring_group = (groups or {})[ulysses_size]
+        if case.get("ring_over_world"):  # not a grid: every Ulysses group's ranks at different ring positions
+            ring_group = None
         call, extra = parallel.usp_attention, {"sharding": sharding, "ulysses_group": ulysses_group,
                                                 "ring_group": ring_group}
     environment = case.get("environment_of", {}).get(rank, {})  # overrides on some ranks only

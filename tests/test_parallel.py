@@ -10,6 +10,7 @@ independently of which rank held which chunk; and against exact attention, as ac
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 import re
@@ -112,6 +113,10 @@ CASES = {
              sharding="zigzag", shard_as="contiguous",
              error=("ValueError: sharding='zigzag' holds two chunks per rank: q's and k's local token counts "
                     "must be even, got 17 and 17")),
+        dict(name="bad_mask_on_two_ranks_only", fn="ulysses", shape=(1, 3, 3, 48, 48, 64), dtype=torch.float16,
+             seed=38, mask="bool_sq_sk", no_mask_on=0,  # each rank's own call is valid; together they are not
+             error="ValueError: ulysses_attention needs the same attn_mask on every rank of its group, got rank 0: "
+                   "None, rank 1: ((48, 48), 'torch.bool', 'cpu'), rank 2: ((48, 48), 'torch.bool', 'cpu')"),
         # after the refusals, in the same group: rank-local differences the ring takes (spellings of the
         # same knobs, a mask on one rank that keeps every key, no LSE on another)
         dict(name="ring_rank_local_differences", fn="ring", shape=(1, 2, 1, 96, 96, 64), dtype=torch.float16,
@@ -141,6 +146,10 @@ CASES = {
                        "shape [1, 1, 1, 63]",
                     "*": "ValueError: usp_attention: rank 3 refused its arguments (ValueError: attn_mask must be "
                          "broadcastable"}),
+        dict(name="bad_usp_groups_not_a_grid", fn="usp", ulysses_size=2, shape=(1, 4, 2, 64, 64, 64),
+             dtype=torch.float16, seed=48, ring_over_world=True,  # a ring of all 4 ranks over Ulysses pairs
+             error="ValueError: usp_attention needs the same (rank, size) in ring_group (ulysses_group and "
+                   "ring_group must form a grid) on every rank of its group, got rank "),
     ],
 }
 
@@ -359,6 +368,42 @@ def test_one_rank_is_the_op(one_rank_group, sharding, layout, backend):
         as_hnd = (lambda x: x.transpose(1, 2)) if layout == "NHD" else (lambda x: x)
         torch.testing.assert_close(as_hnd(ring[0]), merged)
         torch.testing.assert_close(ring[1], merged_lse, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["HND", "NHD"])
+def test_one_rank_ulysses_exchanges_nothing(one_rank_group, monkeypatch, layout):
+    """A Ulysses group of one rank holds every head already: Ulysses is the op and USP the ring,
+    with no all-to-all (its copies of q, k, v and the output cost 0.78-0.86x the op's speed at
+    16k tokens on one GPU, NOTES v25)."""
+    one_rank_group()
+
+    def no_exchange(*args, **kwargs):
+        raise AssertionError("all_to_all_single called by a group of one rank")
+    monkeypatch.setattr(dist, "all_to_all_single", no_exchange)
+    q, k, v = (x.transpose(1, 2) if layout == "NHD" else x
+               for x in parallel_worker.case_inputs(dict(shape=(2, 4, 2, 64, 64, 64), dtype=torch.float16, seed=39))[:3])
+    knobs = dict(is_causal=True, tensor_layout=layout, return_lse=True, backend="reference")
+    expected = sageflash.sage_attn_sm89_fp16(q, k, v, **knobs)
+    ring = parallel.ring_attention(q, k, v, **knobs)
+    for got in (parallel.ulysses_attention(q, k, v, **knobs),
+                parallel.usp_attention(q, k, v, ulysses_group=None, ring_group=None, **knobs)):
+        assert got[0].is_contiguous() and got[0].shape == q.shape
+        assert torch.equal(got[0], expected[0])
+    assert torch.equal(got[1], ring[1])  # USP's LSE is the ring's (smooth_k's term added by its merge)
+
+
+def test_ring_says_once_that_it_ignores_the_debug_toggles(one_rank_group, monkeypatch, caplog):
+    """The ring's pairs call the backend directly: a toggle set for it would do nothing, silently."""
+    one_rank_group()
+    monkeypatch.setattr(sageflash.params, "_said_once", set())
+    monkeypatch.setenv("GGML_SAGE_DEBUG_QUANT", "1")
+    q, k, v = parallel_worker.case_inputs(dict(shape=(1, 2, 1, 32, 32, 64), dtype=torch.float16, seed=40))[:3]
+    with caplog.at_level(logging.WARNING, logger="sageflash"):
+        for _ in range(2):
+            parallel.ring_attention(q, k, v, backend="reference")
+    messages = [r.getMessage() for r in caplog.records if "debug toggles" in r.getMessage()]
+    assert messages == ["ring attention runs its chunk pairs without the debug toggles (GGML_SAGE_DEBUG_QUANT "
+                        "set): to dump or trace a call, run sageflash.sage_attn_sm89_fp16 on one device"]
 
 
 @pytest.mark.parametrize("call, kwargs, error, message", [

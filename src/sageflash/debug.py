@@ -65,9 +65,14 @@ def _env_int(name: str, default: int | None, minimum: int) -> int | None:
     return value
 
 
+def active() -> tuple[str, ...]:
+    """The toggles of `ACTIVATING` that are set (cheap: one lookup per toggle)."""
+    return tuple(name for name in ACTIVATING if _is_set(name))
+
+
 def enabled() -> bool:
-    """True when a toggle that changes what the op does is set (cheap: one lookup per toggle)."""
-    return any(_is_set(name) for name in ACTIVATING)
+    """True when a toggle that changes what the op does is set."""
+    return bool(active())
 
 
 def reset() -> None:

@@ -4,9 +4,9 @@ A rank that refused its arguments (a mask of the wrong shape, an unequal shard, 
 while its peers went on would leave them waiting in a collective until the group times out (gloo:
 30 minutes), or send them data of the wrong size. So each call first exchanges, over its own
 group, a 64-bit digest of what its messages depend on (q/k/v shapes and dtypes, the knobs after
-the ``GGML_SAGE_*`` overrides, the backend; the ring's sharding; Ulysses' and USP's ``return_lse``)
-and of its own error, if any. Where the
-digests differ, the ranks exchange the details and all raise.
+the ``GGML_SAGE_*`` overrides, the backend; the ring's sharding; Ulysses' and USP's ``return_lse``
+and mask shape and dtype, whose values are not compared; USP's grid positions) and of its own
+error, if any. Where the digests differ, the ranks exchange the details and all raise.
 
 On a group with a backend for CPU tensors (``get_backend_config`` names one: gloo, or a group
 initialised with ``backend="cpu:gloo,cuda:nccl"``) the digest stays in host memory. Otherwise (an
@@ -67,23 +67,26 @@ def _all_digests(group, digest: int, where: torch.device) -> list[int]:
         return torch.cat(digests).tolist()
 
 
-def agree(groups, caller: str, call: dict | None, error: Exception | None, device: torch.device) -> None:
+def agree(groups, caller: str, call: dict | None, error: Exception | None, device: torch.device,
+          within=None) -> None:
     """Exchange ``call`` (what this rank's messages depend on; None if it refused) and ``error``
     over each of ``groups`` in turn, carrying what one group learnt to the next (USP's grid: a
     Ulysses group, then a ring group, reaches every rank); then raise on every rank alike, or
     return on every rank alike. The rank at fault raises its own error; the others a ValueError
     naming it, or the first thing that differs between the ranks' calls. ``device``: q's, where an
-    NCCL-only group exchanges the digests."""
+    NCCL-only group exchanges the digests. ``within``: per group, entries that must match inside
+    that group only (USP: a Ulysses group shares its ring position)."""
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         if error is not None:
             raise error
         return
     refusal = None if error is None else (dist.get_rank(), f"{type(error).__name__}: {error}", False)
-    for group in groups:
-        if len(set(_all_digests(group, _digest((call, refusal)), _digest_device(group, device)))) == 1:
+    for index, group in enumerate(groups):
+        mine = call if call is None or within is None else {**call, **within[index]}
+        if len(set(_all_digests(group, _digest((mine, refusal)), _digest_device(group, device)))) == 1:
             continue
         everyone = [None] * dist.get_world_size(group)
-        dist.all_gather_object(everyone, (call, refusal), group=group)
+        dist.all_gather_object(everyone, (mine, refusal), group=group)
         if refusal is None:
             refusal = next((theirs for _, theirs in everyone if theirs is not None), None) or \
                 (dist.get_rank(), _difference(caller, [theirs for theirs, _ in everyone],

@@ -26,8 +26,9 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from .. import debug
 from ..op import as_hnd, check_attn_mask, check_call, quantize_for_attention, select_backend
-from ..params import SageParams, apply_overrides
+from ..params import SageParams, apply_overrides, warn_once
 from .agreement import agree, describe, device_of
 from .autograd import without_backward
 from .sharding import RingPeers, check_cuttable, check_sharding, chunk_ids, group_rank_and_size
@@ -171,6 +172,10 @@ def ring_attend(call: RingCall, group, rank: int, world_size: int, out: torch.Te
     smooth_k term to the LSE, merges into a float32 accumulator per query chunk, and writes the
     chunk's last pair's result straight into ``out``."""
     params, module, q, k, v, attn_mask, sharding = call
+    toggles = debug.active()
+    if toggles:  # its pairs call the backend directly, not the op that honours them
+        warn_once(("ring-debug",), "ring attention runs its chunk pairs without the debug toggles (%s set): "
+                  "to dump or trace a call, run sageflash.sage_attn_sm89_fp16 on one device", ", ".join(toggles))
     mine = chunk_ids(rank, world_size, sharding)
     q_len, k_len = q.shape[2] // len(mine), k.shape[2] // len(mine)
     queries, packed, v_order = _quantize_chunks(module, q, k, v, params, len(mine))

@@ -74,8 +74,11 @@ class HeadExchange(NamedTuple):
     world_size: int
 
     def to_heads(self, q, k, v, tensor_layout: str):
-        """This rank's heads of the group's tokens, as NHD ``[B, S·P, H/P, D]``."""
+        """This rank's heads of the group's tokens, as NHD ``[B, S·P, H/P, D]`` (views of q, k and
+        v on a group of one rank)."""
         q, k, v = (_as_nhd(x, tensor_layout) for x in (q, k, v))
+        if self.world_size == 1:
+            return q, k, v
         if k.shape[2] < self.world_size:  # each rank's query heads read one KV head: give every rank a copy
             k, v = (x.repeat_interleave(self.world_size // k.shape[2], dim=2) for x in (k, v))
         return tuple(heads_from_sequence(x, self.world_size, self.group) for x in (q, k, v))
@@ -87,10 +90,21 @@ class HeadExchange(NamedTuple):
         local_heads = q_heads // self.world_size
         return attn_mask.narrow(-3, self.rank * local_heads, local_heads)
 
+    def heads_output(self, out: torch.Tensor, tensor_layout: str) -> torch.Tensor:
+        """Where the attention over this rank's heads writes (NHD): on a group of one rank ``out``
+        itself, else a buffer that `to_sequence` sends back."""
+        out = _as_nhd(out, tensor_layout)
+        return out if self.world_size == 1 else torch.empty(
+            (out.shape[0], out.shape[1] * self.world_size, out.shape[2] // self.world_size, out.shape[3]),
+            dtype=out.dtype, device=out.device)
+
     def to_sequence(self, result, return_lse: bool, out: torch.Tensor, tensor_layout: str):
         """The attention ``result`` over this rank's heads back to this rank's tokens of every
-        head: written into ``out`` (the caller's layout), with the LSE when ``return_lse``."""
+        head: written into ``out`` (the caller's layout; on a group of one rank ``result`` is in
+        `heads_output`, ``out`` already), with the LSE when ``return_lse``."""
         local_out, local_lse = result if return_lse else (result, None)
+        if self.world_size == 1:
+            return (out, local_lse) if return_lse else out
         sequence_from_heads(local_out, self.world_size, self.group, into=_as_nhd(out, tensor_layout))
         return (out, lse_from_heads(local_lse, self.world_size, self.group)) if return_lse else out
 
@@ -106,9 +120,10 @@ def ulysses_attention(q, k, v, softmax_scale=None, is_causal=False, smooth_k=Tru
 
     Hq must be a multiple of the group's size P; Hk a multiple of P, or a divisor of P (KV heads
     are then repeated so that each rank gets the one its query heads read). ``attn_mask`` spans
-    the whole sequence, broadcastable to ``[B, Hq, Sq, Sk]``, the same on every rank. A rank that
-    refuses its arguments, or shapes or knobs that differ between ranks, raise on every rank
-    before any message (`agreement`).
+    the whole sequence, broadcastable to ``[B, Hq, Sq, Sk]``, the same on every rank (its shape
+    and dtype are checked; its values are the caller's to keep equal). A rank that refuses its
+    arguments, or shapes or knobs that differ between ranks, raise on every rank before any
+    message (`agreement`). On a group of one rank this is the op itself, with no exchange.
     """
     rank, world_size = group_rank_and_size(group)
     knobs = (softmax_scale, is_causal, smooth_k, smooth_v, pv_accum, granularity)
@@ -125,10 +140,16 @@ def ulysses_attention(q, k, v, softmax_scale=None, is_causal=False, smooth_k=Tru
                                q_hnd.shape[2] * world_size)
         call = {"q": describe(q_hnd), "k": describe(k_hnd), "v": describe(v_hnd),
                 "params": resolve_params(*knobs, head_dim=q.shape[-1]).as_dict(),
-                "backend": select_backend(backend, q.device).__name__, "return_lse": lse_wanted}
+                "backend": select_backend(backend, q.device).__name__, "return_lse": lse_wanted,
+                "attn_mask": None if attn_mask is None else describe(attn_mask)}
     except Exception as err:  # whatever stops this rank (an ImportError too) must stop all of them
         error = err
     agree([group], "ulysses_attention", call, error, device_of(q))
+    if world_size == 1:  # nothing to exchange: the op itself, without the copies of an all-to-all
+        with torch.no_grad():
+            result = sage_attn_sm89_fp16(q, k, v, *knobs, tensor_layout=tensor_layout, return_lse=lse_wanted,
+                                         attn_mask=attn_mask, backend=backend)
+        return without_backward("ulysses_attention", result, q, k, v)
     exchange = HeadExchange(group, rank, world_size)
     out = q.new_empty(q.shape)  # contiguous in the caller's layout, as the op's
     with torch.no_grad():  # no autograd record of copies whose backward raises anyway

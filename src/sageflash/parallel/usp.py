@@ -51,9 +51,11 @@ def usp_attention(q, k, v, softmax_scale=None, is_causal=False, smooth_k=True, s
     gets its piece of the output (and of the LSE). Head counts as `ulysses_attention` needs over
     ``ulysses_group``; causal as `ring_attention` needs. ``attn_mask``: the query rows of this
     rank's ring shard (its Ulysses group's tokens) against every key in global order,
-    broadcastable to ``[B, Hq, Sq·P_u / P, Sk]``. A refusal on any rank of the grid, or shapes or
-    knobs that differ, raise on every rank before any message (agreed over the Ulysses group,
-    then the ring group).
+    broadcastable to ``[B, Hq, Sq·P_u / P, Sk]``, the same within a Ulysses group. A refusal on
+    any rank of the grid, shapes or knobs that differ, or groups that do not form a grid (a
+    Ulysses group's ranks at one ring position, a ring group's at one Ulysses position) raise on
+    every rank before any message (agreed over the Ulysses group, then the ring group). With
+    Ulysses groups of one rank the ring runs on the caller's tensors, with no exchange.
     """
     ulysses_rank, ulysses_size = group_rank_and_size(ulysses_group)
     ring_rank, ring_size = group_rank_and_size(ring_group)
@@ -75,13 +77,17 @@ def usp_attention(q, k, v, softmax_scale=None, is_causal=False, smooth_k=True, s
                                exchange.mask_heads(attn_mask, q_hnd.shape[1]), backend, ring_size)
     except Exception as err:  # whatever stops this rank (an ImportError too) must stop all of them
         error = err
+    grid = "(ulysses_group and ring_group must form a grid)"
     agree([ulysses_group, ring_group], "usp_attention",
           None if call is None else {**call.signature(), "q": describe(q_hnd), "k": describe(k_hnd),
-                                     "v": describe(v_hnd), "return_lse": lse_wanted}, error, device_of(q))
+                                     "v": describe(v_hnd), "return_lse": lse_wanted}, error, device_of(q),
+          within=[{"attn_mask": None if attn_mask is None else describe(attn_mask),
+                   f"(rank, size) in ring_group {grid}": (ring_rank, ring_size)},
+                  {f"(rank, size) in ulysses_group {grid}": (ulysses_rank, ulysses_size)}])
     out = q.new_empty(q.shape)  # contiguous in the caller's layout, as the op's
     with torch.no_grad():  # no autograd record of copies whose backward raises anyway
         heads = exchange.to_heads(q, k, v, tensor_layout)  # NHD [B, S_ring, H/P_u, D]
-        heads_out = torch.empty_like(heads[0])
+        heads_out = exchange.heads_output(out, tensor_layout)
         lse = ring_attend(call._replace(**{name: as_hnd(x, "NHD") for name, x in zip("qkv", heads)}), ring_group,
                           ring_rank, ring_size, as_hnd(heads_out, "NHD"))
     result = (heads_out, lse) if lse_wanted else heads_out
