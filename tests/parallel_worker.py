@@ -69,7 +69,8 @@ def rank_call(case: dict, rank: int, world_size: int, groups: dict | None = None
             ring_group = None
         call, extra = parallel.usp_attention, {"sharding": sharding, "ulysses_group": ulysses_group,
                                                 "ring_group": ring_group}
-    environment = case.get("environment_of", {}).get(rank, {})  # overrides on some ranks only
+    environment = {name: value.format(out_dir=case.get("out_dir", "."))  # overrides on some ranks only
+                   for name, value in case.get("environment_of", {}).get(rank, {}).items()}
     os.environ.update(environment)
     knobs = {**case.get("knobs", {}), **case.get("knobs_of", {}).get(rank, {})}  # and knobs
     try:
@@ -81,8 +82,16 @@ def rank_call(case: dict, rank: int, world_size: int, groups: dict | None = None
     return (out.transpose(1, 2) if layout == "NHD" else out), lse
 
 
+def gather_weights(case: dict, rank: int) -> torch.Tensor:
+    """What rank ``rank`` multiplies the whole q by for a "backward" gather case's loss."""
+    q = case_inputs(case)[0]
+    return torch.randn(q.shape, generator=torch.Generator().manual_seed(case["seed"] + 100 + rank)).to(q)
+
+
 def gather_call(case: dict, rank: int, world_size: int):
-    """``gather_sequence`` of this rank's shard of ``case``'s q: the whole q on every rank."""
+    """``gather_sequence`` of this rank's shard of ``case``'s q: ``(the whole q, None)`` on every
+    rank; with ``backward``, ``(the whole q, the shard's gradient of the loss)``, the loss being
+    the sum of the whole q times `gather_weights` (each rank its own)."""
     from sageflash import parallel
 
     q = case_inputs(case)[0]
@@ -92,7 +101,12 @@ def gather_call(case: dict, rank: int, world_size: int):
         shard = q.tensor_split(world_size, dim=2)[rank]
     else:
         shard = parallel.shard_sequence(q, rank, world_size, dim=2, sharding=shard_as)
-    return parallel.gather_sequence(shard, dim=2, sharding=sharding), None
+    if not case.get("backward"):
+        return parallel.gather_sequence(shard, dim=2, sharding=sharding), None
+    shard = shard.detach().requires_grad_()
+    whole = parallel.gather_sequence(shard, dim=2, sharding=sharding)
+    (whole.float() * gather_weights(case, rank).float()).sum().backward()
+    return whole.detach(), shard.grad
 
 
 def run(rank: int, world_size: int, rendezvous: str, cases: list[dict], out_dir: str,
@@ -112,12 +126,13 @@ def run(rank: int, world_size: int, rendezvous: str, cases: list[dict], out_dir:
                  for size in sorted({case["ulysses_size"] for case in cases if case["fn"] == "usp"})}
         for case in cases:
             try:
+                case = dict(case, device=device, out_dir=out_dir)
                 if case["fn"] == "gather":
-                    out, lse = gather_call(dict(case, device=device), rank, world_size)
+                    out, lse = gather_call(case, rank, world_size)
                 else:
-                    out, lse = rank_call(dict(case, device=device), rank, world_size, grids)
+                    out, lse = rank_call(case, rank, world_size, grids)
                 result = {"out": out.cpu(), "lse": None if lse is None else lse.cpu()}
-            except (TypeError, ValueError) as err:
+            except (TypeError, ValueError, OSError) as err:
                 result = {"error": f"{type(err).__name__}: {err}"}
             torch.save(result, f"{out_dir}/{case['name']}.{rank}.pt")
     finally:

@@ -115,6 +115,20 @@ def test_dump_writes_every_intermediate_of_the_first_call(monkeypatch, tmp_path,
     assert main(["--load", prefix]) == 0 and f"Case {prefix}\n" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_each_rank_of_a_process_group_dumps_to_its_own_files(monkeypatch, tmp_path, world_size):
+    """Ranks that share a prefix (sequence or data parallelism) would write the same files at once."""
+    monkeypatch.setattr(debug.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(debug.dist, "get_world_size", lambda: world_size)
+    monkeypatch.setattr(debug.dist, "get_rank", lambda: world_size - 1)
+    prefix = str(tmp_path / "call")
+    monkeypatch.setenv(debug.DUMP, prefix)
+    op(*gqa_inputs(8))
+    written = prefix if world_size == 1 else f"{prefix}.rank2"
+    assert sorted(p.name for p in tmp_path.glob("*.meta")) == [os.path.basename(written) + ".meta"]
+    assert dumps.read_meta(written).num_q_heads == 4
+
+
 def test_a_masked_calls_dump_and_telemetry_say_they_leave_the_mask_out(monkeypatch, tmp_path, capsys):
     """The dump format has no mask (SPEC §9): the meta's source and a stderr line say so, and the
     kernel telemetry says its values leave the mask out."""

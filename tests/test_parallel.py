@@ -47,7 +47,7 @@ CASES = {
              mask="alibi_fp16", k_offset=5.0, v_offset=3.0,
              knobs=dict(pv_accum="fp32", smooth_v=True, granularity="per_warp", is_causal=True)),
         dict(name="gather_zigzag", fn="gather", shape=(1, 2, 1, 40, 40, 64), dtype=torch.float16, seed=8,
-             sharding="zigzag"),
+             sharding="zigzag", backward=True),
     ] + ([
         dict(name="ring_triton", fn="ring", shape=(1, 2, 1, 128, 128, 64), dtype=torch.float16, seed=9,
              knobs=dict(is_causal=True), sharding="zigzag", backend="triton"),
@@ -64,6 +64,8 @@ CASES = {
         dict(name="ring_rows_hidden_at_first", fn="ring", shape=(3, 2, 1, 72, 72, 64), dtype=torch.float16,
              seed=19, knobs=dict(is_causal=True), mask="key_padding"),  # batch 1: rank 2's own keys all hidden
         dict(name="gather", fn="gather", shape=(2, 2, 1, 30, 30, 64), dtype=torch.float16, seed=14),
+        dict(name="gather_backward", fn="gather", shape=(2, 2, 1, 30, 30, 64), dtype=torch.bfloat16, seed=20,
+             backward=True),
         # a shard the call refuses, on every rank alike (before any message, so nobody waits)
         dict(name="bad_q_heads", fn="ulysses", shape=(1, 4, 4, 48, 48, 64), dtype=torch.float16, seed=15,
              error="ValueError: ulysses_attention splits heads over the Ulysses group's 3 ranks: q has 4 heads"),
@@ -117,6 +119,15 @@ CASES = {
              seed=38, mask="bool_sq_sk", no_mask_on=0,  # each rank's own call is valid; together they are not
              error="ValueError: ulysses_attention needs the same attn_mask on every rank of its group, got rank 0: "
                    "None, rank 1: ((48, 48), 'torch.bool', 'cpu'), rank 2: ((48, 48), 'torch.bool', 'cpu')"),
+        dict(name="bad_debug_toggles_differ", fn="ulysses", shape=(1, 3, 3, 48, 48, 64), dtype=torch.float16,
+             seed=49, environment_of={0: {"GGML_SAGE_DEBUG_QUANT": "1"}},  # the op's debug path on one rank only
+             error="ValueError: ulysses_attention needs the same debug toggles on every rank of its group, got "
+                   "rank 0: ('GGML_SAGE_DEBUG_QUANT',), rank 1: (), rank 2: ()"),
+        dict(name="bad_dump_path_on_one_rank", fn="ulysses", shape=(1, 3, 3, 48, 48, 64), dtype=torch.float16,
+             seed=50, environment_of={0: {"GGML_SAGE_DUMP": "{out_dir}/dump"}, 2: {"GGML_SAGE_DUMP": "{out_dir}/dump"},
+                                      1: {"GGML_SAGE_DUMP": "/proc/no-such-dir/dump"}},  # fails after the agreement
+             error={1: "FileNotFoundError: ", "*": "ValueError: ulysses_attention: rank 1 failed in the op's debug "
+                                                   "path (FileNotFoundError: "}),
         # after the refusals, in the same group: rank-local differences the ring takes (spellings of the
         # same knobs, a mask on one rank that keeps every key, no LSE on another)
         dict(name="ring_rank_local_differences", fn="ring", shape=(1, 2, 1, 96, 96, 64), dtype=torch.float16,
@@ -285,9 +296,16 @@ def test_bad_shards_are_named_on_every_rank(group_results, world_size, case):
 
 @pytest.mark.parametrize("world_size, case", cases_of("gather"))
 def test_gather_sequence_puts_the_shards_back(group_results, world_size, case):
+    """And its backward gives each shard the sum of every rank's gradient of its tokens."""
     results = group_results(world_size, case)
     whole = parallel_worker.case_inputs(case)[0]
     assert all(torch.equal(r["out"], whole) for r in results)
+    if case.get("backward"):
+        summed = sum(parallel_worker.gather_weights(case, rank).float() for rank in range(world_size))
+        for rank, result in enumerate(results):
+            positions = parallel.sequence_positions(whole.shape[2], rank, world_size, case.get("sharding", "contiguous"))
+            # the gradient, summed by the all-reduce in the dtype (rounded per addition, in its order)
+            torch.testing.assert_close(result["lse"].float(), summed[:, :, positions], rtol=2e-2, atol=2e-2)
 
 
 # --- in one process ---------------------------------------------------------------------------

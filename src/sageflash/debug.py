@@ -15,6 +15,7 @@ import math
 import sys
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import dumps, groups, reference
@@ -353,6 +354,15 @@ def print_softmax_telemetry(payloads: Payloads, params: SageParams, meta: dumps.
 # --- the debug path of the op ---------------------------------------------------------------
 
 
+def rank_prefix(prefix: str) -> str:
+    """``prefix``, plus ``.rank<r>`` in a torch.distributed group of several processes, whose
+    ranks would otherwise write the same files at once (sequence parallelism, data parallelism)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return f"{prefix}.rank{dist.get_rank()}"
+    return prefix
+
+
+
 def run(backend, q, k, v, params: SageParams, return_lse: bool = False, out=None, attn_mask=None):
     """The op with the toggles set now: same result as ``backend.attention`` (same arguments; up
     to a swapped Q/K quantizer), plus the dumps and prints asked for."""
@@ -365,6 +375,7 @@ def run(backend, q, k, v, params: SageParams, return_lse: bool = False, out=None
     sample = (toggles.sample_head, toggles.sample_block)
 
     def dump(prefix: str, tags: dict) -> None:
+        prefix = rank_prefix(prefix)
         write_dump(prefix, *restrict(meta, tags, *sample))
         if attn_mask is not None:  # the format has no mask tag (SPEC §9)
             _say("dump", f"{prefix}: attn_mask is not recorded; sageflash run --load replays the call unmasked")

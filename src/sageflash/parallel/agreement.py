@@ -68,14 +68,15 @@ def _all_digests(group, digest: int, where: torch.device) -> list[int]:
 
 
 def agree(groups, caller: str, call: dict | None, error: Exception | None, device: torch.device,
-          within=None) -> None:
+          within=None, failed: str = "refused its arguments") -> None:
     """Exchange ``call`` (what this rank's messages depend on; None if it refused) and ``error``
     over each of ``groups`` in turn, carrying what one group learnt to the next (USP's grid: a
     Ulysses group, then a ring group, reaches every rank); then raise on every rank alike, or
     return on every rank alike. The rank at fault raises its own error; the others a ValueError
     naming it, or the first thing that differs between the ranks' calls. ``device``: q's, where an
     NCCL-only group exchanges the digests. ``within``: per group, entries that must match inside
-    that group only (USP: a Ulysses group shares its ring position)."""
+    that group only (USP: a Ulysses group shares its ring position). ``failed``: what a rank
+    with an error did, as its peers' message says."""
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         if error is not None:
             raise error
@@ -92,7 +93,7 @@ def agree(groups, caller: str, call: dict | None, error: Exception | None, devic
                 (dist.get_rank(), _difference(caller, [theirs for theirs, _ in everyone],
                                               dist.get_process_group_ranks(group or dist.group.WORLD)), True)
             rank, text, mismatch = refusal
-            error = ValueError(text if mismatch else f"{caller}: rank {rank} refused its arguments ({text}); "
+            error = ValueError(text if mismatch else f"{caller}: rank {rank} {failed} ({text}); "
                                                      "every rank of the call stops")
     if error is not None:
         raise error

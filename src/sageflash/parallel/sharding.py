@@ -60,7 +60,8 @@ def shard_sequence(x: torch.Tensor, rank: int, world_size: int, *, dim: int = 2,
 def gather_sequence(x: torch.Tensor, *, group=None, dim: int = 2, sharding: str = "contiguous") -> torch.Tensor:
     """The whole sequence from every rank's shard ``x`` (all-gather), tokens in global order.
     Shards of different shapes or dtypes, or arguments one rank refuses, raise on every rank
-    before the gather (`agreement`)."""
+    before the gather (`agreement`). Differentiable: the gradient of a shard sums every rank's
+    gradient of its tokens, so every rank must run its backward (an all-reduce)."""
     rank, world_size = group_rank_and_size(group)
     call, error = None, None
     try:
@@ -74,14 +75,30 @@ def gather_sequence(x: torch.Tensor, *, group=None, dim: int = 2, sharding: str 
     except Exception as err:  # whatever stops this rank must stop all of them
         error = err
     agree([group], "gather_sequence", call, error, device_of(x))
-    pieces = [torch.empty_like(x) for _ in range(world_size)]
-    dist.all_gather(pieces, x.contiguous(), group=group)
-    whole = torch.cat(pieces, dim=dim)
+    whole = _GatheredSequence.apply(x.contiguous(), dim % x.dim(), group, rank, world_size)
     if sharding == "contiguous":
         return whole
     local = x.shape[dim]
     order = torch.cat([sequence_positions(local * world_size, r, world_size, sharding) for r in range(world_size)])
     return whole.index_select(dim, torch.argsort(order).to(x.device))
+
+
+class _GatheredSequence(torch.autograd.Function):
+    """Every rank's ``x`` concatenated along ``dim`` in rank order; backward: the sum of every
+    rank's gradient of the whole (all-reduce), this rank's piece of it."""
+
+    @staticmethod
+    def forward(ctx, x, dim: int, group, rank: int, world_size: int):
+        ctx.dim, ctx.group, ctx.first, ctx.length = dim, group, rank * x.shape[dim], x.shape[dim]
+        pieces = [torch.empty_like(x) for _ in range(world_size)]
+        dist.all_gather(pieces, x, group=group)
+        return torch.cat(pieces, dim=dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone(memory_format=torch.contiguous_format)  # reduced in place: not autograd's buffer
+        dist.all_reduce(grad, group=ctx.group)
+        return grad.narrow(ctx.dim, ctx.first, ctx.length), None, None, None, None
 
 
 def group_rank_and_size(group) -> tuple[int, int]:

@@ -134,14 +134,15 @@ def ulysses_attention(q, k, v, softmax_scale=None, is_causal=False, smooth_k=Tru
         check_heads(q_hnd.shape[1], k_hnd.shape[1], world_size, "ulysses_attention")
         check_attn_mask(attn_mask, q, k, tensor_layout, seq_q=q_hnd.shape[2] * world_size,
                         seq_k=k_hnd.shape[2] * world_size)
-        if debug.enabled():  # what the op would refuse on its rank only, after the first exchange
+        toggles_set = debug.active()
+        if toggles_set:  # what the op would refuse on its rank only, after the first exchange
             toggles = debug.Toggles.from_env()
             debug.check_sample(toggles.sample_head, toggles.sample_block, q_hnd.shape[1] // world_size,
                                q_hnd.shape[2] * world_size)
         call = {"q": describe(q_hnd), "k": describe(k_hnd), "v": describe(v_hnd),
                 "params": resolve_params(*knobs, head_dim=q.shape[-1]).as_dict(),
                 "backend": select_backend(backend, q.device).__name__, "return_lse": lse_wanted,
-                "attn_mask": None if attn_mask is None else describe(attn_mask)}
+                "attn_mask": None if attn_mask is None else describe(attn_mask), "debug toggles": toggles_set}
     except Exception as err:  # whatever stops this rank (an ImportError too) must stop all of them
         error = err
     agree([group], "ulysses_attention", call, error, device_of(q))
@@ -154,7 +155,15 @@ def ulysses_attention(q, k, v, softmax_scale=None, is_causal=False, smooth_k=Tru
     out = q.new_empty(q.shape)  # contiguous in the caller's layout, as the op's
     with torch.no_grad():  # no autograd record of copies whose backward raises anyway
         heads = exchange.to_heads(q, k, v, tensor_layout)
-    result = sage_attn_sm89_fp16(*heads, *knobs, tensor_layout="NHD", return_lse=lse_wanted,
-                                 attn_mask=exchange.mask_heads(attn_mask, q_hnd.shape[1]), backend=backend)
+    failure = None
+    try:
+        result = sage_attn_sm89_fp16(*heads, *knobs, tensor_layout="NHD", return_lse=lse_wanted,
+                                     attn_mask=exchange.mask_heads(attn_mask, q_hnd.shape[1]), backend=backend)
+    except Exception as err:
+        if not call["debug toggles"]:
+            raise
+        failure = err
+    if call["debug toggles"]:  # the op's debug path can fail on one rank (a dump it cannot write): all stop
+        agree([group], "ulysses_attention", {}, failure, device_of(q), failed="failed in the op's debug path")
     return without_backward("ulysses_attention", exchange.to_sequence(result, lse_wanted, out, tensor_layout),
                             q, k, v)
