@@ -27,6 +27,7 @@ import sageflash
 from conftest import HAS_CUDA, ROOT, nmse
 from helpers import PACKAGE_ROOT, exact_attention, exact_lse
 from sageflash import parallel
+from sageflash.parallel import agreement
 
 INTERPRETER = not HAS_CUDA  # conftest sets TRITON_INTERPRET=1 without a GPU; spawned ranks inherit it
 
@@ -392,12 +393,13 @@ def test_one_rank_is_the_op(one_rank_group, sharding, layout, backend):
 def test_one_rank_ulysses_exchanges_nothing(one_rank_group, monkeypatch, layout):
     """A Ulysses group of one rank holds every head already: Ulysses is the op and USP the ring,
     with no all-to-all (its copies of q, k, v and the output cost 0.78-0.86x the op's speed at
-    16k tokens on one GPU, NOTES v25)."""
+    16k tokens on one GPU, NOTES v25) and no agreement."""
     one_rank_group()
 
     def no_exchange(*args, **kwargs):
-        raise AssertionError("all_to_all_single called by a group of one rank")
+        raise AssertionError("a group of one rank exchanged something")
     monkeypatch.setattr(dist, "all_to_all_single", no_exchange)
+    monkeypatch.setattr(agreement, "_all_digests", no_exchange)  # nor agrees with nobody
     q, k, v = (x.transpose(1, 2) if layout == "NHD" else x
                for x in parallel_worker.case_inputs(dict(shape=(2, 4, 2, 64, 64, 64), dtype=torch.float16, seed=39))[:3])
     knobs = dict(is_causal=True, tensor_layout=layout, return_lse=True, backend="reference")
@@ -502,6 +504,16 @@ def test_gpu_one_rank(one_rank_group, case):
 
 
 @pytest.mark.gpu
+def test_gpu_digests_of_an_nccl_group(one_rank_group):
+    """On an NCCL-only group the digests travel as CUDA tensors on the agreement's own stream (a
+    group of one rank skips the agreement, so the calls above do not reach this)."""
+    one_rank_group("nccl")
+    device = torch.device("cuda", torch.cuda.current_device())
+    assert agreement._digest_device(None, device) == device
+    assert agreement._all_digests(None, -(2 ** 62) - 5, device) == [-(2 ** 62) - 5]
+
+
+@pytest.mark.gpu
 def test_gpu_two_ranks_over_nccl(tmp_path):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two CUDA GPUs")
@@ -569,6 +581,7 @@ def test_a_group_initialised_without_a_backend(one_rank_group):
     """torch picks the backend ("undefined" by name; its config says cpu:gloo here): the agreement
     reads the config, not the name, and keeps its digest on the CPU."""
     one_rank_group(None)
+    assert agreement._digest_device(None, torch.device("cpu")) == torch.device("cpu")
     q, k, v = parallel_worker.case_inputs(dict(shape=(1, 2, 1, 32, 32, 64), dtype=torch.float16, seed=24))[:3]
     expected = sageflash.sage_attn_sm89_fp16(q, k, v, backend="reference")
     for call in (parallel.ring_attention, parallel.ulysses_attention):

@@ -15,7 +15,8 @@ NCCL-only group) it travels as a one-element tensor on the call's GPU, on a stre
 queued before it), not for the compute queued on the caller's stream, which kept the GPU idle
 while the host launched the call (one GPU, 16k tokens: the ring at 0.64-0.82x the op's speed,
 0.88-0.92x on its own stream, 0.90-1.00x with the digest in host memory; NOTES v25). While a
-CUDA graph is being captured (where that is not allowed) the agreement is skipped.
+CUDA graph is being captured (where that is not allowed) the agreement is skipped, and so is a
+group of one rank.
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ def agree(groups, caller: str, call: dict | None, error: Exception | None, devic
         return
     refusal = None if error is None else (dist.get_rank(), f"{type(error).__name__}: {error}", False)
     for index, group in enumerate(groups):
+        if dist.get_world_size(group) == 1:  # nobody to agree with (nor to wait for this rank)
+            continue
         mine = call if call is None or within is None else {**call, **within[index]}
         if len(set(_all_digests(group, _digest((mine, refusal)), _digest_device(group, device)))) == 1:
             continue
