@@ -54,8 +54,10 @@ def _digest_device(group, device: torch.device) -> torch.device:
 @functools.lru_cache(maxsize=None)
 def _agreement_stream(device: torch.device) -> torch.cuda.Stream:
     """A CUDA stream of ``device`` for the digests alone: nothing else is queued on it, so the
-    exchange (NCCL waits for the stream it is called from) starts at once."""
-    return torch.cuda.Stream(device)
+    exchange (NCCL waits for the stream it is called from) starts at once; at the highest priority
+    (torch maps -100 to it), so that its kernel takes the next free SM slot instead of waiting
+    for the queued attention's programs."""
+    return torch.cuda.Stream(device, priority=-100)
 
 
 def _all_digests(group, digest: int, where: torch.device) -> list[int]:
