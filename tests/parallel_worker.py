@@ -57,6 +57,8 @@ def rank_call(case: dict, rank: int, world_size: int, groups: dict | None = None
         mask = torch.ones(q.shape[2], k.shape[2] * world_size, dtype=torch.bool, device=q.device)
     if case.get("no_mask_on") == rank:  # the others pass one
         mask = None
+    if case.get("mask_unsqueezed_on") == rank:  # the same mask as [1, 1, Sq, Sk]
+        mask = mask[None, None]
     layout = case.get("layout", "HND")
     if layout == "NHD":  # views, as a caller holding [B, S, H, D] passes them
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))
@@ -101,7 +103,7 @@ def gather_call(case: dict, rank: int, world_size: int):
         shard = q.tensor_split(world_size, dim=2)[rank]
     else:
         shard = parallel.shard_sequence(q, rank, world_size, dim=2, sharding=shard_as)
-    if not case.get("backward"):
+    if not case.get("backward") or case.get("grad_only_on", rank) != rank:
         return parallel.gather_sequence(shard, dim=2, sharding=sharding), None
     shard = shard.detach().requires_grad_()
     whole = parallel.gather_sequence(shard, dim=2, sharding=sharding)

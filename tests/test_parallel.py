@@ -119,7 +119,7 @@ CASES = {
         dict(name="bad_mask_on_two_ranks_only", fn="ulysses", shape=(1, 3, 3, 48, 48, 64), dtype=torch.float16,
              seed=38, mask="bool_sq_sk", no_mask_on=0,  # each rank's own call is valid; together they are not
              error="ValueError: ulysses_attention needs the same attn_mask on every rank of its group, got rank 0: "
-                   "None, rank 1: ((48, 48), 'torch.bool', 'cpu'), rank 2: ((48, 48), 'torch.bool', 'cpu')"),
+                   "None, rank 1: ((1, 1, 48, 48), 'torch.bool', 'cpu'), rank 2: ((1, 1, 48, 48), 'torch.bool', 'cpu')"),
         dict(name="bad_debug_toggles_differ", fn="ulysses", shape=(1, 3, 3, 48, 48, 64), dtype=torch.float16,
              seed=49, environment_of={0: {"GGML_SAGE_DEBUG_QUANT": "1"}},  # the op's debug path on one rank only
              error="ValueError: ulysses_attention needs the same debug toggles on every rank of its group, got "
@@ -127,14 +127,20 @@ CASES = {
         dict(name="bad_dump_path_on_one_rank", fn="ulysses", shape=(1, 3, 3, 48, 48, 64), dtype=torch.float16,
              seed=50, environment_of={0: {"GGML_SAGE_DUMP": "{out_dir}/dump"}, 2: {"GGML_SAGE_DUMP": "{out_dir}/dump"},
                                       1: {"GGML_SAGE_DUMP": "/proc/no-such-dir/dump"}},  # fails after the agreement
-             error={1: "FileNotFoundError: ", "*": "ValueError: ulysses_attention: rank 1 failed in the op's debug "
-                                                   "path (FileNotFoundError: "}),
+             error={1: "FileNotFoundError: ", "*": "ValueError: ulysses_attention: rank 1 failed in the op "
+                                                   "(FileNotFoundError: "}),
+        dict(name="bad_gather_backward_on_one_rank", fn="gather", shape=(1, 2, 1, 30, 30, 64), dtype=torch.float16,
+             seed=51, backward=True, grad_only_on=1,  # its backward's all-reduce would wait for the others
+             error="ValueError: gather_sequence needs the same autograd on every rank of its group, got rank 0: "
+                   "False, rank 1: True, rank 2: False"),
         # after the refusals, in the same group: rank-local differences the ring takes (spellings of the
         # same knobs, a mask on one rank that keeps every key, no LSE on another)
         dict(name="ring_rank_local_differences", fn="ring", shape=(1, 2, 1, 96, 96, 64), dtype=torch.float16,
              seed=29, knobs=dict(is_causal=True, pv_accum="fp32+fp16"),
              knobs_of={1: dict(is_causal=1, pv_accum="FP32+FP16"), 2: dict(is_causal=True, pv_accum=2)},
              all_true_mask_on=1, environment_of={0: {"GGML_SAGE_SMOOTH_K": "true"}, 2: {"GGML_SAGE_SMOOTH_K": "1"}}),
+        dict(name="ulysses_mask_shapes_that_broadcast_alike", fn="ulysses", shape=(1, 3, 3, 48, 48, 64),
+             dtype=torch.float16, seed=52, mask="bool_sq_sk", mask_unsqueezed_on=1),
     ],
     4: [  # USP on grids of Ulysses groups of consecutive ranks: 2 x 2, 4 x 1 and 1 x 4
         dict(name="usp_2x2_zigzag_causal_nhd_mask", fn="usp", ulysses_size=2, shape=(1, 4, 2, 256, 256, 64),

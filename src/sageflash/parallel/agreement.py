@@ -34,6 +34,15 @@ def describe(x: torch.Tensor) -> tuple:
     return tuple(x.shape), str(x.dtype), x.device.type
 
 
+def describe_mask(attn_mask) -> tuple | None:
+    """A mask as a signature holds it: its shape left-padded to 4 dims (``[Sq, Sk]`` and
+    ``[1, 1, Sq, Sk]`` broadcast alike), dtype, device type; None for no mask."""
+    if attn_mask is None:
+        return None
+    shape, dtype, device = describe(attn_mask)
+    return (1,) * (4 - len(shape)) + shape, dtype, device
+
+
 def device_of(q) -> torch.device:
     """q's device, or the CPU where q is not a tensor (a call refused on the spot)."""
     return q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
@@ -74,9 +83,10 @@ def agree(groups, caller: str, call: dict | None, error: Exception | None, devic
           within=None, failed: str = "refused its arguments") -> None:
     """Exchange ``call`` (what this rank's messages depend on; None if it refused) and ``error``
     over each of ``groups`` in turn, carrying what one group learnt to the next (USP's grid: a
-    Ulysses group, then a ring group, reaches every rank); then raise on every rank alike, or
-    return on every rank alike. The rank at fault raises its own error; the others a ValueError
-    naming it, or the first thing that differs between the ranks' calls. ``device``: q's, where an
+    Ulysses group, then a ring group, reaches every rank); then raise on every rank, or return on
+    every rank. The rank at fault raises its own error; the others a ValueError naming it, or the
+    first thing that differs between the ranks' calls (across USP's two groups, ranks may name
+    different causes: each the first its groups showed it). ``device``: q's, where an
     NCCL-only group exchanges the digests. ``within``: per group, entries that must match inside
     that group only (USP: a Ulysses group shares its ring position). ``failed``: what a rank
     with an error did, as its peers' message says."""

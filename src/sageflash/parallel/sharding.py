@@ -61,7 +61,8 @@ def gather_sequence(x: torch.Tensor, *, group=None, dim: int = 2, sharding: str 
     """The whole sequence from every rank's shard ``x`` (all-gather), tokens in global order.
     Shards of different shapes or dtypes, or arguments one rank refuses, raise on every rank
     before the gather (`agreement`). Differentiable: the gradient of a shard sums every rank's
-    gradient of its tokens, so every rank must run its backward (an all-reduce)."""
+    gradient of its tokens, so every rank must run its backward (an all-reduce), and a call that
+    autograd records on some ranks only raises on every rank."""
     rank, world_size = group_rank_and_size(group)
     call, error = None, None
     try:
@@ -71,7 +72,8 @@ def gather_sequence(x: torch.Tensor, *, group=None, dim: int = 2, sharding: str 
         if not -x.dim() <= dim < x.dim():
             raise ValueError(f"dim must be in [{-x.dim()}, {x.dim()}) for x of shape {tuple(x.shape)}, got {dim}")
         check_cuttable(len(chunk_ids(rank, world_size, sharding)), f"x's local length along dim {dim}", x.shape[dim])
-        call = {"x": describe(x), "dim": dim % x.dim(), "sharding": sharding}
+        call = {"x": describe(x), "dim": dim % x.dim(), "sharding": sharding,
+                "autograd": torch.is_grad_enabled() and x.requires_grad}  # its backward is a collective too
     except Exception as err:  # whatever stops this rank must stop all of them
         error = err
     agree([group], "gather_sequence", call, error, device_of(x))

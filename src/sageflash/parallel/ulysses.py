@@ -18,7 +18,7 @@ import torch.distributed as dist
 from .. import debug
 from ..op import as_hnd, check_attn_mask, check_call, sage_attn_sm89_fp16, select_backend
 from ..params import resolve_params
-from .agreement import agree, describe, device_of
+from .agreement import agree, describe, describe_mask, device_of
 from .autograd import without_backward
 from .sharding import group_rank_and_size
 
@@ -142,7 +142,7 @@ def ulysses_attention(q, k, v, softmax_scale=None, is_causal=False, smooth_k=Tru
         call = {"q": describe(q_hnd), "k": describe(k_hnd), "v": describe(v_hnd),
                 "params": resolve_params(*knobs, head_dim=q.shape[-1]).as_dict(),
                 "backend": select_backend(backend, q.device).__name__, "return_lse": lse_wanted,
-                "attn_mask": None if attn_mask is None else describe(attn_mask), "debug toggles": toggles_set}
+                "attn_mask": describe_mask(attn_mask), "debug toggles": toggles_set}
     except Exception as err:  # whatever stops this rank (an ImportError too) must stop all of them
         error = err
     agree([group], "ulysses_attention", call, error, device_of(q))
@@ -164,6 +164,6 @@ def ulysses_attention(q, k, v, softmax_scale=None, is_causal=False, smooth_k=Tru
             raise
         failure = err
     if call["debug toggles"]:  # the op's debug path can fail on one rank (a dump it cannot write): all stop
-        agree([group], "ulysses_attention", {}, failure, device_of(q), failed="failed in the op's debug path")
+        agree([group], "ulysses_attention", {}, failure, device_of(q), failed="failed in the op")
     return without_backward("ulysses_attention", exchange.to_sequence(result, lse_wanted, out, tensor_layout),
                             q, k, v)

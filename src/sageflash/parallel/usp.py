@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ..op import as_hnd, check_attn_mask, check_call
-from .agreement import agree, describe, device_of
+from .agreement import agree, describe, describe_mask, device_of
 from .autograd import without_backward
 from .ring import check_ring_call, ring_attend
 from .sharding import check_sharding, group_rank_and_size
@@ -81,7 +81,7 @@ def usp_attention(q, k, v, softmax_scale=None, is_causal=False, smooth_k=True, s
     agree([ulysses_group, ring_group], "usp_attention",
           None if call is None else {**call.signature(), "q": describe(q_hnd), "k": describe(k_hnd),
                                      "v": describe(v_hnd), "return_lse": lse_wanted}, error, device_of(q),
-          within=[{"attn_mask": None if attn_mask is None else describe(attn_mask),
+          within=[{"attn_mask": describe_mask(attn_mask),
                    f"(rank, size) in ring_group {grid}": (ring_rank, ring_size)},
                   {f"(rank, size) in ulysses_group {grid}": (ulysses_rank, ulysses_size)}])
     out = q.new_empty(q.shape)  # contiguous in the caller's layout, as the op's
