@@ -362,7 +362,6 @@ def rank_prefix(prefix: str) -> str:
     return prefix
 
 
-
 def run(backend, q, k, v, params: SageParams, return_lse: bool = False, out=None, attn_mask=None):
     """The op with the toggles set now: same result as ``backend.attention`` (same arguments; up
     to a swapped Q/K quantizer), plus the dumps and prints asked for."""

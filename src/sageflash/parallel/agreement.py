@@ -5,8 +5,8 @@ while its peers went on would leave them waiting in a collective until the group
 30 minutes), or send them data of the wrong size. So each call first exchanges, over its own
 group, a 64-bit digest of what its messages depend on (q/k/v shapes and dtypes, the knobs after
 the ``GGML_SAGE_*`` overrides, the backend; the ring's sharding; Ulysses' and USP's ``return_lse``
-and mask shape and dtype, whose values are not compared; USP's grid positions) and of its own
-error, if any. Where the digests differ, the ranks exchange the details and all raise.
+and mask shape and dtype, whose values are not compared; USP's grid positions; Ulysses' debug
+toggles; whether autograd records ``gather_sequence``) and of its own error, if any. Where the digests differ, the ranks exchange the details and all raise.
 
 On a group with a backend for CPU tensors (``get_backend_config`` names one: gloo, or a group
 initialised with ``backend="cpu:gloo,cuda:nccl"``) the digest stays in host memory. Otherwise (an

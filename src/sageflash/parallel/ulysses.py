@@ -122,8 +122,9 @@ def ulysses_attention(q, k, v, softmax_scale=None, is_causal=False, smooth_k=Tru
     are then repeated so that each rank gets the one its query heads read). ``attn_mask`` spans
     the whole sequence, broadcastable to ``[B, Hq, Sq, Sk]``, the same on every rank (its shape
     and dtype are checked; its values are the caller's to keep equal). A rank that refuses its
-    arguments, or shapes or knobs that differ between ranks, raise on every rank before any
-    message (`agreement`). On a group of one rank this is the op itself, with no exchange.
+    arguments, or shapes, knobs or debug toggles that differ between ranks, raise on every rank
+    before any message (`agreement`); with debug toggles set, a failure in one rank's op stops
+    every rank too. On a group of one rank this is the op itself, with no exchange.
     """
     rank, world_size = group_rank_and_size(group)
     knobs = (softmax_scale, is_causal, smooth_k, smooth_v, pv_accum, granularity)
