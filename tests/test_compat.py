@@ -93,7 +93,7 @@ def test_flash_attn_spellings_warn_once_per_process(monkeypatch, caplog):
             sageflash.sageattn_qk_int8_pv_fp8_cuda(q, k, v, softmax_scale=0.1)
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2, messages
-    assert "'causal'" in messages[0] and "'is_causal'" in messages[0]
+    assert "'causal'" in messages[0] and "'is_causal'" in messages[0] and "tensor_layout='HND'" in messages[0]
     assert "'softmax_scale'" in messages[1] and "'sm_scale'" in messages[1]
 
 

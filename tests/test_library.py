@@ -100,6 +100,33 @@ def test_compile_dynamic_with_a_softmax_scale_from_the_shape():
         assert torch.equal(compiled(q, k, v), scaled(q, k, v))
 
 
+def test_compile_dynamic_with_a_mask_of_the_symbolic_length():
+    """A model that met several lengths before its first masked call: the mask's shape is checked
+    against symbolic sizes (a `not in (1, s0)` test refused a [48, 48] mask at s0 = 48)."""
+    def masked(q, k, v, mask):
+        return sageflash.sage_attn_sm89_fp16(q, k, v, attn_mask=mask, backend="reference")
+
+    compiled = torch.compile(masked, fullgraph=True, backend="aot_eager")
+    for seq, with_mask in ((32, False), (48, False), (48, True), (56, True)):
+        q, k, v = random_qkv(1, 2, 1, seq, seq, 64, seed=seq)
+        mask = torch.rand(seq, seq, generator=torch.Generator().manual_seed(seq)) > 0.3 if with_mask else None
+        assert torch.equal(compiled(q, k, v, mask), masked(q, k, v, mask))
+
+
+@pytest.mark.parametrize("backend", ["reference"] + (["triton"] if not HAS_CUDA else []))
+def test_a_learnable_mask_gets_the_ops_no_backward(backend):
+    """A float mask that requires grad (a learnt bias) is recorded like q, k and v: the forward
+    runs, a backward says why not (the reference's torch ops would otherwise differentiate it,
+    and the Triton backend detached the output)."""
+    q, k, v = random_qkv(1, 2, 1, 40, 40, 64, seed=7)
+    bias = torch.zeros(40, 40, requires_grad=True)
+    out = sageflash.sage_attn_sm89_fp16(q, k, v, attn_mask=bias, backend=backend)
+    assert out.requires_grad
+    assert torch.equal(out.detach(), sageflash.sage_attn_sm89_fp16(q, k, v, attn_mask=bias.detach(), backend=backend))
+    with pytest.raises(NotImplementedError, match="sage_attn_sm89 has no backward"):
+        out.float().sum().backward()
+
+
 def test_compiled_forward_of_inputs_that_require_grad_runs_and_backward_says_why_not():
     """A model compiled outside no_grad (its projections' outputs require grad) compiles and runs
     the forward; only a backward fails, naming the op and what to do."""

@@ -56,8 +56,9 @@ def _run(function: str, q, k, v, official: dict, extra: dict):
             if args[name] != _DEFAULTS[name]:
                 raise TypeError(f"{function}() got both {name!r} and its flash-attn spelling {flash_name!r}")
             if not torch.compiler.is_compiling():  # Dynamo cannot trace logging: silent when compiled
-                warn_once(("compat-spelling", flash_name), "%s(): taking flash-attn's %r as SageAttention's %r",
-                          function, flash_name, name)
+                warn_once(("compat-spelling", flash_name), "%s(): taking flash-attn's %r as SageAttention's %r; "
+                          "tensors are read as tensor_layout=%r (flash-attn's [B, S, H, D] is 'NHD')",
+                          function, flash_name, name, args["tensor_layout"])
             args[name] = extra.pop(flash_name)
     attn_mask = extra.pop("attn_mask", None)
     dropout_p = extra.pop("dropout_p", 0.0)

@@ -161,7 +161,8 @@ def check_attn_mask(attn_mask, q, k, tensor_layout: str = "HND", *, seq_q: int |
         raise ValueError(f"attn_mask must be on q's device {q.device}, got {attn_mask.device}")
     q, k = as_hnd(q, tensor_layout), as_hnd(k, tensor_layout)
     target = (*q.shape[:2], q.shape[2] if seq_q is None else seq_q, k.shape[2] if seq_k is None else seq_k)
-    if attn_mask.dim() > 4 or any(m not in (1, t) for m, t in zip(attn_mask.shape[::-1], target[::-1])):
+    # != rather than `not in (1, t)`: Dynamo gets the membership test of a symbolic size wrong
+    if attn_mask.dim() > 4 or any(m != 1 and m != t for m, t in zip(attn_mask.shape[::-1], target[::-1])):
         raise ValueError(f"attn_mask must be broadcastable to [B, Hq, Sq, Sk] = {list(target)}, "
                          f"got shape {list(attn_mask.shape)}")
 
@@ -275,8 +276,8 @@ def sage_attn_sm89_fp16(q, k, v, softmax_scale=None, is_causal=False, smooth_k=T
     # Plain eager calls skip the dispatcher: its custom-op path cost ~150 us of host time per call
     # on an H200 host, more than the whole attention at 1k tokens. Traced calls (torch.compile) and
     # calls that autograd records go through the registered op.
-    traced = torch.compiler.is_compiling() or (
-        torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+    traced = torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad or (attn_mask is not None and attn_mask.requires_grad)))
     if traced:
         out, lse = torch.ops.sageflash.sage_attn_sm89(
             q, k, v, params.softmax_scale, params.is_causal, params.smooth_k, params.smooth_v,
