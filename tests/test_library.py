@@ -208,6 +208,12 @@ def test_is_supported_checks_overrides_and_device(monkeypatch):
     assert debug.SAMPLE_HEAD in sageflash.is_supported(q, k, v, backend="reference").reason
     with pytest.raises(ValueError, match=debug.SAMPLE_HEAD):
         sageflash.sage_attn_sm89_fp16(q, k, v, backend="reference")
+    monkeypatch.setenv(debug.SAMPLE_HEAD, str(q.shape[1]))  # a number, past the call's heads
+    for layout, args in (("HND", (q, k, v)), ("NHD", [x.transpose(1, 2) for x in (q, k, v)])):
+        support = sageflash.is_supported(*args, backend="reference", tensor_layout=layout)
+        with pytest.raises(ValueError, match=f"{debug.SAMPLE_HEAD}={q.shape[1]} is out of range") as raised:
+            sageflash.sage_attn_sm89_fp16(*args, backend="reference", tensor_layout=layout)
+        assert not support and support.reason == str(raised.value)
     monkeypatch.delenv(debug.SAMPLE_HEAD)
     monkeypatch.delenv(debug.DEBUG_QUANT)
     if not HAS_CUDA:

@@ -7,6 +7,7 @@ per scenario, each making several calls and printing its findings as JSON.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 
@@ -15,7 +16,7 @@ import torch
 
 import sageflash
 from helpers import no_env_overrides, random_qkv, run_python  # noqa: F401 (fixture)
-from sageflash import PVAccum, QKGranularity
+from sageflash import PVAccum, QKGranularity, params
 
 pytestmark = pytest.mark.usefixtures("no_env_overrides")
 
@@ -63,6 +64,38 @@ def test_resolve_params_record_is_frozen_with_string_enums():
 def test_smooth_v_needs_fp32_accumulation(pv_accum):
     assert sageflash.resolve_params(smooth_v=True, pv_accum="fp32").smooth_v is True
     assert sageflash.resolve_params(smooth_v=True, pv_accum=pv_accum).smooth_v is False
+
+
+def test_quantize_v_keeps_the_smooth_v_contract(monkeypatch, caplog):
+    """The payloads quantize_v returns are those the op would use: no V smoothing without fp32."""
+    monkeypatch.setattr(params, "_said_once", set())
+    v = random_qkv(1, 2, 1, 50, 50, 64, seed=1, v_offset=3)[2]
+    with caplog.at_level(logging.WARNING, logger="sageflash"):
+        forced = sageflash.quantize_v(v, pv_accum="fp32+fp16", smooth_v=True, backend="reference")
+    plain = sageflash.quantize_v(v, pv_accum="fp32+fp16", smooth_v=False, backend="reference")
+    assert forced[2] is None and all(torch.equal(a, b) for a, b in zip(forced[:2], plain[:2]))
+    assert sageflash.quantize_v(v, pv_accum="fp32", smooth_v=True, backend="reference")[2] is not None
+    assert ["smooth_v needs pv_accum='fp32'" in r.getMessage() for r in caplog.records] == [True]
+
+
+@pytest.mark.parametrize("head_dim, error, message", [
+    (0, ValueError, "head_dim must be positive, got 0"), (-4, ValueError, "head_dim must be positive, got -4"),
+    ("64", TypeError, "head_dim must be an int or None, got str"),
+    (64.5, TypeError, "head_dim must be an int or None, got float"),
+    (True, TypeError, "head_dim must be an int or None, got bool")])
+def test_resolve_params_checks_head_dim(head_dim, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        sageflash.resolve_params(head_dim=head_dim)
+
+
+def test_numpy_scalars_are_taken_as_their_python_values():
+    """What `1 / np.sqrt(np.float32(d))` and numpy comparisons give."""
+    np = pytest.importorskip("numpy")
+    for scale in (np.float16(0.125), np.float32(0.125), np.float64(0.125)):
+        assert sageflash.resolve_params(softmax_scale=scale).softmax_scale == 0.125
+    assert sageflash.resolve_params(is_causal=np.True_, smooth_k=np.False_).is_causal is True
+    with pytest.raises(TypeError, match="is_causal must be a bool"):
+        sageflash.resolve_params(is_causal=np.array([True]))
 
 
 def test_op_forces_smooth_v_off_without_fp32_accumulation():

@@ -366,6 +366,7 @@ def run(backend, q, k, v, params: SageParams, return_lse: bool = False, out=None
     """The op with the toggles set now: same result as ``backend.attention`` (same arguments; up
     to a swapped Q/K quantizer), plus the dumps and prints asked for."""
     toggles = Toggles.from_env()
+    check_sample(toggles.sample_head, toggles.sample_block, q.shape[1], q.shape[2])  # whichever toggle reads them
     call = next(_calls)
     _, where = qk_quantizer(backend, toggles)
     payloads = quantize(backend, q, k, v, params, toggles)

@@ -20,7 +20,7 @@ import torch
 
 from . import debug, groups
 from .params import (PVAccum, QKGranularity, SageParams, _check_bool, apply_overrides, check_knobs, getenv,
-                     resolve_params)
+                     resolve_params, smooth_v_contract)
 
 BACKENDS = ("auto", "reference", "triton")
 DTYPES = (torch.float16, torch.bfloat16)
@@ -307,8 +307,10 @@ def is_supported(q, k, v, **knobs) -> Support:
         call.apply_defaults()
         params, _ = check_call(**call.arguments)
         apply_overrides(params)
-        if debug.enabled():
-            debug.Toggles.from_env()  # a toggle that is not a number where one is expected
+        if debug.enabled():  # a toggle that is not a number where one is expected, a head the call lacks
+            toggles = debug.Toggles.from_env()
+            debug.check_sample(toggles.sample_head, toggles.sample_block,
+                               *as_hnd(q, call.arguments["tensor_layout"]).shape[1:3])
         select_backend(call.arguments["backend"], q.device)
     except (TypeError, ValueError, RuntimeError) as err:  # RuntimeError: kernels.UnsupportedDeviceError
         return Support(False, str(err))
@@ -320,18 +322,21 @@ def quantize_qk(q, k, *, granularity, smooth_k, km=None, tensor_layout="HND", ba
 
     q and k are read in ``tensor_layout`` (no copy); the payloads are ``[B, H, S, D]`` whatever it
     is. Head dim zero-padded to 64/128/256; scales float32 ``[B, H, n_groups]``; ``km`` (input dtype,
-    ``[B, Hk, D]``) replaces the computed K mean when given; the returned km is None without
-    smoothing.
+    ``[B, Hk, D]``, with ``smooth_k`` only) replaces the computed K mean when given; the returned
+    km is None without smoothing.
     """
     check_layout(tensor_layout)
     validate_qk(q, k, tensor_layout)
     q, k = as_hnd(q, tensor_layout), as_hnd(k, tensor_layout)
     granularity = QKGranularity.parse(granularity, "granularity")
-    if not isinstance(smooth_k, bool):
-        raise TypeError(f"smooth_k must be a bool, got {smooth_k!r}")
+    smooth_k = _check_bool(smooth_k, "smooth_k")
     if km is not None:
         if not isinstance(km, torch.Tensor):
             raise TypeError(f"km must be a torch.Tensor or None, got {type(km).__name__}")
+        if not smooth_k:
+            raise ValueError("km is K's smoothing mean: pass it with smooth_k=True, or leave it None")
+        if not km.is_floating_point():
+            raise TypeError(f"km must be a floating-point tensor, got {km.dtype}")
         padded = groups.padded_head_dim(k.shape[-1])
         if km.shape not in ((*k.shape[:2], k.shape[-1]), (*k.shape[:2], padded)):
             raise ValueError(f"km must have shape [B, Hk, D] = {(*k.shape[:2], padded)}, got {tuple(km.shape)}")
@@ -342,11 +347,10 @@ def quantize_qk(q, k, *, granularity, smooth_k, km=None, tensor_layout="HND", ba
 
 def quantize_v(v, *, pv_accum, smooth_v, tensor_layout="HND", backend="auto"):
     """V to fp8 e4m3fn per channel (SPEC §4): ``(v_fp8 [B,Hk,D,ceil64(Sk)], v_scale, v_mean)``;
-    v is read in ``tensor_layout`` (no copy)."""
+    v is read in ``tensor_layout`` (no copy). smooth_v as the op uses it (`smooth_v_contract`)."""
     check_layout(tensor_layout)
     validate_v(v, tensor_layout=tensor_layout)
     v = as_hnd(v, tensor_layout)
     pv_accum = PVAccum.parse(pv_accum, "pv_accum")
-    if not isinstance(smooth_v, bool):
-        raise TypeError(f"smooth_v must be a bool, got {smooth_v!r}")
+    smooth_v = smooth_v_contract(_check_bool(smooth_v, "smooth_v"), pv_accum)  # as the op would use it
     return select_backend(backend, v.device).quantize_v(v, pv_accum=pv_accum, smooth_v=smooth_v)

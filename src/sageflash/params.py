@@ -12,8 +12,11 @@ import dataclasses
 import enum
 import logging
 import math
+import numbers
 import os
 import threading
+
+import torch
 
 logger = logging.getLogger("sageflash")
 
@@ -158,6 +161,8 @@ def _check_bool(value, argument: str) -> bool:
         return value
     if isinstance(value, int) and value in (0, 1):
         return bool(value)
+    if getattr(getattr(value, "dtype", None), "kind", None) == "b" and getattr(value, "shape", None) == ():
+        return bool(value)  # numpy's bool scalar
     raise TypeError(f"{argument} must be a bool, got {value!r}")
 
 
@@ -182,7 +187,7 @@ def check_softmax_scale(value, argument: str = "softmax_scale") -> float | None:
     """None, or a finite positive float; else TypeError/ValueError naming ``argument``."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float, numbers.Real)):  # Real: numpy's floats
         raise TypeError(f"{argument} must be a float or None, got {type(value).__name__}")
     value = float(value)
     if not 0 < value < math.inf:  # also NaN; comparisons, which torch.compile traces on a symbolic float
@@ -204,6 +209,11 @@ def check_knobs(softmax_scale=None, is_causal=False, smooth_k=True, smooth_v=Fal
     pv_accum = PVAccum.parse(pv_accum, "pv_accum")
     granularity = QKGranularity.parse(granularity, "granularity")
     softmax_scale = check_softmax_scale(softmax_scale)
+    if head_dim is not None:
+        if isinstance(head_dim, bool) or not isinstance(head_dim, (int, torch.SymInt)):  # SymInt: traced shapes
+            raise TypeError(f"head_dim must be an int or None, got {type(head_dim).__name__}")
+        if head_dim < 1:
+            raise ValueError(f"head_dim must be positive, got {head_dim}")
     if softmax_scale is None and head_dim is not None:
         softmax_scale = float(head_dim) ** -0.5
     return SageParams(softmax_scale, is_causal, smooth_k, smooth_v, pv_accum, granularity)
@@ -214,6 +224,15 @@ def resolve_params(softmax_scale=None, is_causal=False, smooth_k=True, smooth_v=
     """Validate the knobs (`check_knobs`), apply ``GGML_SAGE_*`` overrides and the smooth_v contract."""
     return apply_overrides(check_knobs(softmax_scale, is_causal, smooth_k, smooth_v, pv_accum,
                                        granularity, head_dim))
+
+
+def smooth_v_contract(smooth_v: bool, pv_accum: PVAccum) -> bool:
+    """smooth_v as a call uses it: only with pv_accum fp32, else forced off with one warning."""
+    if smooth_v and pv_accum is not PVAccum.FP32:
+        warn_once(("smooth_v-forced-off",),
+                  "smooth_v needs pv_accum='fp32'; forcing smooth_v off with pv_accum=%r", pv_accum.value)
+        return False
+    return smooth_v
 
 
 def apply_overrides(params: SageParams) -> SageParams:
@@ -229,10 +248,7 @@ def apply_overrides(params: SageParams) -> SageParams:
     pv_accum = pv_accum if env_pv is None else env_pv
     granularity = granularity if env_gran is None else env_gran
 
-    if smooth_v and pv_accum is not PVAccum.FP32:
-        warn_once(("smooth_v-forced-off",),
-                  "smooth_v needs pv_accum='fp32'; forcing smooth_v off with pv_accum=%r", pv_accum.value)
-        smooth_v = False
+    smooth_v = smooth_v_contract(smooth_v, pv_accum)
     if (smooth_k, smooth_v, pv_accum, granularity) == (params.smooth_k, params.smooth_v, params.pv_accum,
                                                        params.granularity):
         return params  # the usual case: no override (a copy costs host time on every call)
