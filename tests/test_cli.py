@@ -202,6 +202,8 @@ def with_meta_line(prefix: str, key: str, value: str | None) -> None:
     ("seq_q", "0", "seq_q must be positive"),
     ("head_dim", "-64", "head_dim must be positive"),
     ("is_causal", "2", "is_causal must be 0 or 1"),
+    ("softmax_scale", "-1", "case.meta: softmax_scale must be a finite positive float, got -1.0"),
+    ("seq_q", "64\nseq_q 65", "key 'seq_q' given twice"),
 ])
 def test_meta_errors_are_one_line(capsys, case_dump, key, value, message):
     """A meta that misses a key without a default, or has a size below 1 or a flag not 0/1, is a
@@ -266,6 +268,11 @@ def test_official_dumps_within_1e3_rms(capsys, refdump_prefix):
     [record] = parse_report(out)
     assert code == 0 and record["reference"] == "sageattention" and record["name"] == refdump_prefix
     assert record["rms_avg"] <= 1e-3
+
+
+def test_compare_of_a_missing_dump_says_only_that(capsys, tmp_path):
+    code, _, err = cli(capsys, "compare", str(tmp_path / "nothing"))
+    assert_one_line_error(code, err, "missing dump metadata")
 
 
 def test_compare_falls_back_to_flash_without_an_official_output(capsys, case_dump):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from . import groups
-from .params import PVAccum, QKGranularity, SageParams
+from .params import PVAccum, QKGranularity, SageParams, check_softmax_scale
 
 LEGACY_WARNING = ("warning: {prefix} missing .sage_quant.bin; converting legacy layout "
                   "(expect ~0.39 RMS vs float refs if not regenerated)")
@@ -111,6 +111,8 @@ class DumpMeta:
             key, _, value = line.strip().partition(" ")
             if key not in _KEYS and key not in _OPTIONAL_KEYS:
                 raise DumpError(f"{origin}:{number}: unknown key {key!r}")
+            if key in raw:
+                raise DumpError(f"{origin}:{number}: key {key!r} given twice")
             raw[key] = value.strip()
         missing = [k for k in _KEYS if k not in raw and k not in _DEFAULTED_KNOBS]
         if missing:
@@ -137,7 +139,7 @@ class DumpMeta:
                     raise DumpError(f"{origin}: dtype must be f16 or bf16, got {raw['dtype']!r}")
                 meta.dtype = raw["dtype"]
             if "softmax_scale" in raw:
-                meta.softmax_scale = float(raw["softmax_scale"])
+                meta.softmax_scale = check_softmax_scale(float(raw["softmax_scale"]))
             if "seed" in raw:
                 meta.seed = int(raw["seed"])
             meta.params  # validates pv_accum / granularity

@@ -58,6 +58,7 @@ def external_report(binary: str, prefix: str, reference: str) -> str:
 
 def compare_one(prefix: str, args) -> dict:
     """Run and compare one dump; returns its parsed report record."""
+    dumps.read_meta(prefix)  # a missing or bad dump is the error, before any note about it
     reference = pick_reference(prefix, args.reference)
     if args.ggml_bin:
         text = external_report(args.ggml_bin, prefix, reference)
