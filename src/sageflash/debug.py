@@ -257,10 +257,10 @@ def check_sample(head: int | None, block: int | None, num_q_heads: int, seq_q: i
 
 
 def restrict(meta: dumps.DumpMeta, tensors: dict, head: int | None, block: int | None):
-    """(meta, tensors) cut down to one query head (and its KV head) and/or one 128-row query block."""
+    """(meta, tensors) cut down to one query head (and its KV head) and/or one 128-row query block
+    (both in range: `run` checks them first, whichever toggle reads them)."""
     meta = dataclasses.replace(meta)
     notes = []
-    check_sample(head, block, meta.num_q_heads, meta.seq_q)
     if head is not None:
         kv_head = head // (meta.num_q_heads // meta.num_k_heads)
         tensors = {tag: t[:, head:head + 1] if tag in _QUERY_HEAD_TAGS else t[:, kv_head:kv_head + 1]
