@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import random_qkv
+from helpers import MASK_KINDS, exact_attention, make_mask, random_qkv
 from sageflash import debug, dumps, reference, sage_attn_sm89_fp16
 from sageflash.cli import main
 from sageflash.params import resolve_params
@@ -129,21 +129,69 @@ def test_each_rank_of_a_process_group_dumps_to_its_own_files(monkeypatch, tmp_pa
     assert dumps.read_meta(written).num_q_heads == 4
 
 
-def test_a_masked_calls_dump_and_telemetry_say_they_leave_the_mask_out(monkeypatch, tmp_path, capsys):
-    """The dump format has no mask (SPEC §9): the meta's source and a stderr line say so, and the
-    kernel telemetry says its values leave the mask out."""
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_a_masked_calls_dump_records_the_mask_and_load_replays_it(monkeypatch, tmp_path, capsys, kind):
+    """The mask is dumped as the call passed it (4 dims, broadcast sizes kept at 1) and `run
+    --load` calls the op and exact attention with it: the report's worst element is the dumped
+    output there, against exact attention under the mask."""
     prefix = str(tmp_path / "masked")
     monkeypatch.setenv(debug.DUMP, prefix)
-    monkeypatch.setenv(debug.KERNEL_ITERS, "1")
-    q, k, v = gqa_inputs(8)
-    mask = torch.rand(q.shape[2], k.shape[2], generator=torch.Generator().manual_seed(8)) > 0.5
-    op(q, k, v, attn_mask=mask)
-    err = capsys.readouterr().err
-    assert f"sageflash dump: {prefix}: attn_mask is not recorded" in err
-    assert "sageflash kernel: call 0: the values below leave out attn_mask" in err
-    assert "attn_mask not recorded" in dumps.read_meta(prefix).source
-    op(*gqa_inputs(9))  # unmasked: no such line
-    assert "attn_mask" not in capsys.readouterr().err
+    q, k, v = gqa_inputs(8, seq_k=170)
+    mask = make_mask(kind, 2, 4, 200, 170, seed=8)
+    out = op(q, k, v, attn_mask=mask, is_causal=True)
+    monkeypatch.delenv(debug.DUMP)
+
+    meta = dumps.read_meta(prefix)
+    recorded = dumps.read_mask(prefix, meta)
+    assert recorded.dtype == mask.dtype and recorded.shape == (1,) * (4 - mask.dim()) + mask.shape
+    assert torch.equal(recorded.expand(2, 4, 200, 170), mask.expand(2, 4, 200, 170))
+    assert main(["--load", prefix, "--verbose"]) == 0
+    report = capsys.readouterr().out
+    assert f"  attn_mask: {str(mask.dtype).removeprefix('torch.')} {list(recorded.shape)}" in report
+    b, h, t, d, worst_out, worst_ref = (float(x) for x in re.search(
+        r"worst: batch=(\d+) head=(\d+) seq=(\d+) dim=(\d+) out=(\S+) ref=(\S+)", report).groups())
+    index = (int(b), int(h), int(t), int(d))
+    expected = exact_attention(q, k, v, is_causal=True, attn_mask=mask).nan_to_num(0.0)
+    assert worst_out == pytest.approx(out[index].item(), rel=1e-5, abs=1e-12)
+    assert worst_ref == pytest.approx(expected[index].item(), rel=1e-4, abs=1e-6)
+
+
+def test_a_broadcast_view_of_a_mask_is_dumped_at_its_own_size(monkeypatch, tmp_path):
+    """An expanded mask (stride 0) is not materialised: a [B, 1, 1, Sk] key padding mask
+    expanded to [B, Hq, Sq, Sk] is dumped as [B, 1, 1, Sk]."""
+    prefix = str(tmp_path / "expanded")
+    monkeypatch.setenv(debug.DUMP, prefix)
+    q, k, v = gqa_inputs(9)
+    padding = make_mask("key_padding", 2, 4, 200, 200, seed=9)
+    op(q, k, v, attn_mask=padding.expand(2, 4, 200, 200))
+    meta = dumps.read_meta(prefix)
+    assert (meta.mask_dtype, meta.mask_shape) == ("bool", (2, 1, 1, 200))
+    assert torch.equal(dumps.read_mask(prefix, meta), padding)
+    assert os.path.getsize(dumps.tag_path(prefix, dumps.ATTN_MASK)) == 2 * 200
+
+
+def test_a_masks_dump_meta_is_checked(monkeypatch, tmp_path):
+    """mask_dtype and mask_shape go together, name a known dtype and sizes that broadcast; a bool
+    mask's bytes are 0 or 1."""
+    prefix = str(tmp_path / "m")
+    monkeypatch.setenv(debug.DUMP, prefix)
+    op(*gqa_inputs(10), attn_mask=make_mask("bool_sq_sk", 2, 4, 200, 200, seed=10))
+    text = open(f"{prefix}.meta").read()
+    assert "mask_dtype bool\nmask_shape 1,1,200,200\n" in text
+    for bad, message in [(text.replace("mask_dtype bool\n", ""), "given together"),
+                         (text.replace("mask_dtype bool", "mask_dtype u8"), "mask_dtype must be one of"),
+                         (text.replace("1,1,200,200", "1,2,200,200"), "mask_shape must be four sizes"),
+                         (text.replace("1,1,200,200", "200,200"), "mask_shape must be four sizes"),
+                         (text.replace("1,1,200,200", "1,1,200,x"), "m.meta: invalid literal")]:
+        with pytest.raises(dumps.DumpError, match=message):
+            dumps.DumpMeta.from_text(bad, f"{prefix}.meta")
+    with open(dumps.tag_path(prefix, dumps.ATTN_MASK), "r+b") as fh:
+        fh.write(b"\x02")
+    with pytest.raises(dumps.DumpError, match="a bool mask holds bytes 0 and 1 only, found 2"):
+        dumps.read_mask(prefix, dumps.read_meta(prefix))
+    with pytest.raises(dumps.DumpError, match="this dump has no attn_mask"):
+        dumps.read_tensor(prefix, dumps.DumpMeta.from_text(text.replace("mask_dtype bool\nmask_shape 1,1,200,200\n", "")),
+                          dumps.ATTN_MASK)
 
 
 def test_dump_qk_int8_writes_only_the_qk_payloads(monkeypatch, tmp_path):
@@ -178,6 +226,30 @@ def test_sample_prefix_writes_one_head_and_block_per_call_up_to_the_limit(monkey
         assert torch.equal(dumps.read_tensor(prefix, meta, "q"), q[:, 3:4, 128:])
 
 
+@pytest.mark.parametrize("kind, sampled", [("bool_per_head", (1, 1, 72, 200)), ("bool_sq_sk", (1, 1, 72, 200)),
+                                            ("key_padding", (2, 1, 1, 200)), ("additive_bf16", (2, 1, 72, 200))])
+def test_a_sampled_dump_keeps_the_masks_rows_and_head(monkeypatch, tmp_path, capsys, kind, sampled):
+    """Sampling head 3 and block 1 cuts the mask's head and row axes where it has them, and the
+    cut dump replays its rows of the call (non-causal: the rows need no alignment)."""
+    prefix = str(tmp_path / "s")
+    monkeypatch.setenv(debug.SAMPLE_PREFIX, prefix)
+    monkeypatch.setenv(debug.SAMPLE_HEAD, "3")
+    monkeypatch.setenv(debug.SAMPLE_BLOCK, "1")
+    q, k, v = gqa_inputs(14)
+    mask = make_mask(kind, 2, 4, 200, 200, seed=14)
+    out = op(q, k, v, attn_mask=mask)
+    monkeypatch.delenv(debug.SAMPLE_PREFIX)
+    meta = dumps.read_meta(f"{prefix}0")
+    recorded = dumps.read_mask(f"{prefix}0", meta)
+    assert recorded.shape == sampled
+    full = mask.expand(2, 4, 200, 200)[:, 3:4, 128:]
+    assert torch.equal(recorded.expand(full.shape), full)
+    assert main(["--load", f"{prefix}0", "--verbose"]) == 0
+    b, h, t, d, worst_out = (float(x) for x in re.search(
+        r"worst: batch=(\d+) head=(\d+) seq=(\d+) dim=(\d+) out=(\S+)", capsys.readouterr().out).groups())
+    assert worst_out == pytest.approx(out[int(b), 3, 128 + int(t), int(d)].item(), rel=1e-5, abs=1e-12)
+
+
 def test_sample_toggles_reject_what_the_call_does_not_have(monkeypatch, tmp_path):
     monkeypatch.setenv(debug.SAMPLE_PREFIX, str(tmp_path / "s"))
     monkeypatch.setenv(debug.SAMPLE_HEAD, "4")
@@ -204,19 +276,21 @@ def test_debug_quant_prints_scale_statistics_per_head_and_group(monkeypatch, cap
     assert "Q/K quantized by sageflash.reference" in err
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_kernel_telemetry_follows_the_online_softmax_to_the_lse(monkeypatch, capsys, causal):
+@pytest.mark.parametrize("causal, mask_kind", [(False, None), (True, None), (False, "bool_per_head"),
+                                               (True, "additive_bf16"), (False, "key_padding")])
+def test_kernel_telemetry_follows_the_online_softmax_to_the_lse(monkeypatch, capsys, causal, mask_kind):
     q, k, v = gqa_inputs(13, head_dim=64, seq_q=200, seq_k=200)
+    mask = None if mask_kind is None else make_mask(mask_kind, 2, 4, 200, 200, seed=13)
     monkeypatch.setenv(debug.KERNEL_ITERS, "99")
     monkeypatch.setenv(debug.KERNEL_PRINT_LIMIT, "3")
     monkeypatch.setenv(debug.SAMPLE_HEAD, "2")
     monkeypatch.setenv(debug.SAMPLE_BLOCK, "1")
-    op(q, k, v, is_causal=causal, smooth_k=False)
+    op(q, k, v, is_causal=causal, smooth_k=False, attn_mask=mask)
     lines = re.findall(r"head 2 row (\d+) block (\d+): m (\S+) alpha (\S+) l (\S+)", capsys.readouterr().err)
     assert len(lines) == 3 * 4  # 3 rows x ceil(200 / 64) key blocks
     assert sorted({int(row) for row, *_ in lines}) == [128, 129, 130]
     params = resolve_params(is_causal=causal, smooth_k=False, head_dim=64)
-    _, lse = reference.attention(q, k, v, params, return_lse=True)
+    _, lse = reference.attention(q, k, v, params, return_lse=True, attn_mask=mask)
     for row, block, m, _, row_sum in lines:
         if block == "3":  # the last block: m and l are final, LSE = (m + log2 l) ln 2
             assert (float(m) + math.log2(float(row_sum))) * math.log(2) == pytest.approx(
@@ -230,5 +304,5 @@ def test_kernel_telemetry_follows_the_online_softmax_to_the_lse(monkeypatch, cap
             assert float(row_sum) >= (float(alpha) - 1e-6) * before[1]  # l = alpha l_before + this block's sum
         by_row[row] = (float(m), float(row_sum))
     monkeypatch.setenv(debug.KERNEL_ITERS, "2")
-    op(q, k, v, is_causal=causal, smooth_k=False)
+    op(q, k, v, is_causal=causal, smooth_k=False, attn_mask=mask)
     assert len(re.findall(r"sageflash kernel: .* block [01]:", capsys.readouterr().err)) == 3 * 2

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from . import dumps, groups, reference
 from .params import QKGranularity, SageParams, getenv
-from .reference.attention import expand_scales, online_softmax_blocks, visible_keys
+from .reference.attention import expand_scales, mask_bias, online_softmax_blocks, visible_keys
 from .reference.quant import quantize_int8_groups
 
 DUMP = "GGML_SAGE_DUMP"
@@ -41,8 +41,10 @@ ACTIVATING = (DUMP, DUMP_QK_INT8, SAMPLE_PREFIX, DEBUG_QUANT, FORCE_HOST_QK, FOR
               KERNEL_ITERS)
 _OFF = ("", "0", "false", "no", "off")
 _DTYPE_NAMES = {torch.float16: "f16", torch.bfloat16: "bf16"}
-# Tags indexed by query head (the rest by KV head), and those with a query-token axis (dim 2).
-_QUERY_HEAD_TAGS = {"q", "q_pad", "q_int8", "q_scale", "out", "flash", "sage_quant", "lse"}
+_MASK_DTYPE_NAMES = {dtype: name for name, dtype in dumps.MASK_DTYPES.items()}
+# Tags indexed by query head (the rest by KV head), and those with a query-token axis (dim 2);
+# the mask's head and row axes may be broadcast (size 1).
+_QUERY_HEAD_TAGS = {"q", "q_pad", "q_int8", "q_scale", "out", "flash", "sage_quant", "lse", dumps.ATTN_MASK}
 _QUERY_ROW_TAGS = _QUERY_HEAD_TAGS - {"q_scale"}
 
 _calls = itertools.count()
@@ -229,8 +231,22 @@ def attend(backend, payloads: Payloads, q, seq_k: int, params: SageParams, retur
 # --- dumps ----------------------------------------------------------------------------------
 
 
-def meta_for(q, k, params: SageParams, **provenance) -> dumps.DumpMeta:
-    """The `DumpMeta` of a call on ``q``/``k`` with the knobs it really used."""
+def compact_mask(attn_mask: torch.Tensor) -> torch.Tensor:
+    """``attn_mask`` as a 4-dim view whose broadcast sizes (an ``expand``: stride 0) are cut to 1:
+    what a dump records, never the materialised ``[B, Hq, Sq, Sk]``."""
+    mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    for dim in range(4):
+        if mask.shape[dim] > 1 and mask.stride(dim) == 0:
+            mask = mask.narrow(dim, 0, 1)
+    return mask
+
+
+def meta_for(q, k, params: SageParams, attn_mask=None, **provenance) -> dumps.DumpMeta:
+    """The `DumpMeta` of a call on ``q``/``k`` with the knobs it really used (and the shape of
+    its `compact_mask`)."""
+    if attn_mask is not None:
+        provenance.update(mask_dtype=_MASK_DTYPE_NAMES[attn_mask.dtype],
+                          mask_shape=tuple(compact_mask(attn_mask).shape))
     return dumps.DumpMeta(head_dim=q.shape[-1], seq_q=q.shape[2], seq_k=k.shape[2], num_q_heads=q.shape[1],
                           num_k_heads=k.shape[1], batch=q.shape[0], is_causal=params.is_causal,
                           smooth_k=params.smooth_k, smooth_v=params.smooth_v, pv_accum=str(params.pv_accum),
@@ -263,7 +279,7 @@ def restrict(meta: dumps.DumpMeta, tensors: dict, head: int | None, block: int |
     notes = []
     if head is not None:
         kv_head = head // (meta.num_q_heads // meta.num_k_heads)
-        tensors = {tag: t[:, head:head + 1] if tag in _QUERY_HEAD_TAGS else t[:, kv_head:kv_head + 1]
+        tensors = {tag: _narrow(t, 1, head) if tag in _QUERY_HEAD_TAGS else _narrow(t, 1, kv_head)
                    for tag, t in tensors.items()}
         meta.num_q_heads = meta.num_k_heads = 1
         notes.append(f"query head {head} (kv head {kv_head})")
@@ -271,13 +287,21 @@ def restrict(meta: dumps.DumpMeta, tensors: dict, head: int | None, block: int |
         start, stop = block * groups.Q_TILE, min(meta.seq_q, (block + 1) * groups.Q_TILE)
         per_block = groups.q_num_groups(groups.Q_TILE, meta.params.granularity is QKGranularity.PER_THREAD)
         scale_groups = slice(block * per_block, (block + 1) * per_block)
-        tensors = {tag: t[:, :, start:stop] if tag in _QUERY_ROW_TAGS else
+        tensors = {tag: _narrow(t, 2, start, stop - start) if tag in _QUERY_ROW_TAGS else
                    t[:, :, scale_groups] if tag == "q_scale" else t for tag, t in tensors.items()}
         meta.seq_q = stop - start
         notes.append(f"query rows {start}..{stop - 1}")
     if notes:
         meta.source = f"{meta.source}; sample: {', '.join(notes)}"
+    if dumps.ATTN_MASK in tensors:
+        meta.mask_shape = tuple(tensors[dumps.ATTN_MASK].shape)
     return meta, tensors
+
+
+def _narrow(tensor: torch.Tensor, dim: int, start: int, length: int = 1) -> torch.Tensor:
+    """``tensor`` cut to ``length`` indices from ``start`` along ``dim``, unless it only broadcasts
+    there (size 1: an `ATTN_MASK`'s head or row axis)."""
+    return tensor if tensor.shape[dim] == 1 else tensor.narrow(dim, start, length)
 
 
 def write_dump(prefix: str, meta: dumps.DumpMeta, tensors: dict) -> list[str]:
@@ -317,14 +341,14 @@ def print_scale_stats(payloads: Payloads, meta: dumps.DumpMeta, where: str, call
 
 
 def print_softmax_telemetry(payloads: Payloads, params: SageParams, meta: dumps.DumpMeta,
-                            toggles: Toggles, call: int) -> None:
+                            toggles: Toggles, call: int, attn_mask=None) -> None:
     """``GGML_SAGE_DEBUG_KERNEL_ITERS``: the online softmax of SPEC §5, block by block.
 
     For batch 0, query head ``GGML_SAGE_SAMPLE_HEAD`` (default 0) and the first
     ``GGML_SAGE_KERNEL_PRINT_LIMIT`` rows of query block ``GGML_SAGE_SAMPLE_BLOCK`` (default 0):
     per 64-key block n, the running max m_n, the rescale alpha_n = 2^(m_{n-1} - m_n) and the
     running denominator l_n = alpha_n * l_{n-1} + sum_j P~, computed by the reference from the
-    call's payloads.
+    call's payloads and ``attn_mask``.
     """
     head, block = toggles.sample_head or 0, toggles.sample_block or 0
     sampled, picked = restrict(meta, payloads.tags(["q_int8", "q_scale", "k_int8", "k_scale"]), head, block)
@@ -338,6 +362,9 @@ def print_softmax_telemetry(payloads: Payloads, params: SageParams, meta: dumps.
     key_scale = expand_scales(picked["k_scale"][:1].cpu(), groups.k_group, meta.seq_k, per_thread)[0, 0]
     logits = (q8 @ k8.T) * row_scale[local_rows, None] * F.pad(key_scale, (0, padded_keys))[None] \
         * params.softmax_scale * groups.LOG2E
+    if attn_mask is not None:
+        rows_mask = _narrow(_narrow(compact_mask(attn_mask)[:1], 1, head)[0, 0], 0, rows[0].item(), rows.numel())
+        logits = logits + mask_bias(rows_mask.expand(rows.numel(), meta.seq_k).cpu(), logits.shape[-1])
     mask = visible_keys(rows, meta.seq_q, meta.seq_k, params.is_causal)
     p_tilde, block_max, _ = online_softmax_blocks(logits, mask)
     block_sums = p_tilde.unflatten(-1, (-1, groups.K_TILE)).sum(dim=-1).tolist()
@@ -370,15 +397,12 @@ def run(backend, q, k, v, params: SageParams, return_lse: bool = False, out=None
     call = next(_calls)
     _, where = qk_quantizer(backend, toggles)
     payloads = quantize(backend, q, k, v, params, toggles)
-    unrecorded = "" if attn_mask is None else "; attn_mask not recorded: run --load replays the call unmasked"
-    meta = meta_for(q, k, params, source=f"sageflash debug dump, call {call}, Q/K by {where}{unrecorded}")
+    meta = meta_for(q, k, params, attn_mask, source=f"sageflash debug dump, call {call}, Q/K by {where}")
+    mask_tag = {} if attn_mask is None else {dumps.ATTN_MASK: compact_mask(attn_mask)}
     sample = (toggles.sample_head, toggles.sample_block)
 
     def dump(prefix: str, tags: dict) -> None:
-        prefix = rank_prefix(prefix)
-        write_dump(prefix, *restrict(meta, tags, *sample))
-        if attn_mask is not None:  # the format has no mask tag (SPEC §9)
-            _say("dump", f"{prefix}: attn_mask is not recorded; sageflash run --load replays the call unmasked")
+        write_dump(rank_prefix(prefix), *restrict(meta, {**tags, **mask_tag}, *sample))
 
     if toggles.dump_qk_int8 and call == 0:
         dump(toggles.dump_qk_int8, {"q": q, "k": k, **payloads.tags(["q_int8", "q_scale", "k_int8", "k_scale",
@@ -386,9 +410,7 @@ def run(backend, q, k, v, params: SageParams, return_lse: bool = False, out=None
     if toggles.debug_quant:
         print_scale_stats(payloads, meta, where, call)
     if toggles.kernel_iters:
-        if attn_mask is not None:
-            _say("kernel", f"call {call}: the values below leave out attn_mask")
-        print_softmax_telemetry(payloads, params, meta, toggles, call)
+        print_softmax_telemetry(payloads, params, meta, toggles, call, attn_mask)
     result = attend(backend, payloads, q, k.shape[2], params, return_lse, out, attn_mask)
     out = result[0] if return_lse else result
     tensors = {**input_tags(q, k, v), **payloads.tags(), "out": out}

@@ -22,8 +22,11 @@ LEGACY_WARNING = ("warning: {prefix} missing .sage_quant.bin; converting legacy 
 _SIZE_KEYS = ("head_dim", "seq_q", "seq_k", "num_q_heads", "num_k_heads", "batch")
 _KEYS = (*_SIZE_KEYS, "is_causal", "smooth_k", "smooth_v", "pv_accum", "granularity")
 _DEFAULTED_KNOBS = ("smooth_v", "pv_accum", "granularity")  # SPEC §9: may be missing (DumpMeta's defaults)
-_OPTIONAL_KEYS = ("dtype", "softmax_scale", "seed", "distribution", "source")
+_OPTIONAL_KEYS = ("dtype", "softmax_scale", "seed", "distribution", "source", "mask_dtype", "mask_shape")
 _DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16}
+# The call's attn_mask (`ATTN_MASK`; an extension of SPEC §9's tags): bool (one byte per flag) or additive.
+ATTN_MASK = "attn_mask"
+MASK_DTYPES = {"bool": torch.bool, "f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}
 
 
 class DumpError(ValueError):
@@ -50,6 +53,8 @@ class DumpMeta:
     seed: int | None = None
     distribution: str | None = None
     source: str | None = None
+    mask_dtype: str | None = None  # with mask_shape: the call had an attn_mask, in the `ATTN_MASK` tag
+    mask_shape: tuple[int, int, int, int] | None = None  # each 1 (broadcast) or [B, Hq, Sq, Sk]'s size
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -89,8 +94,11 @@ class DumpMeta:
             "v_mean": (torch.float32, (b, hk, d)),
             "sage": (torch.float32, (d0, sq, hq, b)),
         }
+        if self.mask_shape is not None:
+            layouts[ATTN_MASK] = (MASK_DTYPES[self.mask_dtype], self.mask_shape)
         if tag not in layouts:
-            raise DumpError(f"unknown dump tag {tag!r}; known: {', '.join(layouts)}")
+            unmasked = "; this dump has no attn_mask" if tag == ATTN_MASK else ""
+            raise DumpError(f"unknown dump tag {tag!r}{unmasked}; known: {', '.join(layouts)}")
         return layouts[tag]
 
     def to_text(self) -> str:
@@ -99,6 +107,8 @@ class DumpMeta:
             value = getattr(self, f.name)
             if value is None:
                 continue
+            if f.name == "mask_shape":
+                value = ",".join(map(str, value))
             lines.append(f"{f.name} {int(value) if isinstance(value, bool) else value}")
         return "\n".join(lines) + "\n"
 
@@ -142,6 +152,8 @@ class DumpMeta:
                 meta.softmax_scale = check_softmax_scale(float(raw["softmax_scale"]))
             if "seed" in raw:
                 meta.seed = int(raw["seed"])
+            if "mask_dtype" in raw or "mask_shape" in raw:
+                meta.mask_dtype, meta.mask_shape = _parse_mask(raw, meta)
             meta.params  # validates pv_accum / granularity
             groups.padded_head_dim(meta.head_dim, "head_dim")
         except DumpError:
@@ -149,6 +161,21 @@ class DumpMeta:
         except ValueError as err:
             raise DumpError(f"{origin}: {err}") from None
         return meta
+
+
+def _parse_mask(raw: dict, meta: DumpMeta) -> tuple[str, tuple[int, ...]]:
+    """``mask_dtype`` and ``mask_shape`` (both or neither): a dtype name and four sizes, each 1 or
+    the call's ``[B, Hq, Sq, Sk]`` size there (a ValueError otherwise, `from_text` names the file)."""
+    if "mask_dtype" not in raw or "mask_shape" not in raw:
+        raise ValueError("mask_dtype and mask_shape must be given together")
+    if raw["mask_dtype"] not in MASK_DTYPES:
+        raise ValueError(f"mask_dtype must be one of {', '.join(MASK_DTYPES)}, got {raw['mask_dtype']!r}")
+    full = (meta.batch, meta.num_q_heads, meta.seq_q, meta.seq_k)
+    shape = tuple(int(size) for size in raw["mask_shape"].split(","))
+    if len(shape) != 4 or any(size not in (1, target) for size, target in zip(shape, full)):
+        raise ValueError(f"mask_shape must be four sizes broadcastable to [B, Hq, Sq, Sk] = "
+                        f"{','.join(map(str, full))}, got {raw['mask_shape']!r}")
+    return raw["mask_dtype"], shape
 
 
 def tag_path(prefix: str, tag: str) -> str:
@@ -179,6 +206,19 @@ def read_tensor(prefix: str, meta: DumpMeta, tag: str) -> torch.Tensor:
         raise DumpError(f"{path}: {raw.size} bytes, expected {expected} for {tuple(shape)} "
                         f"{str(dtype).removeprefix('torch.')}")
     return torch.from_numpy(raw).view(dtype).reshape(shape)
+
+
+def read_mask(prefix: str, meta: DumpMeta) -> torch.Tensor | None:
+    """The call's ``attn_mask`` (broadcastable to ``[B, Hq, Sq, Sk]``), or None when it had none."""
+    if meta.mask_shape is None:
+        return None
+    if meta.mask_dtype != "bool":
+        return read_tensor(prefix, meta, ATTN_MASK)
+    flags = read_tensor(prefix, meta, ATTN_MASK).view(torch.uint8)
+    if flags.numel() and flags.max() > 1:
+        raise DumpError(f"{tag_path(prefix, ATTN_MASK)}: a bool mask holds bytes 0 and 1 only, "
+                        f"found {flags.max().item()}")
+    return flags.view(torch.bool)
 
 
 def read_output(prefix: str, meta: DumpMeta) -> torch.Tensor:

@@ -75,7 +75,8 @@ def register(subparsers) -> None:
 
 @dataclasses.dataclass
 class Workload:
-    """One case to run: inputs, the knobs to call the op with, and the official output if any."""
+    """One case to run: inputs, the knobs to call the op with, the official output and the
+    call's attn_mask if any."""
 
     name: str
     q: torch.Tensor
@@ -83,6 +84,7 @@ class Workload:
     v: torch.Tensor
     knobs: dict
     official: torch.Tensor | None = None
+    attn_mask: torch.Tensor | None = None
 
 
 def case_names(args) -> list[str]:
@@ -123,7 +125,9 @@ def dump_workload(prefix: str, args, device: torch.device, with_official: bool) 
     meta = dumps.read_meta(prefix)
     q, k, v = (dumps.read_tensor(prefix, meta, tag).to(device) for tag in ("q", "k", "v"))
     official = read_official(prefix, meta) if with_official else None
-    return Workload(prefix, q, k, v, knobs_with_flags(meta.params, args), official)
+    attn_mask = dumps.read_mask(prefix, meta)
+    return Workload(prefix, q, k, v, knobs_with_flags(meta.params, args), official,
+                    None if attn_mask is None else attn_mask.to(device))
 
 
 # --- measuring ------------------------------------------------------------------------------
@@ -143,23 +147,25 @@ def pick_backend() -> tuple[torch.device, str, str]:
     return device, "triton", f"backend: triton ({device} {torch.cuda.get_device_name(device)})"
 
 
-def flash_call(q, k, v, params: SageParams, dtype: torch.dtype):
+def flash_call(q, k, v, params: SageParams, dtype: torch.dtype, attn_mask=None):
     """A zero-argument torch SDPA call on the op's inputs in ``dtype``: GQA heads expanded,
-    causal per SPEC §7 (top-left when Sq == Sk, else bottom-right)."""
+    causal per SPEC §7 (top-left when Sq == Sk, else bottom-right), ``attn_mask`` as the op's."""
     group = q.shape[1] // k.shape[1]
     q, k, v = q.to(dtype), k.repeat_interleave(group, dim=1).to(dtype), v.repeat_interleave(group, dim=1).to(dtype)
     seq_q, seq_k = q.shape[2], k.shape[2]
-    mask = None
-    if params.is_causal and seq_q != seq_k:
-        mask = visible_keys(torch.arange(seq_q, device=q.device), seq_q, seq_k, True)[:, :seq_k]
+    mask = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.to(dtype)
+    if params.is_causal and (seq_q != seq_k or mask is not None):  # SDPA takes a mask or is_causal
+        causal_keys = visible_keys(torch.arange(seq_q, device=q.device), seq_q, seq_k, True)[:, :seq_k]
+        mask = causal_keys if mask is None else (
+            mask & causal_keys if mask.dtype == torch.bool else mask.masked_fill(~causal_keys, -math.inf))
     causal = params.is_causal and mask is None
     return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                                   scale=params.softmax_scale)
 
 
-def exact_attention(q, k, v, params: SageParams) -> torch.Tensor:
+def exact_attention(q, k, v, params: SageParams, attn_mask=None) -> torch.Tensor:
     """Exact attention in float32 ``[B, Hq, Sq, D0]``; a row with no visible key is 0, as in the op."""
-    return flash_call(q, k, v, params, torch.float32)().nan_to_num(0.0)
+    return flash_call(q, k, v, params, torch.float32, attn_mask)().nan_to_num(0.0)
 
 
 def synchronize(device: torch.device) -> None:
@@ -193,6 +199,7 @@ class CaseReport:
     max_diff: float
     rms_avg: float
     worst: tuple | None = None  # (batch, head, seq, dim, out, ref)
+    attn_mask: str | None = None  # "<dtype> [sizes]" of a dump's mask
 
     @property
     def speedup(self) -> float:
@@ -214,6 +221,7 @@ def format_case(report: CaseReport, verbose: bool = False) -> str:
         f"Case {report.name}",
         f"  shape: batch={s['batch']} seq_q={s['seq_q']} seq_k={s['seq_k']} nq={s['nq']} nk={s['nk']} "
         f"d={s['d']} causal={p.is_causal:d} smooth_k={p.smooth_k:d} smooth_v={p.smooth_v:d} pv={p.pv_accum}",
+        *([f"  attn_mask: {report.attn_mask}"] if report.attn_mask else []),
         f"  granularity: {p.granularity}",
         f"  iterations: {report.iterations}",
         f"  timings (avg): sage {report.sage_ms:.3f} ms, flash {report.flash_ms:.3f} ms "
@@ -267,16 +275,18 @@ def parse_report(text: str) -> list[dict]:
 def run_workload(work: Workload, *, iters: int, reference: str, backend: str,
                  device: torch.device) -> CaseReport:
     """Time the op and torch SDPA on ``work`` and compare the op with ``reference`` (flash|sage)."""
-    q, k, v = work.q, work.k, work.v
+    q, k, v, mask = work.q, work.k, work.v, work.attn_mask
     params = resolve_params(**work.knobs, head_dim=q.shape[-1])
-    out, sage_ms = timed(lambda: sage_attn_sm89_fp16(q, k, v, **work.knobs, backend=backend), iters, device)
-    _, flash_ms = timed(flash_call(q, k, v, params, q.dtype), iters, device)
-    ref = work.official if reference == "sage" else exact_attention(q, k, v, params)
+    out, sage_ms = timed(lambda: sage_attn_sm89_fp16(q, k, v, **work.knobs, attn_mask=mask, backend=backend),
+                         iters, device)
+    _, flash_ms = timed(flash_call(q, k, v, params, q.dtype, mask), iters, device)
+    ref = work.official if reference == "sage" else exact_attention(q, k, v, params, mask)
     max_diff, rms_avg, worst = diff_stats(out, ref)
     shape = dict(batch=q.shape[0], seq_q=q.shape[2], seq_k=k.shape[2], nq=q.shape[1], nk=k.shape[1],
                  d=q.shape[3])
+    mask_line = None if mask is None else f"{str(mask.dtype).removeprefix('torch.')} {list(mask.shape)}"
     return CaseReport(work.name, shape, params, iters, sage_ms, flash_ms, REFERENCE_NAMES[reference],
-                      max_diff, rms_avg, worst)
+                      max_diff, rms_avg, worst, mask_line)
 
 
 def workloads(args, device: torch.device) -> list[Workload]:
