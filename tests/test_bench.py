@@ -199,6 +199,59 @@ def test_cpu_run_table_and_csv_match_json(cpu_run):
                 key, spec = formats[name]
                 assert cell == ("-" if row[key] is None else format(row[key], spec)), (name, line)
     assert any(row["vs_baseline"] not in (None, 1.0) for row in rows)  # the ratio column is exercised
+    assert {row["baseline"] for row in rows} == {"sdpa-flash"}  # what the CSV's vs_baseline is to
+
+
+def test_the_config_column_fits_the_longest_label(no_cuda):
+    """A label longer than the column's 22 characters widens it for every row, so the columns after
+    it stay under their headers."""
+    settings = bench.settings_from_args(parse([*TINY, "--no-smooth-k", "--causal", "off"]), torch.device("cpu"))
+    label = "fp32+fp16/per_thread/no-smooth-k"
+    assert settings.config_width == len(label) > bench.CONFIG_WIDTH
+    header = bench.format_header(settings.baseline, config_width=settings.config_width)
+    [row] = [r for r in bench.blank_rows(bench.Shape(1, 2, 2, 128, 64, False), settings) if r.config == label][:1]
+    row.ms = 1.0
+    line = bench.format_row(row, settings.baseline, config_width=settings.config_width)
+    assert line.index(label) + len(label) == header.index("config") + len("config")
+    assert line.index("e2e") + len("e2e") == header.index("mode") + len("mode")
+    assert len(line) == len(header)  # the last column ends under its header
+
+
+def test_the_sageattention_rows_name_the_kernel_sageattn_picks(monkeypatch):
+    """`sageattn` runs another kernel per arch (on Hopper fp32+fp32, not our default fp32+fp16):
+    its rows say which."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, label in [((9, 0), "sm90:fp32+fp32/per_thread"), ((8, 9), "sm89:fp32+fp16/per_thread"),
+                              ((7, 5), "")]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert bench.PROVIDERS["sageattention"].config_label(None) == label
+    settings = bench.settings_from_args(parse([*TINY, "--providers", "sageattention,sageattention-sm89"]),
+                                        torch.device("cpu"))
+    configs = {r.provider: r.config for r in bench.blank_rows(bench.Shape(1, 2, 2, 128, 64, False), settings)}
+    assert configs["sageattention"] == "" and configs["sageattention-sm89"] == "fp32+fp16/per_thread"
+
+
+def test_a_failed_runs_memory_is_released_before_the_cache_is_emptied(monkeypatch):
+    """After a provider fails (an OOM), the allocator's cache is emptied once the failure's
+    traceback, which held the call's tensors, is gone."""
+    import weakref
+
+    class Payload:
+        pass
+    alive_at_empty = []
+
+    def failing_time_run(*args, **kwargs):
+        held = Payload()  # a local of the failing frame, as a call's tensors are
+        refs.append(weakref.ref(held))
+        raise RuntimeError("CUDA out of memory")
+    refs = []
+    monkeypatch.setattr(bench, "time_run", failing_time_run)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: alive_at_empty.append(refs[-1]() is not None))
+    settings = bench.settings_from_args(parse([*TINY, "--rounds", "1", "--causal", "off", "--providers", "sdpa-flash"]),
+                                        torch.device("cpu"))
+    rows = bench.run_shape(bench.Shape(1, 2, 2, 128, 64, False), None, settings, torch.device("cuda"))
+    assert rows[0].error == "RuntimeError: CUDA out of memory"
+    assert alive_at_empty and not any(alive_at_empty)
 
 
 @pytest.mark.parametrize("provider,mode", [("sageflash", "e2e"), ("sageflash", "kernel"), ("sdpa-flash", "e2e")])
@@ -346,20 +399,26 @@ def test_a_long_call_is_timed_at_least_min_timed_calls_times():
 
 
 def test_on_a_gpu_the_budgets_given_to_do_bench_cover_min_timed_calls(monkeypatch):
-    """do_bench turns budgets into call counts with its own estimate, which adds an L2 flush per
-    call: the budgets handed to it hold a warm-up call and MIN_TIMED_CALLS + 1 calls of 40 ms."""
+    """do_bench turns budgets into call counts with its own estimate of a call with its L2 flush:
+    the call is timed the same way (the flush between the events), and the budgets handed to
+    do_bench hold a warm-up call and MIN_TIMED_CALLS + 1 such calls of 40 ms."""
     import triton.testing
+
+    events = []
 
     class FakeEvent:
         def __init__(self, enable_timing):
             pass
-        record = synchronize = lambda self: None
+        record = lambda self: events.append("record")  # noqa: E731
+        synchronize = lambda self: None  # noqa: E731
         elapsed_time = lambda self, end: 40.0  # noqa: E731
     budgets = []
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(bench, "_l2_flush", lambda: lambda: events.append("flush"))
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep, return_mode: budgets.append(
         (warmup, rep, return_mode)) or 41.0)
-    assert bench.time_ms(lambda: None, warmup=25, rep=100, device=torch.device("cuda")) == 41.0
+    assert bench.time_ms(lambda: events.append("call"), warmup=25, rep=100, device=torch.device("cuda")) == 41.0
+    assert events == ["call", "record", "flush", "call", "record"]
     assert budgets == [(40.0, 40.0 * (bench.MIN_TIMED_CALLS + 1), "median")]
 
 

@@ -10,7 +10,9 @@ exceeds its GPU time is host-bound); ``--telemetry`` adds the SM clock and board
 
 Modes: ``e2e`` is what a user sees (quantization included); ``kernel`` quantizes once outside the
 timed region and times the attention kernel on the payloads, replayed from a CUDA graph on a GPU
-(its GPU time: a short kernel's host time would otherwise show through); ``graph`` (opt-in) is
+(its GPU time: a short kernel's host time would otherwise show through), one launch over all
+heads (an e2e call of `kernels.CHUNKED_FROM_BYTES` or more runs in KV-head chunks, so there
+e2e − kernel is the quantization and the chunking); ``graph`` (opt-in) is
 the e2e call captured once in a CUDA graph and replayed, what a caller that captures its step (CUDA graphs,
 ``torch.compile(mode="reduce-overhead")``) sees: no host time. Providers without a quantization
 step (SDPA, the official SageAttention call) have one timing, labelled ``e2e``, run eagerly.
@@ -110,6 +112,7 @@ class Result:
     ms: float | None = None
     tops: float | None = None
     vs_baseline: float | None = None  # baseline time / this time, same shape: > 1 is faster
+    baseline: str | None = None  # the provider vs_baseline compares with
     peak_mib: float | None = None
     x_qkv: float | None = None  # peak extra memory / bytes of q + k + v
     host_us: float | None = None  # CPU time to issue one call (`host_us`); past ms·1000: host-bound
@@ -222,6 +225,20 @@ def _official(q):
     return module
 
 
+# What SageAttention 2.2.0's ``sageattn`` runs on each arch (its core.py): kernel, P·V accumulation
+# and Q/K granularity, so that its rows say what they compare (sm90's fp32+fp32 against our default).
+SAGEATTN_KERNELS = {(8, 0): "sm80:fp16-pv/fp32/per_thread", (8, 6): "triton:fp16-pv/per_block",
+                    (8, 9): "sm89:fp32+fp16/per_thread", (9, 0): "sm90:fp32+fp32/per_thread",
+                    (12, 0): "sm89:fp32+fp16/per_warp"}
+
+
+def _sageattention_config() -> str:
+    """The `SAGEATTN_KERNELS` entry of the current GPU ("" without one, where the row is skipped)."""
+    if not torch.cuda.is_available():
+        return ""
+    return SAGEATTN_KERNELS.get(torch.cuda.get_device_capability(), "")
+
+
 def _build_sageattention(q, k, v, causal, knobs, mode, layout):
     """``sageattn``: the official entry point, which picks the kernel for the GPU's arch."""
     return functools.partial(_official(q).sageattn, q, k, v, tensor_layout=layout, is_causal=causal)
@@ -244,6 +261,10 @@ class Provider:
     build: Callable
     modes: tuple[str, ...] = ("e2e",)
     uses_knobs: bool = False
+    config: Callable[[], str] = str  # the config column of a provider without knobs ("")
+
+    def config_label(self, knobs: Knobs | None) -> str:
+        return knobs.label if knobs else self.config()
 
     def run_modes(self, requested: list[str]) -> list[str]:
         """The requested modes it has; a provider with one timing runs it whatever was asked."""
@@ -254,7 +275,7 @@ PROVIDERS = {p.name: p for p in [
     Provider("sageflash", _build_sageflash, MODES, uses_knobs=True),
     Provider("sdpa-flash", _sdpa_builder("FLASH_ATTENTION")),
     Provider("sdpa-cudnn", _sdpa_builder("CUDNN_ATTENTION", cuda_only=True)),
-    Provider("sageattention", _build_sageattention),
+    Provider("sageattention", _build_sageattention, config=_sageattention_config),
     Provider("sageattention-sm89", _build_sageattention_sm89, uses_knobs=True),
 ]}
 DEFAULT_PROVIDERS = ["sageflash", "sdpa-flash", "sdpa-cudnn", "sageattention", "sageattention-sm89"]
@@ -274,8 +295,8 @@ def time_ms(fn: Callable, warmup: float, rep: float, device: torch.device,
     raised so that at least one warm-up call and `MIN_TIMED_CALLS` timed calls run. ``telemetry``
     samples the warm-up and timed calls only, not the first calls (a compile leaves the GPU idle)."""
     call_ms = _one_call_ms(fn, device)
-    # do_bench divides the budget by its own estimate, which adds the L2 flush before each call:
-    # one call's worth of margin keeps MIN_TIMED_CALLS wherever the budget had to be raised.
+    # do_bench divides the budget by its own estimate of a flushed call, which `_one_call_ms`
+    # measures the same way: one call's worth of margin keeps MIN_TIMED_CALLS where it was raised.
     warmup, rep = max(warmup, call_ms), max(rep, (MIN_TIMED_CALLS + 1) * call_ms)
     with telemetry or contextlib.nullcontext():
         return _timed_median_ms(fn, warmup, rep, call_ms, device)
@@ -296,11 +317,14 @@ def _timed_median_ms(fn: Callable, warmup: float, rep: float, call_ms: float, de
 
 
 def _one_call_ms(fn: Callable, device: torch.device) -> float:
-    """The time of one call after a first (which compiles, or records a replay), unflushed."""
+    """The time of one call after a first (which compiles, or records a replay), timed as
+    do_bench estimates a call: on a GPU with its L2 flush (a 0.1 ms share of a short call)."""
     fn()
     if device.type == "cuda":
+        flush = _l2_flush()
         start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
         start.record()
+        flush()
         fn()
         end.record()
         end.synchronize()
@@ -308,6 +332,12 @@ def _one_call_ms(fn: Callable, device: torch.device) -> float:
     start = time.perf_counter()
     fn()
     return max((time.perf_counter() - start) * 1e3, 1e-6)
+
+
+def _l2_flush() -> Callable[[], None]:
+    """do_bench's L2 flush: zeroing the 256 MB buffer its driver keeps for that."""
+    from triton.runtime import driver
+    return functools.partial(driver.active.clear_cache, driver.active.get_empty_cache_for_benchmark())
 
 
 def host_us(fn: Callable, device: torch.device) -> float | None:
@@ -425,6 +455,11 @@ class Settings:
     telemetry: bool = False  # sample the SM clock and board power while timing (`Telemetry`)
     layout: str = "HND"  # of the inputs: "HND" [B, H, S, D] or "NHD" [B, S, H, D] (`--layout`)
 
+    @property
+    def config_width(self) -> int:
+        """The table's config column: wide enough for every run's label."""
+        return max([CONFIG_WIDTH, *(len(p.config_label(knobs)) for p, knobs, _ in self.runs())])
+
     def runs(self):
         """(provider, knobs or None, mode) in run order."""
         for name in self.providers:
@@ -460,8 +495,8 @@ def time_run(provider: Provider, knobs: Knobs | None, mode: str, inputs, shape: 
 
 def blank_rows(shape: Shape, settings: Settings, error: str | None = None) -> list[Result]:
     """One unmeasured row per run of ``shape``, in run order (with ``error``, each says why)."""
-    return [Result(shape, settings.dtype, provider.name, knobs.label if knobs else "", mode, settings.layout,
-                   error=error) for provider, knobs, mode in settings.runs()]
+    return [Result(shape, settings.dtype, provider.name, provider.config_label(knobs), mode, settings.layout,
+                   baseline=settings.baseline, error=error) for provider, knobs, mode in settings.runs()]
 
 
 def run_shape(shape: Shape, inputs, settings: Settings, device: torch.device) -> list[Result]:
@@ -485,6 +520,7 @@ def run_shape(shape: Shape, inputs, settings: Settings, device: torch.device) ->
                                           first_round=round_index == 0, telemetry=telemetry)
             except Exception as exc:
                 result.error = short_error(exc)
+            if result.error is not None:  # out of the except block: its traceback held the call's tensors
                 if device.type == "cuda":
                     torch.cuda.empty_cache()  # after an OOM, give the next provider a clean pool
                 continue
@@ -518,8 +554,8 @@ def run_benchmarks(settings: Settings, device: torch.device, on_result: Callable
             inputs, error = make_inputs(settings, seq, head_dim, device), None
         except Exception as exc:  # e.g. out of memory: every run of the shape says so, the next shapes run
             inputs, error = None, f"inputs: {short_error(exc)}"
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        if error is not None and device.type == "cuda":
+            torch.cuda.empty_cache()
         for causal in settings.causals:
             shape = Shape(settings.batch, settings.heads, settings.kv_heads, seq, head_dim, causal)
             rows = run_shape(shape, inputs, settings, device) if error is None else blank_rows(shape, settings, error)
@@ -536,7 +572,10 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def table_columns(baseline: str, telemetry: bool = False):
+CONFIG_WIDTH = 22  # the config column's least width (`Settings.config_width` widens it)
+
+
+def table_columns(baseline: str, telemetry: bool = False, config_width: int = CONFIG_WIDTH):
     """(header, width, cell) for every column of the stdout table; the clock and power with ``telemetry``."""
     return [
         ("B", 3, lambda r: str(r.shape.batch)),
@@ -546,7 +585,7 @@ def table_columns(baseline: str, telemetry: bool = False):
         ("D", 4, lambda r: str(r.shape.head_dim)),
         ("causal", 6, lambda r: "yes" if r.shape.causal else "no"),
         ("provider", 18, lambda r: r.provider),
-        ("config", 22, lambda r: r.config),
+        ("config", config_width, lambda r: r.config),
         ("mode", 6, lambda r: r.mode),
         ("ms", 9, lambda r: _fmt(r.ms, ".4g")),
         ("host µs", 7, lambda r: _fmt(r.host_us, ".0f")),
@@ -562,12 +601,12 @@ def table_columns(baseline: str, telemetry: bool = False):
 _MEASURED_FROM = 9  # columns from "ms" on: replaced by the error text on a failed row
 
 
-def format_header(baseline: str, telemetry: bool = False) -> str:
-    return "  ".join(f"{h:>{w}}" for h, w, _ in table_columns(baseline, telemetry)).rstrip()
+def format_header(baseline: str, telemetry: bool = False, config_width: int = CONFIG_WIDTH) -> str:
+    return "  ".join(f"{h:>{w}}" for h, w, _ in table_columns(baseline, telemetry, config_width)).rstrip()
 
 
-def format_row(result: Result, baseline: str, telemetry: bool = False) -> str:
-    columns = table_columns(baseline, telemetry)
+def format_row(result: Result, baseline: str, telemetry: bool = False, config_width: int = CONFIG_WIDTH) -> str:
+    columns = table_columns(baseline, telemetry, config_width)
     cells = [f"{cell(result):>{w}}" for _, w, cell in columns[:_MEASURED_FROM]]
     if result.error is not None:
         return "  ".join([*cells, result.error])
@@ -837,12 +876,12 @@ def run(args: argparse.Namespace) -> int:
 
     meta = environment(device, settings)
     print(preamble(meta, settings.baseline))
-    print(format_header(settings.baseline, settings.telemetry), flush=True)
+    print(format_header(settings.baseline, settings.telemetry, settings.config_width), flush=True)
     results = []
 
     def report(result: Result) -> None:
         results.append(result)
-        print(format_row(result, settings.baseline, settings.telemetry), flush=True)
+        print(format_row(result, settings.baseline, settings.telemetry, settings.config_width), flush=True)
     interrupted = False
     try:
         run_benchmarks(settings, device, report)
