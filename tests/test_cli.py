@@ -309,3 +309,39 @@ def test_load_runs_any_dump_shape_against_bottom_right_causal_flash(capsys, tmp_
     error = (out.double() - exact_attention(q, k, v, is_causal=True)).square().mean().sqrt().item()
     assert code == 0 and "seq_q=150 seq_k=100" in report and "d=96" in report
     assert record["rms_avg"] == pytest.approx(error, rel=0.05) and record["rms_avg"] < 2e-2
+
+
+def test_flash_counts_the_mask_values_the_op_counts_as_hidden(capsys, tmp_path, monkeypatch):
+    """A transformers padding mask (float32 finfo.min on the first keys), causal: the first rows
+    see no key. The op gives them zeros (README), and so does the exact reference of `--load`,
+    which counts finfo.min as -inf as the op does; SDPA alone would average V there."""
+    q, k, v = random_qkv(batch=1, q_heads=2, kv_heads=1, seq_q=100, head_dim=64, seed=41)
+    mask = torch.zeros(1, 1, 1, 100).masked_fill(torch.arange(100) < 4, torch.finfo(torch.float32).min)
+    prefix = str(tmp_path / "padded")
+    monkeypatch.setenv(debug.DUMP, prefix)
+    debug.reset()
+    out = sage_attn_sm89_fp16(q, k, v, is_causal=True, attn_mask=mask, backend="reference")
+    monkeypatch.delenv(debug.DUMP)
+    assert torch.count_nonzero(out[:, :, :4]) == 0
+    code, report, _ = cli(capsys, "--load", prefix)
+    [record] = parse_report(report)
+    assert code == 0 and record["max_diff"] < 0.1  # 0.045 (fp8 V on rows with few keys); SDPA's: 1.0
+
+
+def test_the_reference_keeps_a_nan_and_the_summary_ranks_it_worst():
+    """A NaN input (an fp16 overflow upstream) stays NaN in the exact reference (only rows with
+    no visible key are zeroed), and the summary names a NaN case as the worst wherever it is."""
+    from sageflash.cli.run import CaseReport, format_summary
+    from sageflash.cli.run import exact_attention as run_exact
+    from sageflash.params import resolve_params
+
+    q, k, v = random_qkv(batch=1, q_heads=2, kv_heads=1, seq_q=40, head_dim=64, seed=42)
+    q[0, 1, 7, 3] = float("nan")
+    ref = run_exact(q, k, v, resolve_params(head_dim=64, is_causal=True))
+    assert ref[0, 1, 7].isnan().all() and not ref[0, 0].isnan().any() and not ref[0, 1, :7].isnan().any()
+    params = resolve_params(head_dim=64)
+    reports = [CaseReport(name, {}, params, 1, 1.0, 1.0, "flash", 0.0, rms)
+               for name, rms in (("fine", 5e-3), ("overflowed", math.nan), ("ok", 1e-3))]
+    for order in (reports, reports[::-1]):
+        assert "worst rms diff: nan (overflowed)" in format_summary(order)
+

@@ -170,6 +170,55 @@ def test_a_broadcast_view_of_a_mask_is_dumped_at_its_own_size(monkeypatch, tmp_p
     assert os.path.getsize(dumps.tag_path(prefix, dumps.ATTN_MASK)) == 2 * 200
 
 
+@pytest.mark.parametrize("mask", [torch.tensor(-0.5).expand(200, 200),  # a scalar, broadcast both ways
+                                  torch.zeros(200, 1, dtype=torch.bfloat16).expand(200, 200),
+                                  torch.zeros(1, 1, 1, 1).expand(2, 4, 200, 200)])
+def test_masks_broadcast_along_keys_and_odd_strides_are_dumped(monkeypatch, tmp_path, capsys, mask):
+    """A float mask whose key axis only broadcasts (stride 0, kept at size 1) is written as a
+    fresh C-order copy (a byte view of it failed), and the dump replays."""
+    prefix = str(tmp_path / "odd")
+    monkeypatch.setenv(debug.DUMP, prefix)
+    q, k, v = gqa_inputs(15)
+    out = op(q, k, v, attn_mask=mask)
+    monkeypatch.delenv(debug.DUMP)
+    meta = dumps.read_meta(prefix)
+    assert meta.mask_shape[-1] == 1
+    assert torch.equal(dumps.read_mask(prefix, meta).expand(2, 4, 200, 200), mask.expand(2, 4, 200, 200))
+    assert main(["--load", prefix, "--verbose"]) == 0
+    b, h, t, d, worst_out = (int(x) if i < 4 else float(x) for i, x in enumerate(re.search(
+        r"worst: batch=(\d+) head=(\d+) seq=(\d+) dim=(\d+) out=(\S+)", capsys.readouterr().out).groups()))
+    assert worst_out == pytest.approx(out[b, h, t, d].item(), rel=1e-5, abs=1e-12)
+
+
+def test_a_head_dim_of_one_with_any_stride_is_dumped(monkeypatch, tmp_path):
+    prefix = str(tmp_path / "d1")
+    monkeypatch.setenv(debug.DUMP, prefix)
+    q, k, v = (x.squeeze(-1).unsqueeze(-2).transpose(-1, -2) for x in gqa_inputs(16, head_dim=1))
+    assert q.stride(-1) != 1
+    op(q, k, v)
+    assert torch.equal(dumps.read_tensor(prefix, dumps.read_meta(prefix), "q"), q)
+
+
+def test_a_dump_that_fails_to_write_leaves_no_meta(monkeypatch, tmp_path):
+    """The meta is written last (and an older one removed first), so a failed write never
+    leaves a dump that looks loadable."""
+    prefix = str(tmp_path / "broken")
+    monkeypatch.setenv(debug.DUMP, prefix)
+    op(*gqa_inputs(17))
+    assert os.path.exists(f"{prefix}.meta")
+    debug.reset()
+
+    def failing(prefix, meta, tag, tensor):
+        if tag == "out":
+            raise OSError("disk full")
+        return write_tensor(prefix, meta, tag, tensor)
+    write_tensor = dumps.write_tensor
+    monkeypatch.setattr(dumps, "write_tensor", failing)
+    with pytest.raises(OSError, match="disk full"):
+        op(*gqa_inputs(18))
+    assert not os.path.exists(f"{prefix}.meta")
+
+
 def test_a_masks_dump_meta_is_checked(monkeypatch, tmp_path):
     """mask_dtype and mask_shape go together, name a known dtype and sizes that broadcast; a bool
     mask's bytes are 0 or 1."""

@@ -110,3 +110,29 @@ def test_official_payloads_are_recorded_and_v_put_back_in_token_order():
     assert torch.equal(tensors["k_mean"], k.mean(dim=2))
     assert torch.equal(tensors["q_int8"], reference.quantize_qk(q, k, granularity="per_warp", smooth_k=True)[0])
     assert core.per_channel_fp8 is per_channel_fp8  # the recording wrappers are gone again
+
+
+def test_an_external_binarys_incomplete_report_is_a_one_line_error(tmp_path, capsys):
+    """A binary whose report lacks lines (here the timings and the reference) is named with what
+    is missing, exit code 2, no traceback."""
+    prefix = str(tmp_path / CASE)
+    assert main(["dump", "--case", CASE, "--dump-prefix", prefix]) == 0
+    binary = tmp_path / "partial"
+    binary.write_text("#!/bin/sh\necho 'Case X'\necho '  diff (flash): max 1.0e-03 rms_avg 1.0e-04'\n")
+    binary.chmod(0o755)
+    capsys.readouterr()
+    assert main(["compare", prefix, "--ggml-bin", str(binary)]) == 2
+    err = capsys.readouterr().err
+    last = err.splitlines()[-1]  # after the note that the dump has no official output
+    assert last.startswith("sageflash: error:") and "lacks sage_ms, flash_ms, speedup, reference" in last
+    assert "Traceback" not in err
+
+
+def test_compare_removes_the_folders_its_dumps_needed(tmp_path):
+    """``--tmp-dir`` folders that did not exist are removed with the dumps written there."""
+    assert main(["compare", "--case", CASE, "--tmp-dir", str(tmp_path / "new dir" / "sub")]) == 0
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()
+    assert main(["compare", "--case", CASE, "--tmp-dir", str(tmp_path / "kept" / "sub")]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and list((tmp_path / "kept").iterdir()) == []
+

@@ -304,14 +304,6 @@ def _narrow(tensor: torch.Tensor, dim: int, start: int, length: int = 1) -> torc
     return tensor if tensor.shape[dim] == 1 else tensor.narrow(dim, start, length)
 
 
-def write_dump(prefix: str, meta: dumps.DumpMeta, tensors: dict) -> list[str]:
-    """Write ``<prefix>.meta`` and one ``.bin`` per tag; returns the paths written."""
-    dumps.write_meta(prefix, meta)
-    for tag, tensor in tensors.items():
-        dumps.write_tensor(prefix, meta, tag, tensor)
-    return [f"{prefix}.meta", *(dumps.tag_path(prefix, tag) for tag in tensors)]
-
-
 # --- prints ---------------------------------------------------------------------------------
 
 
@@ -402,7 +394,7 @@ def run(backend, q, k, v, params: SageParams, return_lse: bool = False, out=None
     sample = (toggles.sample_head, toggles.sample_block)
 
     def dump(prefix: str, tags: dict) -> None:
-        write_dump(rank_prefix(prefix), *restrict(meta, {**tags, **mask_tag}, *sample))
+        dumps.write_dump(rank_prefix(prefix), *restrict(meta, {**tags, **mask_tag}, *sample))
 
     if toggles.dump_qk_int8 and call == 0:
         dump(toggles.dump_qk_int8, {"q": q, "k": k, **payloads.tags(["q_int8", "q_scale", "k_int8", "k_scale",

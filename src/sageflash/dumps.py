@@ -231,16 +231,25 @@ def read_output(prefix: str, meta: DumpMeta) -> torch.Tensor:
     raise DumpError(f"missing dump file {tag_path(prefix, 'sage_quant')} (and no legacy .sage.bin)")
 
 
-def write_meta(prefix: str, meta: DumpMeta) -> None:
+def write_dump(prefix: str, meta: DumpMeta, tensors: dict) -> list[str]:
+    """Write one ``.bin`` per tag, then ``<prefix>.meta``; returns the paths written. The meta
+    goes last, and an older one first: a write that fails leaves no dump that looks loadable."""
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    if os.path.exists(f"{prefix}.meta"):
+        os.remove(f"{prefix}.meta")
+    for tag, tensor in tensors.items():
+        write_tensor(prefix, meta, tag, tensor)
     with open(f"{prefix}.meta", "w", encoding="utf-8") as fh:
         fh.write(meta.to_text())
+    return [f"{prefix}.meta", *(tag_path(prefix, tag) for tag in tensors)]
 
 
 def write_tensor(prefix: str, meta: DumpMeta, tag: str, tensor: torch.Tensor) -> None:
     """Write one tag, checking the tensor against the tag's dtype and shape."""
     dtype, shape = meta.tag_layout(tag)
-    tensor = tensor.detach().to("cpu", dtype).contiguous()
     if tuple(tensor.shape) != tuple(shape):
         raise DumpError(f"tag {tag!r}: shape {tuple(tensor.shape)}, expected {tuple(shape)}")
-    tensor.view(torch.uint8).numpy().tofile(tag_path(prefix, tag))
+    # A fresh C-order copy: .contiguous() keeps any stride of a size-1 dim (a broadcast mask's 0),
+    # which the byte view refuses.
+    packed = torch.empty(shape, dtype=dtype).copy_(tensor.detach())
+    packed.view(torch.uint8).numpy().tofile(tag_path(prefix, tag))

@@ -10,6 +10,7 @@ report is parsed. Used by ``scripts/compare_ggml_vs_sage.py``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ import tempfile
 from .. import dumps
 from ..cases import CASES
 from .dump import dump_case
-from .run import dump_workload, format_case, parse_report, pick_backend, run_workload
+from .run import REPORT_FIELDS, dump_workload, format_case, parse_report, pick_backend, run_workload
 
 
 def register(subparsers) -> None:
@@ -70,7 +71,20 @@ def compare_one(prefix: str, args) -> dict:
     records = parse_report(text)
     if not records:
         raise ValueError(f"no report for {prefix} (expected the `sageflash run` report lines)")
+    missing = [key for key in REPORT_FIELDS if key not in records[0]]
+    if missing:
+        raise ValueError(f"the report for {prefix} lacks {', '.join(missing)} "
+                         "(expected the `sageflash run` report lines)")
     return records[0]
+
+
+def missing_dirs(path: str) -> list[str]:
+    """The folders of ``path`` that do not exist yet, innermost first."""
+    missing, path = [], os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
 
 
 def main(args) -> int:
@@ -83,6 +97,7 @@ def main(args) -> int:
         print(pick_backend()[2], flush=True)
     made_dir = tempfile.mkdtemp(prefix="sageflash-") if args.case and not args.tmp_dir else None
     tmp_dir = args.tmp_dir or made_dir
+    new_dirs = missing_dirs(tmp_dir) if args.case and args.tmp_dir else []  # made by the dumps
     written: list[str] = []
     try:
         targets = list(args.prefixes)
@@ -100,6 +115,9 @@ def main(args) -> int:
                 os.remove(path)
             if made_dir:
                 shutil.rmtree(made_dir, ignore_errors=True)
+            for folder in new_dirs:  # innermost first; one that holds anything else stays
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)
     print("Comparison")
     for r in records:
         print(f"  {r['name']}: rms_avg {r['rms_avg']:.3e} max {r['max_diff']:.3e} (vs {r['reference']}), "

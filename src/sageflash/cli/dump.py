@@ -17,7 +17,7 @@ from unittest import mock
 
 import torch
 
-from .. import __version__, debug
+from .. import __version__, debug, dumps
 from ..op import select_backend
 from ..params import SageParams, resolve_params
 from .run import add_case_flags, add_knob_flags, case_names, case_workload, exact_attention, pick_backend
@@ -136,7 +136,7 @@ def dump_case(name: str, prefix: str, args, *, official: bool) -> list[str]:
         payloads = debug.quantize(module, q, k, v, params)
         extra = {**payloads.tags(), "out": debug.attend(module, payloads, q, k.shape[2], params)}
         meta.source = f"sageflash {__version__} ({backend} backend)"
-    return debug.write_dump(prefix, meta, {**tensors, **extra})
+    return dumps.write_dump(prefix, meta, {**tensors, **extra})
 
 
 def main(args) -> int:

@@ -23,7 +23,7 @@ from .. import dumps
 from ..cases import CASES, DEFAULT_CASE
 from ..op import sage_attn_sm89_fp16
 from ..params import PVAccum, QKGranularity, SageParams, resolve_params
-from ..reference.attention import visible_keys
+from ..reference.attention import hidden_by_mask, visible_keys
 
 KNOB_FLAGS = ("granularity", "smooth_k", "smooth_v", "pv_accum")
 REFERENCE_NAMES = {"flash": "flash", "sage": "sageattention"}
@@ -149,7 +149,7 @@ def pick_backend() -> tuple[torch.device, str, str]:
 
 def flash_call(q, k, v, params: SageParams, dtype: torch.dtype, attn_mask=None):
     """A zero-argument torch SDPA call on the op's inputs in ``dtype``: GQA heads expanded,
-    causal per SPEC §7 (top-left when Sq == Sk, else bottom-right), ``attn_mask`` as the op's."""
+    causal per SPEC §7 (top-left when Sq == Sk, else bottom-right), and ``attn_mask``."""
     group = q.shape[1] // k.shape[1]
     q, k, v = q.to(dtype), k.repeat_interleave(group, dim=1).to(dtype), v.repeat_interleave(group, dim=1).to(dtype)
     seq_q, seq_k = q.shape[2], k.shape[2]
@@ -164,8 +164,15 @@ def flash_call(q, k, v, params: SageParams, dtype: torch.dtype, attn_mask=None):
 
 
 def exact_attention(q, k, v, params: SageParams, attn_mask=None) -> torch.Tensor:
-    """Exact attention in float32 ``[B, Hq, Sq, D0]``; a row with no visible key is 0, as in the op."""
-    return flash_call(q, k, v, params, torch.float32, attn_mask)().nan_to_num(0.0)
+    """Exact attention in float32 ``[B, Hq, Sq, D0]``. A row with no visible key is 0, as in the op
+    (SDPA gives NaN there, or averages V under float32's finfo.min, which the op counts as -inf:
+    `hidden_by_mask`); a NaN from the inputs stays."""
+    out = flash_call(q, k, v, params, torch.float32, attn_mask)()
+    seq_q, seq_k = q.shape[2], k.shape[2]
+    visible = visible_keys(torch.arange(seq_q, device=q.device), seq_q, seq_k, params.is_causal)[:, :seq_k]
+    if attn_mask is not None:
+        visible = visible & ~hidden_by_mask(attn_mask)
+    return out.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)
 
 
 def synchronize(device: torch.device) -> None:
@@ -237,7 +244,7 @@ def format_case(report: CaseReport, verbose: bool = False) -> str:
 
 def format_summary(reports: list[CaseReport]) -> str:
     fastest = max(reports, key=lambda r: r.speedup)
-    worst = max(reports, key=lambda r: r.rms_avg)
+    worst = max(reports, key=lambda r: (math.isnan(r.rms_avg), r.rms_avg))  # a NaN case is the worst
     return "\n".join(["Summary",
                       f"  best speedup: {fastest.speedup:.2f}x ({fastest.name})",
                       f"  worst rms diff: {worst.rms_avg:.3e} ({worst.name})"])
@@ -250,6 +257,9 @@ _REPORT_LINES = {
     "reference": re.compile(r"^  reference: (?P<reference>\S+)$"),
     "diff": re.compile(r"^  diff \(\S+\): max (?P<max_diff>\S+) rms_avg (?P<rms_avg>\S+)$"),
 }
+
+
+REPORT_FIELDS = tuple(field for pattern in _REPORT_LINES.values() for field in pattern.groupindex)
 
 
 def parse_report(text: str) -> list[dict]:

@@ -35,12 +35,22 @@ def visible_keys(rows: torch.Tensor, seq_q: int, seq_k: int, is_causal: bool) ->
 
 def mask_bias(attn_mask: torch.Tensor, padded_keys: int) -> torch.Tensor:
     """``attn_mask`` rows as float32 offsets of the log2-domain logits, keys zero-padded to
-    ``padded_keys``: bool False -> -inf (True keeps), an additive float mask times log2(e)."""
+    ``padded_keys``: bool False -> -inf (True keeps), an additive float mask times log2(e) (a value
+    below ≈ -2.36e38 overflows to -inf there: `hidden_by_mask`)."""
     if attn_mask.dtype == torch.bool:
         bias = torch.zeros(attn_mask.shape, device=attn_mask.device).masked_fill_(~attn_mask, -math.inf)
     else:
         bias = attn_mask.float() * groups.LOG2E
     return torch.nn.functional.pad(bias, (0, padded_keys - attn_mask.shape[-1]))
+
+
+def hidden_by_mask(attn_mask: torch.Tensor) -> torch.Tensor:
+    """Where ``attn_mask`` hides a key, as the op applies it (`mask_bias` -inf): False in a bool
+    mask; in an additive one -inf, or a value so low (float32's finfo.min, which transformers' padding
+    masks use) that its log2-domain offset overflows to -inf."""
+    if attn_mask.dtype == torch.bool:
+        return ~attn_mask
+    return torch.isneginf(attn_mask.float() * groups.LOG2E)
 
 
 def online_softmax_blocks(logits: torch.Tensor, mask: torch.Tensor):
