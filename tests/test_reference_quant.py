@@ -11,7 +11,7 @@ import torch
 import sageflash
 from sageflash import dumps, groups
 from conftest import HAS_CUDA
-from helpers import (assert_fp8_match, assert_int8_match, assert_scales_match, fp8_ordinal,
+from helpers import (assert_fp8_match, assert_int8_match, assert_scales_match, exact_attention, fp8_ordinal,
                      load_refdump, random_qkv)
 
 BACKEND = "reference"
@@ -287,6 +287,37 @@ def test_tiny_bf16_v_channel_is_quantized_without_overflow(backend, smooth_v, pv
     out = sageflash.sage_attn_sm89_fp16(q.to(device), k.to(device), v.to(device), pv_accum=pv_accum,
                                         smooth_v=smooth_v, backend=backend)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered in cast:RuntimeWarning")  # the interpreter
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_per_thread_keys_centred_past_fp16s_range_stay_finite(backend):
+    """An fp16 K channel spread past 65504 (finite values near ±40000): per_thread's k − km in fp16
+    would be ±inf there, its group scale inf and the whole KV head NaN (the official code). Those
+    differences keep their float32 value, every other element is rounded to fp16 as SPEC §3 says,
+    and the output is finite."""
+    device = "cuda" if backend == "triton" and HAS_CUDA else "cpu"  # else Triton's interpreter
+    q, k, v = random_qkv(1, 2, 1, 40, 130, 64, seed=38)
+    k[0, 0, :, 3] = 40000.0
+    k[0, 0, 70, 3] = -40000.0  # k − km ≈ −79400 for this key, in key group 1
+    q[..., 3] *= 1e-4  # keeps the channel's logits in range
+    _, _, k_int8, k_scale, km = (
+        x.cpu() for x in sageflash.quantize_qk(q.to(device), k.to(device), granularity="per_thread", smooth_k=True,
+                                               backend=backend))
+    exact = k.float() - km[..., :64].float()[:, :, None]
+    assert exact.abs().max() > 65504 and torch.isinf(exact.half()).any()
+    centred = torch.where(exact.half().isinf(), exact, exact.half().float())  # SPEC §3, but for the overflow
+    key_groups = groups.k_group(torch.arange(130), True)
+    amax = torch.zeros(k_scale.shape[-1]).scatter_reduce(0, key_groups, centred[0, 0].abs().amax(-1), "amax")
+    used = torch.unique(key_groups)
+    assert_scales_match(k_scale[0, 0, used], (amax / 127 + 1e-7)[used], "k_scale")  # per_thread's rule
+    ratio = centred[0, 0] / k_scale[0, 0, key_groups][:, None]
+    assert torch.equal(k_int8[0, 0, :, :64].float(), torch.trunc(ratio + 0.5 * torch.sign(ratio)))
+    out = sageflash.sage_attn_sm89_fp16(q.to(device), k.to(device), v.to(device), backend=backend).cpu()
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out, sageflash.sage_attn_sm89_fp16(q, k, v, backend="reference"), atol=2e-3, rtol=0)
+    # Finite, not exact: the outlier key's group scale (~79400 / 127) zeroes its other keys' codes.
+    assert (out.double() - exact_attention(q, k, v)).abs().max() < 0.15
 
 
 def test_quantizers_leave_inputs_unchanged():

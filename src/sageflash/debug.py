@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from . import dumps, groups, reference
 from .params import QKGranularity, SageParams, getenv
 from .reference.attention import expand_scales, mask_bias, online_softmax_blocks, visible_keys
-from .reference.quant import quantize_int8_groups
+from .reference.quant import centre_keys, quantize_int8_groups
 
 DUMP = "GGML_SAGE_DUMP"
 DUMP_QK_INT8 = "GGML_SAGE_DUMP_QK_INT8"
@@ -163,8 +163,7 @@ def simple_quantize_qk(q, k, *, granularity, smooth_k: bool):
     k_centered = k.float()
     if smooth_k:
         km = reference.key_mean(k)
-        # SPEC §3: per_thread centres K in the input dtype, per_warp in float32.
-        k_centered = (k - km[:, :, None]).float() if per_thread else k.float() - km.float()[:, :, None]
+        k_centered = centre_keys(k, km, per_thread)
         km = F.pad(km, pad)
     q_int8, q_scale = _quantize_per_group(F.pad(q.float(), pad), groups.q_group,
                                           groups.q_num_groups(q.shape[2], per_thread), per_thread)

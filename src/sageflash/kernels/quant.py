@@ -190,10 +190,10 @@ def _quantize_int8_tile(X, KM, X8, XS, batch, head, tile, seq, head_dim, num_hea
     if SMOOTH:
         wait_for_earlier_launch(PDL)  # K's mean comes from the reduction
         km = tl.load(KM + (batch * num_heads + head).to(tl.int64) * D + cols).to(tl.float32)
-        if PER_THREAD:  # per_thread centres K in the input dtype, per_warp in float32
-            xf = (xf - km[None, :]).to(X.dtype.element_ty).to(tl.float32)
-        else:
-            xf = xf - km[None, :]
+        xf = xf - km[None, :]
+        if PER_THREAD:  # per_thread rounds k - km to the input dtype, unless it overflows there
+            rounded = xf.to(X.dtype.element_ty).to(tl.float32)  # (reference.quant.centre_keys)
+            xf = tl.where(tl.abs(rounded) == float("inf"), xf, rounded)
     if IS_KEY:
         first_group = k_group(tile * TILE_ROWS, PER_THREAD)
     else:

@@ -72,12 +72,13 @@ def gather_sequence(x: torch.Tensor, *, group=None, dim: int = 2, sharding: str 
         if not -x.dim() <= dim < x.dim():
             raise ValueError(f"dim must be in [{-x.dim()}, {x.dim()}) for x of shape {tuple(x.shape)}, got {dim}")
         check_cuttable(len(chunk_ids(rank, world_size, sharding)), f"x's local length along dim {dim}", x.shape[dim])
-        call = {"x": describe(x), "dim": dim % x.dim(), "sharding": sharding,
+        dim %= x.dim()
+        call = {"x": describe(x), "dim": dim, "sharding": sharding,
                 "autograd": torch.is_grad_enabled() and x.requires_grad}  # its backward is a collective too
     except Exception as err:  # whatever stops this rank must stop all of them
         error = err
     agree([group], "gather_sequence", call, error, device_of(x))
-    whole = _GatheredSequence.apply(x.contiguous(), dim % x.dim(), group, rank, world_size)
+    whole = _GatheredSequence.apply(x.contiguous(), dim, group, rank, world_size)
     if sharding == "contiguous":
         return whole
     local = x.shape[dim]

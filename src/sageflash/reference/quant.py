@@ -44,6 +44,17 @@ def key_mean(k: torch.Tensor) -> torch.Tensor:
     return k.mean(dim=2, dtype=torch.float32).to(k.dtype)
 
 
+def centre_keys(k: torch.Tensor, km: torch.Tensor, per_thread: bool) -> torch.Tensor:
+    """float32 ``k − km`` (SPEC §3): per_warp subtracts in float32, per_thread rounds the difference
+    to k's dtype, except where that overflows (fp16: a channel spread past 65504, finite inputs),
+    which keeps its float32 value instead of ±inf (the official code's inf scale gives NaN)."""
+    exact = k.float() - km.float()[:, :, None]
+    if not per_thread:
+        return exact
+    rounded = exact.to(k.dtype).float()
+    return torch.where(rounded.isinf(), exact, rounded)
+
+
 def quantize_qk(q: torch.Tensor, k: torch.Tensor, *, granularity, smooth_k: bool,
                 km: torch.Tensor | None = None):
     """``(q_int8, q_scale, k_int8, k_scale, km)`` with the head dim zero-padded (`groups.padded_head_dim`).
@@ -60,8 +71,7 @@ def quantize_qk(q: torch.Tensor, k: torch.Tensor, *, granularity, smooth_k: bool
                                            groups.q_num_groups(seq_q, per_thread), per_thread)
     if smooth_k:
         km = key_mean(k) if km is None else km[..., : k.shape[-1]].to(k.dtype)
-        # per_thread subtracts in the input dtype, per_warp in float32 (SPEC §3).
-        k_centered = (k - km[:, :, None]).float() if per_thread else k.float() - km.float()[:, :, None]
+        k_centered = centre_keys(k, km, per_thread)
         km = _pad_last(km, head_dim)
     else:
         k_centered, km = k.float(), None
