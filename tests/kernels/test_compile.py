@@ -22,7 +22,10 @@ EXPECTED = {  # (capability, pv_accum) -> fragments the Q·Kᵀ and P·V instruc
 }
 
 
-SHARED_BYTES = {89: 101376, 90: 232448}  # the most shared memory one block may have: Ada 99 KiB, Hopper 227
+# Consumer Blackwell (sm_120) takes Ada's launches (`attention.MMA_SYNC_ARCHS`): the same products.
+EXPECTED.update({(120, pv_accum): EXPECTED[89, pv_accum] for pv_accum in ("fp32", "fp32+fp32", "fp32+fp16")})
+# The most shared memory one block may have: Ada and consumer Blackwell 99 KiB, Hopper 227.
+SHARED_BYTES = {89: 101376, 90: 232448, 120: 101376}
 
 
 def compile_rows(*args: str) -> list[dict]:
@@ -38,7 +41,7 @@ def compile_rows(*args: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def compiled_rows():
-    return compile_rows("--head-dim", "64", "128")
+    return compile_rows("--capability", "89", "90", "120", "--head-dim", "64", "128")
 
 
 @pytest.fixture(scope="module")
@@ -77,16 +80,21 @@ def test_p_rounds_once_to_e4m3(compiled_rows):
 
 
 def test_hopper_kernels_wait_for_the_launch_before(compiled_rows):
-    """On sm_90 the attention kernel is a dependent launch (PDL) and waits for the quantizer in the
-    kernel; Ada has no griddepcontrol, so nothing is emitted there."""
-    assert {(r["capability"], r["waits_for_earlier_launch"]) for r in compiled_rows} == {(89, False), (90, True)}
+    """From sm_90 the attention kernel is a dependent launch (PDL) and waits for the quantizer in
+    the kernel; Ada has no griddepcontrol, so nothing is emitted there."""
+    assert {(r["capability"], r["waits_for_earlier_launch"]) for r in compiled_rows} == {
+        (89, False), (90, True), (120, True)}
 
 
-def test_head_dim_256_with_a_mask_fits_and_uses_tensor_cores():
-    """The largest kernel (D=256, an additive float32 attn_mask) on the tensor cores, within each
-    arch's shared memory."""
-    rows = compile_rows("--head-dim", "256", "--pv-accum", "fp32+fp16", "--mask", "fp32")
-    assert {r["capability"] for r in rows} == {89, 90}
+def test_every_head_dim_and_mask_fits_each_archs_shared_memory():
+    """Each padded head dim with each attn_mask element type (a mask's tile is pipelined with K's
+    and V's) on the tensor cores, within the arch's shared memory: Ada's 128-row tile with a
+    float32 mask needed 115,200 bytes in 3 stages (OutOfResources on every call), and sm_120 had
+    Hopper's launches, sized for 227 KiB."""
+    rows = compile_rows("--capability", "89", "90", "120", "--head-dim", "64", "128", "256",
+                        "--pv-accum", "fp32+fp16", "--mask", "u8", "fp16", "fp32")
+    assert {(r["capability"], r["head_dim"], r["mask"]) for r in rows} == {
+        (c, d, m) for c in (89, 90, 120) for d in (64, 128, 256) for m in ("u8", "fp16", "fp32")}
     for row in rows:
         assert_tensor_cores(set(row["mma"]), row["capability"], "fp32+fp16")
         assert row["shared_bytes"] <= SHARED_BYTES[row["capability"]], row

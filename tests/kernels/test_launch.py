@@ -110,6 +110,14 @@ def test_launch_table():
         assert launch_config(256, 90, pv_mode.code, causal, keys) == LaunchConfig(128, 64, 8, 3, tma=True)
     for pv_mode in (fp32_fp32, fp32_fp16):  # a 168-register cap below the rows' 1k keys (D=64, Hopper)
         assert launch_config(64, 90, pv_mode, True, 512) == LaunchConfig(64, 128, 4, 4, max_registers=168)
+    for capability, head_dim in itertools.product((89, 120), (64, 128, 256)):
+        # consumer Blackwell takes Ada's tiles; a float32 mask takes D=128's 128 rows to 2 stages
+        ada = launch_config(head_dim, 89, fp32_fp16, False, 4096)
+        assert launch_config(head_dim, capability, fp32_fp16, False, 4096, mask_itemsize=2) == ada
+        stages = 2 if head_dim == 128 else ada.num_stages
+        assert launch_config(head_dim, capability, fp32_fp16, False, 4096, mask_itemsize=4) == \
+            ada._replace(num_stages=stages)
+    assert launch_config(128, 90, fp32_fp16, False, 4096, mask_itemsize=4) == launch_config(128, 90, fp32_fp16, False, 4096)
 
 
 def test_the_launch_arch_follows_tritons_override(monkeypatch):
@@ -120,11 +128,37 @@ def test_the_launch_arch_follows_tritons_override(monkeypatch):
     assert device_capability(torch.device("cpu")) == 0  # the interpreter
 
 
-def test_tma_needs_contiguous_payloads():
+def test_tma_needs_contiguous_aligned_payloads():
+    """Anything else takes pointer loads (a descriptor of a misaligned base was an AssertionError)."""
     k8 = torch.zeros(1, 2, 128, 64, dtype=torch.int8)
     v8 = torch.zeros(1, 2, 64, 128, dtype=torch.int8)
     assert _tma_addressable(k8, v8)
     assert not _tma_addressable(k8.transpose(1, 2), v8)
+    packed = torch.zeros(k8.numel() + 16, dtype=torch.int8)
+    offset = (16 - packed.data_ptr() % 16) % 16
+    assert _tma_addressable(packed[offset:offset + k8.numel()].view(k8.shape), v8)
+    assert not _tma_addressable(packed[offset + 1:offset + 1 + k8.numel()].view(k8.shape), v8)
+
+
+def test_the_launch_choices_follow_triton_interpret_as_it_was_at_import(monkeypatch):
+    """The kernels were decorated (compiled or interpreted) when TRITON_INTERPRET was read at
+    import; changing it later must not switch off Hopper's dependent launches or Ada's e4m3 cast
+    (both read it at every call before)."""
+    from sageflash.kernels import launch
+
+    cuda = torch.device("cuda", 0)
+
+    def choices():
+        monkeypatch.setattr(launch, "device_capability", lambda device: 90)
+        pdl = launch.dependent_launch(cuda)
+        monkeypatch.setattr(launch, "device_capability", lambda device: 89)
+        return pdl, launch.e4m3_cast_in_ptx(cuda)
+    assert choices() == (not launch.INTERPRETED, not launch.INTERPRETED)
+    if launch.INTERPRETED:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert choices() == (not launch.INTERPRETED, not launch.INTERPRETED)
 
 
 def test_launch_key_is_finer_than_tritons_specialisation():

@@ -266,6 +266,31 @@ def test_chunked_attention_is_the_one_piece_result(monkeypatch, case, layout):
         assert torch.equal(got, want)
 
 
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log2")  # rows the mask empties: LSE -inf
+@pytest.mark.parametrize("layout", ["HND", "NHD"])
+def test_heads_past_the_grid_limit_run_in_kv_head_chunks(monkeypatch, layout):
+    """More heads than a launch's grid axis y holds (the quantizer's grid has Q's, K's and V's
+    heads on it: 21845 MHA heads) run in KV-head chunks with the one-piece result bit for bit (the
+    limit lowered to 10 here: 6 KV heads with 2 query heads each take 2 per launch, 3 chunks); a
+    KV head's query heads alone past the limit are refused by name."""
+    from sageflash.kernels import launch
+    q, k, v = random_qkv(11, 2, 12, 6, 40, 70, 64, torch.float16)
+    mask = make_mask("bool_per_head", 2, 12, 40, 70, seed=11, device=q.device)
+    if layout == "NHD":
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    call = lambda: sageflash.sage_attn_sm89_fp16(q, k, v, is_causal=True, return_lse=True, attn_mask=mask,  # noqa: E731
+                                                 tensor_layout=layout, backend="triton")
+    one_piece = call()
+    monkeypatch.setattr(launch, "MAX_GRID_HEADS", 10)
+    hnd = [x if layout == "HND" else x.transpose(1, 2) for x in (q, k, v)]
+    assert kernels.kv_head_chunks(*hnd) == 3
+    for got, want in zip(call(), one_piece):
+        assert torch.equal(got, want)
+    monkeypatch.setattr(launch, "MAX_GRID_HEADS", 3)
+    with pytest.raises(ValueError, match="2 query heads per KV head is above 1"):
+        call()
+
+
 @pytest.mark.filterwarnings("ignore:divide by zero encountered in log2")  # masked padding rows' LSE, not stored
 @pytest.mark.parametrize("mask_batch", [5, 1])
 def test_batches_past_the_grid_limit_run_in_slices(monkeypatch, mask_batch):

@@ -92,14 +92,23 @@ def q_payload_in_output(head_dim: int) -> bool:
 
 
 def kv_head_chunks(q, k, v) -> int:
-    """How many KV-head chunks `attention` splits a call into (1: one piece)."""
+    """How many KV-head chunks `attention` splits a call into (1: one piece): for memory, and so
+    that the quantizer's grid, which puts the heads of Q, K and V on its y axis, stays within
+    `launch.MAX_GRID_HEADS` (more than 21845 heads, e.g. attention that folds a latent's pixels
+    into the heads)."""
+    kv_heads, group = k.shape[1], q.shape[1] // k.shape[1]
+    kv_heads_per_launch = launch.MAX_GRID_HEADS // (group + 2)
+    if kv_heads_per_launch == 0:
+        raise ValueError(f"{group} query heads per KV head is above {launch.MAX_GRID_HEADS - 2}, the most "
+                         "one launch's grid holds")
+    grid_chunks = groups.cdiv(kv_heads, kv_heads_per_launch)
     input_bytes = sum(t.numel() * t.element_size() for t in (q, k, v))
     if input_bytes < CHUNKED_FROM_BYTES:
-        return 1
+        return grid_chunks
     head_dim = q.shape[-1]
     payloads = (k, v) if q_payload_in_output(head_dim) else (q, k, v)
     payload_bytes = sum(t.numel() for t in payloads) // head_dim * groups.padded_head_dim(head_dim)
-    return min(k.shape[1], groups.cdiv(payload_bytes, int(PAYLOAD_FRACTION * input_bytes)))
+    return max(grid_chunks, min(kv_heads, groups.cdiv(payload_bytes, int(PAYLOAD_FRACTION * input_bytes))))
 
 
 @_on_tensor_device

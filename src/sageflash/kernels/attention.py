@@ -342,8 +342,18 @@ _HOPPER_D256 = LaunchConfig(128, 64, 8, 3, tma=True)
 _HOPPER_SHORT_REGISTERS = {(64, _FP32_FP32): 168, (64, _FP32_FP16): 168}
 
 
+# Architectures that take Ada's launches: below Hopper, and consumer Blackwell (sm_120/121, RTX 50xx:
+# mma.sync and Ada's 99 KiB of shared memory per block, where Hopper's tables, sized for 227 KiB,
+# failed with OutOfResources at D=256 and with masks; official SageAttention also runs its sm_89
+# kernel there). Not run on such a card yet.
+MMA_SYNC_ARCHS = range(0, 90), range(120, 130)
+# Ada's 128-row tile (D=128) pipelines a 128x64 mask tile per stage: a 4-byte (float32) mask over
+# 3 stages needs 115,200 bytes of shared memory, past sm_89's 101,376; 2 stages need 65,792.
+_MMA_SYNC_4_BYTE_MASK_STAGES = 2
+
+
 def launch_config(padded_dim: int, capability: int, pv_mode: int, is_causal: bool,
-                  seq_k: int) -> LaunchConfig:
+                  seq_k: int, mask_itemsize: int = 0) -> LaunchConfig:
     """The launch for a padded head dim, a compute capability (major*10+minor), the pv_accum code,
     causality and the key count.
 
@@ -352,14 +362,18 @@ def launch_config(padded_dim: int, capability: int, pv_mode: int, is_causal: boo
     at D=64 and 3 at D=128; `_HOPPER` changes the loads, stages, register cap or key step where that
     measured faster, and `_HOPPER_SHORT_REGISTERS` caps the registers of the other short calls.
     D=256 on Hopper: `_HOPPER_D256`. Below sm_90 (Ada's mma.sync), `_MMA_SYNC`'s tiles, which keep
-    each row of scores in one warp at D=64 and D=128.
+    each row of scores in one warp at D=64 and D=128 (`MMA_SYNC_ARCHS`), with fewer stages for a
+    float32 mask (``mask_itemsize`` 4) where its tiles would not fit.
     Triton's automatic warp specialisation crashed its 3.6 compiler or changed nothing; experimental
     Gluon kernels were slower everywhere: QK overlapping the softmax in a 64-row tile by 2-33% (v7),
     FA3's layout (two consumer warpgroups of 64 rows sharing a TMA ring fed by a producer warp) by
     2-21% (v12; both kernels are in git history).
     """
-    if capability < 90:
-        return _MMA_SYNC[padded_dim]
+    if any(capability in archs for archs in MMA_SYNC_ARCHS):
+        config = _MMA_SYNC[padded_dim]
+        if mask_itemsize == 4 and config.block_m == 128:
+            config = config._replace(num_stages=_MMA_SYNC_4_BYTE_MASK_STAGES)
+        return config
     if padded_dim == 256:
         return _HOPPER_D256
     default = LaunchConfig(64, 128, 4, 4 if padded_dim == 64 else 3)
@@ -372,8 +386,10 @@ def launch_config(padded_dim: int, capability: int, pv_mode: int, is_causal: boo
 
 
 def _tma_addressable(*payloads) -> bool:
-    """TMA reads the payloads as 2-D row-major tensors with int32 row coordinates."""
-    return all(p.is_contiguous() and p.numel() // p.shape[-1] < 2 ** 31 for p in payloads)
+    """TMA reads the payloads as 2-D row-major tensors from 16-byte aligned addresses, with int32
+    row coordinates (payloads packed by a caller of `attention_from_payloads` may be neither)."""
+    return all(p.is_contiguous() and p.data_ptr() % 16 == 0 and p.numel() // p.shape[-1] < 2 ** 31
+               for p in payloads)
 
 
 def v_in_kernel_order(v_fp8: torch.Tensor) -> torch.Tensor:
@@ -405,7 +421,8 @@ def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_
         out = torch.empty(batch, q_heads, seq_q, head_dim, dtype=out_dtype, device=q_int8.device)
     lse = torch.empty(batch, q_heads, seq_q, dtype=torch.float32, device=q_int8.device) if return_lse else out
     arch = device_capability(q_int8.device)
-    config = launch or launch_config(padded, arch, params.pv_accum.code, params.is_causal, seq_k)
+    config = launch or launch_config(padded, arch, params.pv_accum.code, params.is_causal, seq_k,
+                                     0 if attn_mask is None else attn_mask.element_size())
     if params.pv_accum is PVAccum.FP32 and arch >= 90 and seq_k > LONG_FP32_KEYS:
         warn_once(("fp32-accumulator",), "pv_accum='fp32' sums P·V in Hopper's reduced-precision fp8 "
                   "tensor-core accumulator and drifts on long rows (NMSE against exact attention, H200: "

@@ -29,6 +29,7 @@ LONG_SEQUENCE = 4096  # the launch compiled is the one of a call with this many 
 _POINTER_TYPES = {"Q8": "*i8", "K8": "*i8", "V8": "*fp8e4nv", "QS": "*fp32", "KS": "*fp32",
                   "VS": "*fp32", "VM": "*fp32", "LSE": "*fp32"}
 _FLOAT_ARGS = {"log2_scale"}
+_MASK_ITEMSIZE = {"none": 0, "u8": 1, "fp16": 2, "bf16": 2, "fp32": 4}
 # Integer arguments a typical launch passes as multiples of 16 (Triton specialises on that).
 _DIVISIBLE_INTS = {"seq_q", "seq_k", "head_dim", "q_heads", "kv_heads", "q_groups", "k_groups"}
 MMA_PATTERN = re.compile(r"(wgmma\.mma_async[\w.]*|mma\.sync[\w.]*)")
@@ -61,7 +62,7 @@ def compile_attention(capability: int, *, head_dim: int = 128, pv_accum="fp32+fp
     """
     padded = groups.padded_head_dim(head_dim)
     pv_mode = PVAccum.parse(pv_accum, "pv_accum").code
-    config = launch_config(padded, capability, pv_mode, is_causal, LONG_SEQUENCE)
+    config = launch_config(padded, capability, pv_mode, is_causal, LONG_SEQUENCE, _MASK_ITEMSIZE[mask])
     pdl = capability >= PDL_MIN_CAPABILITY  # as `launch.dependent_launch` decides on a GPU
     constants = dict(D=padded, BLOCK_M=config.block_m, KEYS=config.keys,
                      PER_THREAD=QKGranularity.parse(granularity, "granularity") is QKGranularity.PER_THREAD,

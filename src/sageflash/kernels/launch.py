@@ -29,11 +29,11 @@ from triton import knobs
 from triton.runtime import driver
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ..op import interpreter_enabled
-from . import replay
+from . import INTERPRETED, replay  # TRITON_INTERPRET as the kernels were decorated (a later change reaches neither)
 
 MAX_PATTERNS = 256  # argument patterns kept per kernel; past it the cache starts again
 MAX_GRID_BATCH = 65535  # CUDA's limit on grid axes y and z; every kernel puts the batch on z
+MAX_GRID_HEADS = 65535  # ... and the heads on y: the quantizer those of Q, K and V together
 PDL_MIN_CAPABILITY = 90  # griddepcontrol (programmatic dependent launch): Hopper and later
 TRITON_E4M3_CAST_MIN_CAPABILITY = 90  # below, Triton 3.6 casts float32 to e4m3 in two roundings
 PDL = True  # False: ordinary launches only (A/B runs; set it before the first call: replays keep their launches)
@@ -77,7 +77,7 @@ def dependent_launch(device: torch.device) -> bool:
     later KV-head chunk's statistics follow the previous chunk's attention as a dependent launch
     that waits before it stores. Hopper and later, compiled kernels only (not the interpreter).
     """
-    return PDL and not interpreter_enabled() and device_capability(device) >= PDL_MIN_CAPABILITY
+    return PDL and not INTERPRETED and device_capability(device) >= PDL_MIN_CAPABILITY
 
 
 def e4m3_cast_in_ptx(device: torch.device) -> bool:
@@ -86,7 +86,7 @@ def e4m3_cast_in_ptx(device: torch.device) -> bool:
     (``cvt.rz.f16.f32``, then to e4m3): ≈0.15% of V's and P's codes came out one step off SPEC's
     single rounding to nearest even (the GPU tests on Ada's code path, NOTES v19). Hopper's cast is
     that instruction already; the interpreter's is exact (`interpreter`)."""
-    return (device.type == "cuda" and not interpreter_enabled()
+    return (device.type == "cuda" and not INTERPRETED
             and device_capability(device) < TRITON_E4M3_CAST_MIN_CAPABILITY)
 
 
@@ -158,7 +158,7 @@ class Launcher:
         self.kernel = kernel
         self.compiled = {}
         # Fixed when the kernel was decorated (TRITON_INTERPRET is read then), so checked once.
-        self.interpreted = interpreter_enabled()
+        self.interpreted = INTERPRETED
 
     def __call__(self, grid, *args, **meta):
         if self.interpreted:
