@@ -294,6 +294,18 @@ def test_module_entry_point_in_a_fresh_interpreter():
     assert record["name"] == CASE and math.isfinite(record["rms_avg"])
 
 
+def test_a_reader_that_leaves_is_not_reported_as_bad_input():
+    """`sageflash run --list | head -1`: stdout closed before the listing is written gives no
+    `sageflash: error: [Errno 32] Broken pipe` (which the bad-input handler used to print)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GGML_SAGE_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.Popen([sys.executable, "-m", "sageflash", "run", "--list"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the interpreter has even imported sageflash
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and b"error" not in err and b"Traceback" not in err, err
+
+
 def test_load_runs_any_dump_shape_against_bottom_right_causal_flash(capsys, tmp_path, monkeypatch):
     """A bf16 dump with Sq > Sk, causal: rows 0..49 see no key (zeros), the rest align bottom-right."""
     q, k, v = random_qkv(batch=1, q_heads=4, kv_heads=2, seq_q=150, seq_k=100, head_dim=96, seed=31,

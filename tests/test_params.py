@@ -96,6 +96,13 @@ def test_numpy_scalars_are_taken_as_their_python_values():
     assert sageflash.resolve_params(is_causal=np.True_, smooth_k=np.False_).is_causal is True
     with pytest.raises(TypeError, match="is_causal must be a bool"):
         sageflash.resolve_params(is_causal=np.array([True]))
+    # numpy's integers, as Python's: 0/1 flags and the knobs' integer codes
+    params = sageflash.resolve_params(is_causal=np.int64(1), smooth_k=np.int8(0), pv_accum=np.int64(1),
+                                      granularity=np.int32(2))
+    assert (params.is_causal, params.smooth_k, params.pv_accum.value, params.granularity.value) == \
+        (True, False, "fp32+fp32", "per_warp")
+    with pytest.raises(TypeError, match="is_causal must be a bool"):
+        sageflash.resolve_params(is_causal=np.int64(2))
 
 
 def test_op_forces_smooth_v_off_without_fp32_accumulation():

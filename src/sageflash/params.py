@@ -57,9 +57,9 @@ class _KnobEnum(str, enum.Enum):
         dump's meta or a command line gives it); else ValueError/TypeError."""
         if isinstance(value, cls):
             return value
-        if isinstance(value, bool) or not isinstance(value, (str, int)):
+        if isinstance(value, bool) or not isinstance(value, (str, numbers.Integral)):  # Integral: numpy's ints
             raise TypeError(f"{argument} must be a string or an integer code, got {type(value).__name__}")
-        key = value.strip().lower() if isinstance(value, str) else value
+        key = value.strip().lower() if isinstance(value, str) else int(value)
         member = _KNOB_LOOKUP[cls].get(int(key) if isinstance(key, str) and key.isdecimal() else key)
         if member is not None:
             return member
@@ -159,7 +159,7 @@ def _env_enum(name: str, enum_cls: type[_KnobEnum]):
 def _check_bool(value, argument: str) -> bool:
     if isinstance(value, bool):
         return value
-    if isinstance(value, int) and value in (0, 1):
+    if isinstance(value, numbers.Integral) and value in (0, 1):  # Integral: numpy's ints too
         return bool(value)
     if getattr(getattr(value, "dtype", None), "kind", None) == "b" and getattr(value, "shape", None) == ():
         return bool(value)  # numpy's bool scalar

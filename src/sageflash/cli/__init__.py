@@ -7,6 +7,7 @@ Each subcommand module has ``register(subparsers)``, which adds its parser and s
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .. import bench
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:  # the reader left (`sageflash run --list | head -1`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the exit's flush fails again
+        return 1
     except (ValueError, OSError) as err:  # bad input, dump or file (DumpError is a ValueError)
         print(f"sageflash: error: {err}", file=sys.stderr)
         return 2
