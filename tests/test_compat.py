@@ -110,6 +110,9 @@ BAD_CALLS = {  # (function, keywords, exception, words the message must hold)
                        ["pv_accum_dtype", "'fp32+fp16'"]),
     "qk_quant_gran": ("sageattn", {"qk_quant_gran": "per_block"}, ValueError, ["qk_quant_gran", "'per_warp'"]),
     "sm_scale": ("sageattn", {"sm_scale": -1.0}, ValueError, ["sm_scale", "positive"]),
+    # a value under flash-attn's spelling is named as the caller spelled it
+    "softmax_scale": ("sageattn", {"softmax_scale": -1.0}, ValueError, ["softmax_scale must be", "positive"]),
+    "causal": ("sageattn", {"causal": "yes"}, TypeError, ["causal must be a bool"]),
     "layout": ("sageattn", {"tensor_layout": "BSHD"}, ValueError, ["tensor_layout", "'NHD'"]),
     "backend": ("sageattn", {"backend": "cuda"}, ValueError, ["backend", "reference"]),
 }

@@ -14,7 +14,7 @@ import inspect
 import torch
 
 from .op import sage_attn_sm89_fp16
-from .params import PVAccum, QKGranularity, check_softmax_scale, warn_once
+from .params import PVAccum, QKGranularity, check_bool, check_softmax_scale, warn_once
 
 # flash-attn's name -> SageAttention's
 FLASH_SPELLINGS = {"causal": "is_causal", "softmax_scale": "sm_scale"}
@@ -51,8 +51,10 @@ def _run(function: str, q, k, v, official: dict, extra: dict):
     extra = dict(extra)
     args = {**_DEFAULTS, **official}
     args.update({name: extra.pop(name) for name in _DEFAULTS if name not in official and name in extra})
+    spelled = {name: name for name in FLASH_SPELLINGS.values()}  # as the caller named them, for errors
     for flash_name, name in FLASH_SPELLINGS.items():
         if flash_name in extra:
+            spelled[name] = flash_name
             if args[name] != _DEFAULTS[name]:
                 raise TypeError(f"{function}() got both {name!r} and its flash-attn spelling {flash_name!r}")
             if not torch.compiler.is_compiling():  # Dynamo cannot trace logging: silent when compiled
@@ -68,7 +70,8 @@ def _run(function: str, q, k, v, official: dict, extra: dict):
     if extra:
         raise TypeError(f"{function}() got an unexpected keyword argument {next(iter(extra))!r}")
     return sage_attn_sm89_fp16(
-        q, k, v, check_softmax_scale(args["sm_scale"], "sm_scale"), args["is_causal"], args["smooth_k"],
+        q, k, v, check_softmax_scale(args["sm_scale"], spelled["sm_scale"]),
+        check_bool(args["is_causal"], spelled["is_causal"]), args["smooth_k"],
         args["smooth_v"], PVAccum.parse(args["pv_accum_dtype"], "pv_accum_dtype"),
         QKGranularity.parse(args["qk_quant_gran"], "qk_quant_gran"),
         tensor_layout=args["tensor_layout"], return_lse=args["return_lse"], attn_mask=attn_mask,

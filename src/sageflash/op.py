@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 
 from . import debug, groups
-from .params import (PVAccum, QKGranularity, SageParams, _check_bool, apply_overrides, check_knobs, getenv,
+from .params import (PVAccum, QKGranularity, SageParams, apply_overrides, check_bool, check_knobs, getenv,
                      resolve_params, smooth_v_contract)
 
 BACKENDS = ("auto", "reference", "triton")
@@ -177,7 +177,7 @@ def check_call(q, k, v, softmax_scale, is_causal, smooth_k, smooth_v, pv_accum, 
     check_attn_mask(attn_mask, q, k, tensor_layout)
     params = check_knobs(softmax_scale, is_causal, smooth_k, smooth_v, pv_accum, granularity,
                          head_dim=q.shape[-1])
-    return_lse = _check_bool(return_lse, "return_lse")
+    return_lse = check_bool(return_lse, "return_lse")
     check_backend(backend)
     return params, return_lse
 
@@ -329,7 +329,7 @@ def quantize_qk(q, k, *, granularity, smooth_k, km=None, tensor_layout="HND", ba
     validate_qk(q, k, tensor_layout)
     q, k = as_hnd(q, tensor_layout), as_hnd(k, tensor_layout)
     granularity = QKGranularity.parse(granularity, "granularity")
-    smooth_k = _check_bool(smooth_k, "smooth_k")
+    smooth_k = check_bool(smooth_k, "smooth_k")
     if km is not None:
         if not isinstance(km, torch.Tensor):
             raise TypeError(f"km must be a torch.Tensor or None, got {type(km).__name__}")
@@ -352,5 +352,5 @@ def quantize_v(v, *, pv_accum, smooth_v, tensor_layout="HND", backend="auto"):
     validate_v(v, tensor_layout=tensor_layout)
     v = as_hnd(v, tensor_layout)
     pv_accum = PVAccum.parse(pv_accum, "pv_accum")
-    smooth_v = smooth_v_contract(_check_bool(smooth_v, "smooth_v"), pv_accum)  # as the op would use it
+    smooth_v = smooth_v_contract(check_bool(smooth_v, "smooth_v"), pv_accum)  # as the op would use it
     return select_backend(backend, v.device).quantize_v(v, pv_accum=pv_accum, smooth_v=smooth_v)

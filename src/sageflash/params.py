@@ -156,7 +156,9 @@ def _env_enum(name: str, enum_cls: type[_KnobEnum]):
     raise ValueError(f"environment variable {name}={raw!r} is not valid; allowed values: {allowed}")
 
 
-def _check_bool(value, argument: str) -> bool:
+def check_bool(value, argument: str) -> bool:
+    """A flag: a bool, 0 or 1 (Python's or numpy's), or numpy's bool scalar; else a TypeError naming
+    ``argument``."""
     if isinstance(value, bool):
         return value
     if isinstance(value, numbers.Integral) and value in (0, 1):  # Integral: numpy's ints too
@@ -203,9 +205,9 @@ def check_knobs(softmax_scale=None, is_causal=False, smooth_k=True, smooth_v=Fal
     to ``head_dim ** -0.5`` (the caller's head dim, before padding) when ``head_dim`` is given, and
     stays None otherwise.
     """
-    is_causal = _check_bool(is_causal, "is_causal")
-    smooth_k = _check_bool(smooth_k, "smooth_k")
-    smooth_v = _check_bool(smooth_v, "smooth_v")
+    is_causal = check_bool(is_causal, "is_causal")
+    smooth_k = check_bool(smooth_k, "smooth_k")
+    smooth_v = check_bool(smooth_v, "smooth_v")
     pv_accum = PVAccum.parse(pv_accum, "pv_accum")
     granularity = QKGranularity.parse(granularity, "granularity")
     softmax_scale = check_softmax_scale(softmax_scale)
