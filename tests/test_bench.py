@@ -202,16 +202,21 @@ def test_cpu_run_table_and_csv_match_json(cpu_run):
     assert {row["baseline"] for row in rows} == {"sdpa-flash"}  # what the CSV's vs_baseline is to
 
 
-def test_the_config_column_fits_the_longest_label(no_cuda):
+def test_the_config_column_fits_the_longest_label(no_cuda, monkeypatch, capsys):
     """A label longer than the column's 22 characters widens it for every row, so the columns after
-    it stay under their headers."""
-    settings = bench.settings_from_args(parse([*TINY, "--no-smooth-k", "--causal", "off"]), torch.device("cpu"))
+    it stay under their headers (the table `sageflash bench` prints)."""
+    argv = [*TINY, "--allow-cpu", "--no-smooth-k", "--causal", "off"]
+    settings = bench.settings_from_args(parse(argv), torch.device("cpu"))
     label = "fp32+fp16/per_thread/no-smooth-k"
     assert settings.config_width == len(label) > bench.CONFIG_WIDTH
-    header = bench.format_header(settings.baseline, config_width=settings.config_width)
-    [row] = [r for r in bench.blank_rows(bench.Shape(1, 2, 2, 128, 64, False), settings) if r.config == label][:1]
-    row.ms = 1.0
-    line = bench.format_row(row, settings.baseline, config_width=settings.config_width)
+
+    def one_measured_row(settings, device, on_result):
+        row = next(r for r in bench.blank_rows(bench.Shape(1, 2, 2, 128, 64, False), settings) if r.config == label)
+        row.ms = 1.0
+        on_result(row)
+    monkeypatch.setattr(bench, "run_benchmarks", one_measured_row)
+    assert bench.run(parse(argv)) == 0
+    header, line = [row for row in capsys.readouterr().out.splitlines() if not row.startswith("#")]
     assert line.index(label) + len(label) == header.index("config") + len("config")
     assert line.index("e2e") + len("e2e") == header.index("mode") + len("mode")
     assert len(line) == len(header)  # the last column ends under its header
@@ -225,10 +230,12 @@ def test_the_sageattention_rows_name_the_kernel_sageattn_picks(monkeypatch):
                               ((7, 5), "")]:
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         assert bench.PROVIDERS["sageattention"].config_label(None) == label
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     settings = bench.settings_from_args(parse([*TINY, "--providers", "sageattention,sageattention-sm89"]),
                                         torch.device("cpu"))
     configs = {r.provider: r.config for r in bench.blank_rows(bench.Shape(1, 2, 2, 128, 64, False), settings)}
-    assert configs["sageattention"] == "" and configs["sageattention-sm89"] == "fp32+fp16/per_thread"
+    assert configs == {"sageattention": "sm90:fp32+fp32/per_thread", "sageattention-sm89": "fp32+fp16/per_thread",
+                       "sdpa-flash": ""}  # (the baseline, always timed)
 
 
 def test_a_failed_runs_memory_is_released_before_the_cache_is_emptied(monkeypatch):
@@ -251,6 +258,10 @@ def test_a_failed_runs_memory_is_released_before_the_cache_is_emptied(monkeypatc
                                         torch.device("cpu"))
     rows = bench.run_shape(bench.Shape(1, 2, 2, 128, 64, False), None, settings, torch.device("cuda"))
     assert rows[0].error == "RuntimeError: CUDA out of memory"
+    assert alive_at_empty and not any(alive_at_empty)
+    alive_at_empty.clear()
+    monkeypatch.setattr(bench, "make_inputs", failing_time_run)  # the inputs of a shape, the same way
+    bench.run_benchmarks(settings, torch.device("cuda"), lambda row: None)
     assert alive_at_empty and not any(alive_at_empty)
 
 

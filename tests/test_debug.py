@@ -170,12 +170,16 @@ def test_a_broadcast_view_of_a_mask_is_dumped_at_its_own_size(monkeypatch, tmp_p
     assert os.path.getsize(dumps.tag_path(prefix, dumps.ATTN_MASK)) == 2 * 200
 
 
+_ROWS = torch.randn(200, 1, generator=torch.Generator().manual_seed(15))
+
+
 @pytest.mark.parametrize("mask", [torch.tensor(-0.5).expand(200, 200),  # a scalar, broadcast both ways
-                                  torch.zeros(200, 1, dtype=torch.bfloat16).expand(200, 200),
-                                  torch.zeros(1, 1, 1, 1).expand(2, 4, 200, 200)])
+                                  _ROWS.masked_fill(_ROWS > 1, float("-inf")).bfloat16().expand(200, 200),
+                                  (_ROWS[:1, :1] + 2)[None, None].expand(2, 4, 200, 200)])
 def test_masks_broadcast_along_keys_and_odd_strides_are_dumped(monkeypatch, tmp_path, capsys, mask):
     """A float mask whose key axis only broadcasts (stride 0, kept at size 1) is written as a
-    fresh C-order copy (a byte view of it failed), and the dump replays."""
+    fresh C-order copy (a byte view of it failed), and the dump replays (a row offset is lost in
+    the softmax, a row at -inf hides the row: zeros)."""
     prefix = str(tmp_path / "odd")
     monkeypatch.setenv(debug.DUMP, prefix)
     q, k, v = gqa_inputs(15)
@@ -330,6 +334,8 @@ def test_debug_quant_prints_scale_statistics_per_head_and_group(monkeypatch, cap
 def test_kernel_telemetry_follows_the_online_softmax_to_the_lse(monkeypatch, capsys, causal, mask_kind):
     q, k, v = gqa_inputs(13, head_dim=64, seq_q=200, seq_k=200)
     mask = None if mask_kind is None else make_mask(mask_kind, 2, 4, 200, 200, seed=13)
+    if mask_kind == "key_padding":
+        mask = mask.flip(0)  # the telemetry shows batch 0: pad its keys
     monkeypatch.setenv(debug.KERNEL_ITERS, "99")
     monkeypatch.setenv(debug.KERNEL_PRINT_LIMIT, "3")
     monkeypatch.setenv(debug.SAMPLE_HEAD, "2")

@@ -14,7 +14,7 @@ import torch
 from conftest import ROOT, refdump_dir
 from helpers import PACKAGE_ROOT, exact_attention, no_env_overrides, random_qkv  # noqa: F401 (a fixture)
 from sageflash import dumps, reference
-from sageflash.cli import main
+from sageflash.cli import compare, main
 from sageflash.cli.dump import run_official
 from sageflash.params import resolve_params
 
@@ -128,11 +128,20 @@ def test_an_external_binarys_incomplete_report_is_a_one_line_error(tmp_path, cap
     assert "Traceback" not in err
 
 
-def test_compare_removes_the_folders_its_dumps_needed(tmp_path):
+def test_compare_removes_the_folders_its_dumps_needed(tmp_path, monkeypatch):
     """``--tmp-dir`` folders that did not exist are removed with the dumps written there."""
     assert main(["compare", "--case", CASE, "--tmp-dir", str(tmp_path / "new dir" / "sub")]) == 0
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "kept").mkdir()
     assert main(["compare", "--case", CASE, "--tmp-dir", str(tmp_path / "kept" / "sub")]) == 0
     assert [p.name for p in tmp_path.iterdir()] == ["kept"] and list((tmp_path / "kept").iterdir()) == []
+
+    def stray_file_then_dump(*args, **kwargs):  # something else lands in the new folder meanwhile
+        (tmp_path / "new").mkdir()
+        (tmp_path / "new" / "notes.txt").write_text("mine")
+        return dump_as_before(*args, **kwargs)
+    dump_as_before = compare.dump_case
+    monkeypatch.setattr(compare, "dump_case", stray_file_then_dump)
+    assert main(["compare", "--case", CASE, "--tmp-dir", str(tmp_path / "new")]) == 0
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["notes.txt"]  # only what compare wrote went
 

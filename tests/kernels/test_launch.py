@@ -7,6 +7,7 @@ runs on the GPU, and on the CPU with Triton's driver and kernel faked; graphs ne
 
 from __future__ import annotations
 
+import importlib
 import itertools
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from conftest import HAS_CUDA, nmse
+import sageflash
 from sageflash import kernels, reference
 from sageflash.kernels.attention import (_HOPPER, LaunchConfig, _tma_addressable,
                                         attention_from_payloads, launch_config)
@@ -117,7 +119,24 @@ def test_launch_table():
         stages = 2 if head_dim == 128 else ada.num_stages
         assert launch_config(head_dim, capability, fp32_fp16, False, 4096, mask_itemsize=4) == \
             ada._replace(num_stages=stages)
-    assert launch_config(128, 90, fp32_fp16, False, 4096, mask_itemsize=4) == launch_config(128, 90, fp32_fp16, False, 4096)
+    for head_dim in (64, 128, 256):  # Hopper's tables have the shared memory for a float32 mask's stages
+        assert launch_config(head_dim, 90, fp32_fp16, False, 4096, mask_itemsize=4) == \
+            launch_config(head_dim, 90, fp32_fp16, False, 4096)
+
+
+@pytest.mark.parametrize("dtype,itemsize", [(torch.float32, 4), (torch.bfloat16, 2), (torch.bool, 1), (None, 0)])
+def test_the_launch_is_chosen_for_the_masks_element_size(monkeypatch, dtype, itemsize):
+    """`attention_from_payloads` tells `launch_config` the mask's element size (a float32 mask takes
+    Ada's D=128 tile to 2 stages)."""
+    attention = importlib.import_module("sageflash.kernels.attention")  # (kernels.attention is the function)
+    seen = []
+    choose_as_before = attention.launch_config
+    monkeypatch.setattr(attention, "launch_config", lambda *args: seen.append(args[5:]) or choose_as_before(*args))
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(1, 2, 70, 128, generator=gen).half().to(DEVICE) for _ in range(3))
+    mask = None if dtype is None else (torch.randn(70, 70, generator=gen) > -1).to(dtype).to(DEVICE)
+    sageflash.sage_attn_sm89_fp16(q, k, v, attn_mask=mask, backend="triton")
+    assert seen == [(itemsize,)]
 
 
 def test_the_launch_arch_follows_tritons_override(monkeypatch):
@@ -137,7 +156,8 @@ def test_tma_needs_contiguous_aligned_payloads():
     packed = torch.zeros(k8.numel() + 16, dtype=torch.int8)
     offset = (16 - packed.data_ptr() % 16) % 16
     assert _tma_addressable(packed[offset:offset + k8.numel()].view(k8.shape), v8)
-    assert not _tma_addressable(packed[offset + 1:offset + 1 + k8.numel()].view(k8.shape), v8)
+    for misaligned in (1, 8):
+        assert not _tma_addressable(packed[offset + misaligned:offset + misaligned + k8.numel()].view(k8.shape), v8)
 
 
 def test_the_launch_choices_follow_triton_interpret_as_it_was_at_import(monkeypatch):

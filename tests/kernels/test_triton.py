@@ -284,8 +284,18 @@ def test_heads_past_the_grid_limit_run_in_kv_head_chunks(monkeypatch, layout):
     monkeypatch.setattr(launch, "MAX_GRID_HEADS", 10)
     hnd = [x if layout == "HND" else x.transpose(1, 2) for x in (q, k, v)]
     assert kernels.kv_head_chunks(*hnd) == 3
+    grids = []
+    launch_as_before = launch.Launcher.__call__
+    monkeypatch.setattr(launch.Launcher, "__call__",
+                        lambda self, grid, *args, **meta: grids.append(grid) or launch_as_before(self, grid, *args, **meta))
     for got, want in zip(call(), one_piece):
         assert torch.equal(got, want)
+    assert len(grids) >= 3 * 4 and max(grid[1] for grid in grids) <= 10  # 3 chunks of 4 launches, none past
+    monkeypatch.setattr(kernels, "CHUNKED_FROM_BYTES", 0)  # the memory rule too: the more chunks of the two
+    monkeypatch.setattr(kernels, "PAYLOAD_FRACTION", 1e-3)
+    assert kernels.kv_head_chunks(*hnd) == 6
+    monkeypatch.setattr(kernels, "PAYLOAD_FRACTION", 10.0)
+    assert kernels.kv_head_chunks(*hnd) == 3
     monkeypatch.setattr(launch, "MAX_GRID_HEADS", 3)
     with pytest.raises(ValueError, match="2 query heads per KV head is above 1"):
         call()

@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["run", *argv]  # bare `sageflash [flags]` is `sageflash run [flags]`
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, not at exit, where a closed pipe would escape the handler below
+        return code
     except BrokenPipeError:  # the reader left (`sageflash run --list | head -1`): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the exit's flush fails again
         return 1
