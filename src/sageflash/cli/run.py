@@ -147,6 +147,11 @@ def pick_backend() -> tuple[torch.device, str, str]:
     return device, "triton", f"backend: triton ({device} {torch.cuda.get_device_name(device)})"
 
 
+def keys_each_row_sees(seq_q: int, seq_k: int, is_causal: bool, device) -> torch.Tensor:
+    """``[Sq, Sk]`` bool: key j is visible to query t (SPEC §7's causal alignment)."""
+    return visible_keys(torch.arange(seq_q, device=device), seq_q, seq_k, is_causal)[:, :seq_k]
+
+
 def flash_call(q, k, v, params: SageParams, dtype: torch.dtype, attn_mask=None):
     """A zero-argument torch SDPA call on the op's inputs in ``dtype``: GQA heads expanded,
     causal per SPEC §7 (top-left when Sq == Sk, else bottom-right), and ``attn_mask``."""
@@ -155,7 +160,7 @@ def flash_call(q, k, v, params: SageParams, dtype: torch.dtype, attn_mask=None):
     seq_q, seq_k = q.shape[2], k.shape[2]
     mask = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.to(dtype)
     if params.is_causal and (seq_q != seq_k or mask is not None):  # SDPA takes a mask or is_causal
-        causal_keys = visible_keys(torch.arange(seq_q, device=q.device), seq_q, seq_k, True)[:, :seq_k]
+        causal_keys = keys_each_row_sees(seq_q, seq_k, True, q.device)
         mask = causal_keys if mask is None else (
             mask & causal_keys if mask.dtype == torch.bool else mask.masked_fill(~causal_keys, -math.inf))
     causal = params.is_causal and mask is None
@@ -168,8 +173,7 @@ def exact_attention(q, k, v, params: SageParams, attn_mask=None) -> torch.Tensor
     (SDPA gives NaN there, or averages V under float32's finfo.min, which the op counts as -inf:
     `hidden_by_mask`); a NaN from the inputs stays."""
     out = flash_call(q, k, v, params, torch.float32, attn_mask)()
-    seq_q, seq_k = q.shape[2], k.shape[2]
-    visible = visible_keys(torch.arange(seq_q, device=q.device), seq_q, seq_k, params.is_causal)[:, :seq_k]
+    visible = keys_each_row_sees(q.shape[2], k.shape[2], params.is_causal, q.device)
     if attn_mask is not None:
         visible = visible & ~hidden_by_mask(attn_mask)
     return out.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)

@@ -45,12 +45,10 @@ def mask_bias(attn_mask: torch.Tensor, padded_keys: int) -> torch.Tensor:
 
 
 def hidden_by_mask(attn_mask: torch.Tensor) -> torch.Tensor:
-    """Where ``attn_mask`` hides a key, as the op applies it (`mask_bias` -inf): False in a bool
-    mask; in an additive one -inf, or a value so low (float32's finfo.min, which transformers' padding
-    masks use) that its log2-domain offset overflows to -inf."""
-    if attn_mask.dtype == torch.bool:
-        return ~attn_mask
-    return torch.isneginf(attn_mask.float() * groups.LOG2E)
+    """Where ``attn_mask`` hides a key, as the op applies it (its `mask_bias` is -inf): False in a
+    bool mask; in an additive one -inf, or a value so low (float32's finfo.min, which transformers'
+    padding masks use) that its log2-domain offset overflows to -inf."""
+    return torch.isneginf(mask_bias(attn_mask, attn_mask.shape[-1]))
 
 
 def online_softmax_blocks(logits: torch.Tensor, mask: torch.Tensor):
