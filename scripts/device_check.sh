@@ -31,7 +31,7 @@ if [ "${RUN_TESTS:-1}" = 1 ]; then
   # is lent, and that path had silently drifted from SPEC (NOTES v19). ADA_PATH=0 skips it.
   if [ "${ADA_PATH:-1}" = 1 ] && [ -z "${TRITON_OVERRIDE_ARCH:-}" ] &&
      python -c "import sys, torch; sys.exit(torch.cuda.get_device_capability() < (9, 0))"; then
-    TRITON_OVERRIDE_ARCH=sm89 tests ada_path "${heavy[0]}" &
+    TRITON_OVERRIDE_ARCH=sm89 tests ada_path "${heavy[0]}" tests/kernels/test_triton_varlen.py &
   fi
   wait
   tests gpu_rest tests -m gpu --ignore=tests/kernels

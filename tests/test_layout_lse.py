@@ -13,13 +13,12 @@ import torch
 
 import sageflash
 from conftest import HAS_CUDA, nmse
-from helpers import exact_attention, exact_lse, load_refdump, no_env_overrides, random_qkv  # noqa: F401 (fixture)
+from helpers import EXACT_NMSE, exact_attention, exact_lse, load_refdump, no_env_overrides, random_qkv  # noqa: F401 (fixture)
 from sageflash import debug, reference
 
 pytestmark = pytest.mark.usefixtures("no_env_overrides")
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 BACKENDS = ("reference", "triton")
-EXACT_NMSE = 5e-3  # 8-bit attention vs exact attention (see test_reference_attention)
 # Measured on the official dumps: max |lse - official| <= 3e-5 on both backends.
 LSE_ATOL = 1e-4
 

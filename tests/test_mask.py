@@ -9,11 +9,10 @@ import torch
 
 import sageflash
 from conftest import nmse
-from helpers import MASK_KINDS, exact_attention, make_mask, no_env_overrides, random_qkv  # noqa: F401
+from helpers import EXACT_NMSE, MASK_KINDS, exact_attention, make_mask, no_env_overrides, random_qkv  # noqa: F401
 from sageflash import reference
 
 pytestmark = pytest.mark.usefixtures("no_env_overrides")
-EXACT_NMSE = 5e-3  # as in test_reference_attention: 8-bit attention vs exact on uniform inputs
 B, HQ, HK, SQ, SK, D = 2, 4, 2, 70, 150, 64
 
 

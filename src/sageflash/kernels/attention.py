@@ -23,6 +23,7 @@ from .launch import (Launcher, check_grid_batch, dependent_launch, device_capabi
                      let_next_launch_start, wait_for_earlier_launch)
 from .lse import add_smooth_k_term
 from .quant import k_group, q_group, to_e4m3
+from .sequences import K_START, Q_START, V_START, PackedBatch, entry, field
 
 BLOCK_N = tl.constexpr(groups.K_TILE)  # keys per running-max block (SPEC §5)
 LOG2E = tl.constexpr(groups.LOG2E)  # additive attn_mask values are natural-log offsets
@@ -94,16 +95,17 @@ def _load_k_block(k_src, k_row, start, cols, dims, seq_k, stride_ks, MASKED: tl.
 
 
 @triton.jit
-def _load_v_block(v_src, v_row, start, dims, seq_k, stride_vd, MASKED: tl.constexpr,
+def _load_v_block(v_src, v_row, v_col, start, dims, seq_k, stride_vd, MASKED: tl.constexpr,
                   USE_TMA: tl.constexpr):
     """V's fp8 ``[64, D]`` block from key ``start`` (the payload is zero-padded to 64 keys only, its
     tokens in `groups.v_kernel_token`'s order: a block holds its own 64 keys, padding included).
 
     With USE_TMA, ``v_src`` is a TMA descriptor of the payload seen as ``[B·Hk·D, ceil_64(Sk)]``
-    and ``v_row`` this head's first row; keys past the padded end read as zeros.
+    and ``v_row`` this head's first row, ``v_col`` the batch entry's first column (a packed batch's,
+    `sequences`; else 0); keys past the padded end read as zeros.
     """
     if USE_TMA:
-        v = tl.trans(v_src.load([v_row, start]))
+        v = tl.trans(v_src.load([v_row, v_col + start]))
     else:
         cols = start + tl.arange(0, BLOCK_N)
         ptrs = v_src + dims[None, :].to(tl.int64) * stride_vd + cols[:, None]
@@ -133,7 +135,7 @@ def _block_scale(row_scale, ks_base, start, seq_k, PER_THREAD: tl.constexpr, ADD
 
 
 @triton.jit
-def _attend_block(acc, m_i, l_i, q, row_scale, rows, start, k_src, k_row, ks_base, v_src, v_row,
+def _attend_block(acc, m_i, l_i, q, row_scale, rows, start, k_src, k_row, ks_base, v_src, v_row, v_col,
                   seq_k, causal_offset, stride_ks, stride_vd, mask_base, stride_mq, stride_mk, seq_q,
                   D: tl.constexpr, KEYS: tl.constexpr, PER_THREAD: tl.constexpr,
                   PV_MODE: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
@@ -170,21 +172,21 @@ def _attend_block(acc, m_i, l_i, q, row_scale, rows, start, k_src, k_row, ks_bas
         if IS_CAUSAL:
             visible = visible & (cols[None, :] <= rows[:, None] + causal_offset)
         x = tl.where(visible, x, -float("inf"))
-    v = _load_v_block(v_src, v_row, start, dims, seq_k, stride_vd, MASKED, USE_TMA)
+    v = _load_v_block(v_src, v_row, v_col, start, dims, seq_k, stride_vd, MASKED, USE_TMA)
     x_scale = _block_scale(row_scale, ks_base, start, seq_k, PER_THREAD, ADDITIVE, MASKED)
     if KEYS == BLOCK_N:
         acc, m_i, l_i = _softmax_step(acc, m_i, l_i, x, x_scale, v, PV_MODE, GROUPED, PTX_CAST)
     else:
         x0, x1 = tl.split(tl.permute(tl.reshape(x, [x.shape[0], 2, BLOCK_N]), (0, 2, 1)))
         acc, m_i, l_i = _softmax_step(acc, m_i, l_i, x0, x_scale, v, PV_MODE, GROUPED, PTX_CAST)
-        v = _load_v_block(v_src, v_row, start + BLOCK_N, dims, seq_k, stride_vd, MASKED, USE_TMA)
+        v = _load_v_block(v_src, v_row, v_col, start + BLOCK_N, dims, seq_k, stride_vd, MASKED, USE_TMA)
         x_scale = _block_scale(row_scale, ks_base, start + BLOCK_N, seq_k, PER_THREAD, ADDITIVE, MASKED)
         acc, m_i, l_i = _softmax_step(acc, m_i, l_i, x1, x_scale, v, PV_MODE, GROUPED, PTX_CAST)
     return acc, m_i, l_i
 
 
 @triton.jit
-def _attention_kernel(Q8, QS, K8, KS, V8, VS, VM, Out, LSE, Mask,
+def _attention_kernel(Q8, QS, K8, KS, V8, VS, VM, Out, LSE, Mask, SEQS,
                       seq_q, seq_k, causal_offset, log2_scale, head_dim, kv_group,
                       q_heads, kv_heads, q_groups, k_groups,
                       stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
@@ -193,28 +195,50 @@ def _attention_kernel(Q8, QS, K8, KS, V8, VS, VM, Out, LSE, Mask,
                       D: tl.constexpr, BLOCK_M: tl.constexpr, KEYS: tl.constexpr,
                       PER_THREAD: tl.constexpr, IS_CAUSAL: tl.constexpr, PV_MODE: tl.constexpr,
                       SMOOTH_V: tl.constexpr, WRITE_LSE: tl.constexpr, HAS_MASK: tl.constexpr,
-                      MASK_BOOL: tl.constexpr, USE_TMA: tl.constexpr, PDL: tl.constexpr,
-                      PTX_CAST: tl.constexpr):
+                      MASK_BOOL: tl.constexpr, USE_TMA: tl.constexpr, VARLEN: tl.constexpr,
+                      PDL: tl.constexpr, PTX_CAST: tl.constexpr):
+    """One tile of BLOCK_M query rows of one (batch entry, head); with VARLEN the entries of a packed
+    batch (`sequences`), whose lengths the table gives (``seq_q`` and ``seq_k`` are then the
+    packed token counts, and the causal offset the entry's)."""
     tile, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if IS_CAUSAL:  # the longest rows first, for a better tail
         tile = tl.num_programs(0) - 1 - tile
     kv_head = head // kv_group
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, D)
+    tokens_q, tokens_k = seq_q, seq_k
+    q_base, seq_q = entry(SEQS, batch, Q_START, seq_q, stride_qb, stride_qs, VARLEN)
+    o_base, _ = entry(SEQS, batch, Q_START, seq_q, stride_ob, stride_os, VARLEN)
+    k_base, seq_k = entry(SEQS, batch, K_START, seq_k, stride_kb, stride_ks, VARLEN)
+    if VARLEN:
+        if tile * BLOCK_M >= seq_q:
+            return
+        causal_offset = seq_k - seq_q
     wait_for_earlier_launch(PDL)  # launched while the quantizer may still run: its payloads are complete past this
     let_next_launch_start(PDL)  # the next KV-head chunk's statistics (`quant`)
 
-    q = tl.load(Q8 + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+    q = tl.load(Q8 + q_base + head.to(tl.int64) * stride_qh
                 + rows[:, None].to(tl.int64) * stride_qs + dims[None, :],
                 mask=(rows < seq_q)[:, None], other=0)
     qs_base = QS + (batch * q_heads + head).to(tl.int64) * q_groups
     row_scale = tl.load(qs_base + q_group(rows, PER_THREAD)) * log2_scale
     ks_base = KS + (batch * kv_heads + kv_head).to(tl.int64) * k_groups
-    if USE_TMA:  # descriptors of the contiguous payloads: a head starts at a row
+    v_col = 0
+    if VARLEN:  # the packed payloads: K [1, Hk, tokens_k, D], V [1, Hk, D, columns] from V_START
+        v_col = field(SEQS, batch, V_START)
+        if USE_TMA:
+            k_src, v_src = K8, V8
+            k_row, v_row = kv_head * tokens_k + field(SEQS, batch, K_START), kv_head * D
+        else:
+            k_src = K8 + k_base + kv_head.to(tl.int64) * stride_kh
+            # whole 64-key blocks, told to the compiler: aligned, pipelined loads
+            v_src = V8 + tl.multiple_of(v_col.to(tl.int64), BLOCK_N) + kv_head.to(tl.int64) * stride_vh
+            k_row, v_row, v_col = 0, 0, 0
+    elif USE_TMA:  # descriptors of the contiguous payloads: a head starts at a row
         k_src, v_src = K8, V8
         k_row, v_row = (batch * kv_heads + kv_head) * seq_k, (batch * kv_heads + kv_head) * D
     else:
-        k_src = K8 + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+        k_src = K8 + k_base + kv_head.to(tl.int64) * stride_kh
         v_src = V8 + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
         k_row, v_row = 0, 0
     mask_base = Mask + batch.to(tl.int64) * stride_mb + head.to(tl.int64) * stride_mh
@@ -231,13 +255,13 @@ def _attention_kernel(Q8, QS, K8, KS, V8, VS, VM, Out, LSE, Mask,
         key_end = tl.minimum(seq_k, tl.maximum(first_row + BLOCK_M, 0))
     for start in range(0, full_end, KEYS):
         acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, row_scale, rows, start, k_src, k_row,
-                                      ks_base, v_src, v_row, seq_k, causal_offset, stride_ks,
+                                      ks_base, v_src, v_row, v_col, seq_k, causal_offset, stride_ks,
                                       stride_vd, mask_base, stride_mq, stride_mk, seq_q, D, KEYS,
                                       PER_THREAD, PV_MODE, False, IS_CAUSAL, HAS_MASK, MASK_BOOL,
                                       USE_TMA, PTX_CAST)
     for start in range(full_end, key_end, KEYS):
         acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, row_scale, rows, start, k_src, k_row,
-                                      ks_base, v_src, v_row, seq_k, causal_offset, stride_ks,
+                                      ks_base, v_src, v_row, v_col, seq_k, causal_offset, stride_ks,
                                       stride_vd, mask_base, stride_mq, stride_mk, seq_q, D, KEYS,
                                       PER_THREAD, PV_MODE, True, IS_CAUSAL, HAS_MASK, MASK_BOOL,
                                       USE_TMA, PTX_CAST)
@@ -250,12 +274,16 @@ def _attention_kernel(Q8, QS, K8, KS, V8, VS, VM, Out, LSE, Mask,
     if SMOOTH_V:
         out += tl.load(VM + bh + dims)[None, :]
     out = tl.where(empty[:, None], 0.0, out)
-    tl.store(Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+    tl.store(Out + o_base + head.to(tl.int64) * stride_oh
              + rows[:, None].to(tl.int64) * stride_os + dims[None, :],
              out.to(Out.dtype.element_ty), mask=(rows < seq_q)[:, None] & (dims < head_dim)[None, :])
-    if WRITE_LSE:
+    if WRITE_LSE:  # [B, Hq, Sq], or a packed batch's [Hq, tokens_q]
         lse = (m_i + tl.math.log2(row_sum)) * 0.6931471805599453
-        tl.store(LSE + (batch * q_heads + head).to(tl.int64) * seq_q + rows, lse, mask=rows < seq_q)
+        if VARLEN:
+            lse_at = head.to(tl.int64) * tokens_q + field(SEQS, batch, Q_START) + rows
+        else:
+            lse_at = (batch * q_heads + head).to(tl.int64) * seq_q + rows
+        tl.store(LSE + lse_at, lse, mask=rows < seq_q)
 
 
 _launch_attention = Launcher(_attention_kernel)
@@ -403,7 +431,7 @@ def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_
                             params: SageParams, seq_q: int, seq_k: int, head_dim: int,
                             out_dtype: torch.dtype, q=None, km=None, return_lse: bool = False,
                             out=None, attn_mask=None, launch: LaunchConfig | None = None,
-                            v_kernel_order: bool = False):
+                            v_kernel_order: bool = False, packed: PackedBatch | None = None):
     """Attention from the payloads; the signature of `sageflash.reference.attention_from_payloads`.
 
     ``v_fp8`` in natural token order is first copied into the kernel's (`v_in_kernel_order`);
@@ -411,19 +439,28 @@ def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_
     ``launch`` replaces `launch_config`'s choice (benchmarks/sweep_attention.py compares them).
     ``attn_mask`` is read in place through broadcast strides (0 on the broadcast dims; a bool
     mask as its bytes), with the semantics of the reference.
+    ``packed``: the payloads (and ``q`` and ``out``) are a packed batch's (`sequences.PackedBatch`,
+    `quant.quantize_qkv`'s), ``[1, H, T, D]`` with ``seq_q`` and ``seq_k`` its token counts and no
+    ``attn_mask``; the LSE is then ``[Hq, T]``.
     """
     batch, q_heads = q_int8.shape[:2]
     kv_heads, padded = k_int8.shape[1], k_int8.shape[-1]
+    longest_q, longest_k = (seq_q, seq_k) if packed is None else (packed.max_q, packed.max_k)
+    if packed is not None:
+        batch = packed.entries
     check_grid_batch(batch)
     if not v_kernel_order:
         v_fp8 = v_in_kernel_order(v_fp8)
     if out is None:
-        out = torch.empty(batch, q_heads, seq_q, head_dim, dtype=out_dtype, device=q_int8.device)
-    lse = torch.empty(batch, q_heads, seq_q, dtype=torch.float32, device=q_int8.device) if return_lse else out
+        out = torch.empty(*q_int8.shape[:3], head_dim, dtype=out_dtype, device=q_int8.device)
+    lse = out
+    if return_lse:
+        lse = torch.empty(*q_int8.shape[:3] if packed is None else (q_heads, seq_q), dtype=torch.float32,
+                          device=q_int8.device)
     arch = device_capability(q_int8.device)
-    config = launch or launch_config(padded, arch, params.pv_accum.code, params.is_causal, seq_k,
+    config = launch or launch_config(padded, arch, params.pv_accum.code, params.is_causal, longest_k,
                                      0 if attn_mask is None else attn_mask.element_size())
-    if params.pv_accum is PVAccum.FP32 and arch // 10 == 9 and seq_k > LONG_FP32_KEYS:  # Hopper
+    if params.pv_accum is PVAccum.FP32 and arch // 10 == 9 and longest_k > LONG_FP32_KEYS:  # Hopper
         warn_once(("fp32-accumulator",), "pv_accum='fp32' sums P·V in Hopper's reduced-precision fp8 "
                   "tensor-core accumulator and drifts on long rows (NMSE against exact attention, H200: "
                   "0.013 at 16k keys, 0.04 at 32k; fp32+fp32: 3e-6, a few percent slower): prefer "
@@ -437,11 +474,11 @@ def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_
     if config.tma:
         k_src = TensorDescriptor.from_tensor(k_int8.view(-1, padded), [config.keys, padded])
         v_src = TensorDescriptor.from_tensor(v_fp8.view(-1, v_fp8.shape[-1]), [padded, BLOCK_N.value])
-    grid = (groups.cdiv(seq_q, config.block_m), q_heads, batch)
+    grid = (groups.cdiv(longest_q, config.block_m), q_heads, batch)
     pdl = dependent_launch(q_int8.device)  # the kernel waits before its first load
     _launch_attention(
         grid, q_int8, q_scale, k_src, k_scale, v_src, v_scale, v_mean if v_mean is not None else v_scale,
-        out, lse, mask, seq_q, seq_k, groups.causal_offset(seq_q, seq_k),
+        out, lse, mask, out if packed is None else packed.table, seq_q, seq_k, groups.causal_offset(seq_q, seq_k),
         params.softmax_scale * groups.LOG2E, head_dim, q_heads // kv_heads, q_heads, kv_heads,
         q_scale.shape[-1], k_scale.shape[-1],
         q_int8.stride(0), q_int8.stride(1), q_int8.stride(2),
@@ -451,12 +488,13 @@ def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_
         D=padded, BLOCK_M=config.block_m, KEYS=config.keys,
         PER_THREAD=params.granularity is QKGranularity.PER_THREAD, IS_CAUSAL=params.is_causal,
         PV_MODE=params.pv_accum.code, SMOOTH_V=v_mean is not None, WRITE_LSE=return_lse,
-        HAS_MASK=attn_mask is not None, MASK_BOOL=mask.dtype == torch.uint8, USE_TMA=config.tma, PDL=pdl,
+        HAS_MASK=attn_mask is not None, MASK_BOOL=mask.dtype == torch.uint8, USE_TMA=config.tma,
+        VARLEN=packed is not None, PDL=pdl,
         PTX_CAST=e4m3_cast_in_ptx(q_int8.device),
         num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.max_registers,
         launch_pdl=pdl)
     if not return_lse:
         return out
     if q is not None and km is not None:  # undo smooth_k's shift of every logit by q·km
-        add_smooth_k_term(lse, q, km, params.softmax_scale)
+        add_smooth_k_term(lse, q, km, params.softmax_scale, packed=packed)
     return out, lse

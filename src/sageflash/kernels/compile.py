@@ -27,7 +27,7 @@ from .launch import PDL_MIN_CAPABILITY, TRITON_E4M3_CAST_MIN_CAPABILITY
 LONG_SEQUENCE = 4096  # the launch compiled is the one of a call with this many keys
 
 _POINTER_TYPES = {"Q8": "*i8", "K8": "*i8", "V8": "*fp8e4nv", "QS": "*fp32", "KS": "*fp32",
-                  "VS": "*fp32", "VM": "*fp32", "LSE": "*fp32"}
+                  "VS": "*fp32", "VM": "*fp32", "LSE": "*fp32", "SEQS": "*i32"}
 _FLOAT_ARGS = {"log2_scale"}
 _MASK_ITEMSIZE = {"none": 0, "u8": 1, "fp16": 2, "bf16": 2, "fp32": 4}
 # Integer arguments a typical launch passes as multiples of 16 (Triton specialises on that).
@@ -54,11 +54,11 @@ def _signature(kernel, constants: dict, types: dict) -> tuple[dict, dict]:
 
 def compile_attention(capability: int, *, head_dim: int = 128, pv_accum="fp32+fp32",
                       granularity="per_thread", is_causal: bool = False, out_dtype: str = "fp16",
-                      mask: str = "none"):
+                      mask: str = "none", varlen: bool = False):
     """Compile `_attention_kernel` for ``sm_<capability>`` (e.g. 89, 90); returns Triton's kernel.
 
     ``mask``: "none", or the Triton type of an attn_mask's elements: "u8" (a bool mask's bytes),
-    "fp16", "bf16" or "fp32" (additive).
+    "fp16", "bf16" or "fp32" (additive). ``varlen``: the kernel of a packed batch (`sequences`).
     """
     padded = groups.padded_head_dim(head_dim)
     pv_mode = PVAccum.parse(pv_accum, "pv_accum").code
@@ -68,7 +68,8 @@ def compile_attention(capability: int, *, head_dim: int = 128, pv_accum="fp32+fp
                      PER_THREAD=QKGranularity.parse(granularity, "granularity") is QKGranularity.PER_THREAD,
                      IS_CAUSAL=is_causal, PV_MODE=pv_mode,
                      SMOOTH_V=False, WRITE_LSE=False, HAS_MASK=mask != "none", MASK_BOOL=mask == "u8",
-                     USE_TMA=config.tma, PDL=pdl, PTX_CAST=capability < TRITON_E4M3_CAST_MIN_CAPABILITY)
+                     USE_TMA=config.tma, VARLEN=varlen, PDL=pdl,
+                     PTX_CAST=capability < TRITON_E4M3_CAST_MIN_CAPABILITY)
     descriptors = {"K8": f"tensordesc<i8[{config.keys}, {padded}]>",
                    "V8": f"tensordesc<fp8e4nv[{padded}, {groups.K_TILE}]>"} if config.tma else {}
     signature, attrs = _signature(_attention_kernel, constants, {
@@ -80,14 +81,16 @@ def compile_attention(capability: int, *, head_dim: int = 128, pv_accum="fp32+fp
                                    "launch_pdl": pdl})
 
 
-def compile_v_quantizer(capability: int, *, head_dim: int = 128):
+def compile_v_quantizer(capability: int, *, head_dim: int = 128, varlen: bool = False):
     """Compile the quantization kernel's V tiles (`quant._quantize_kernel` with V only, in the
-    attention kernel's token order) for ``sm_<capability>``; returns Triton's kernel."""
+    attention kernel's token order; ``varlen``: a packed batch's) for ``sm_<capability>``; returns
+    Triton's kernel."""
     pdl = capability >= PDL_MIN_CAPABILITY
     q_shape, k_shape = quant._GROUP_SHAPES[True]
     constants = dict(D=groups.padded_head_dim(head_dim), PER_THREAD=True, DO_Q=False, DO_K=False, DO_V=True,
                      SMOOTH_K=False, SMOOTH_V=False, Q_GROUP_SHAPE=q_shape, K_GROUP_SHAPE=k_shape,
-                     V_KERNEL_ORDER=True, PDL=pdl, PTX_CAST=capability < TRITON_E4M3_CAST_MIN_CAPABILITY)
+                     V_KERNEL_ORDER=True, VARLEN=varlen, PDL=pdl,
+                     PTX_CAST=capability < TRITON_E4M3_CAST_MIN_CAPABILITY)
     inputs = {name: "*fp16" for name in ("Q", "K", "V", "KM")}
     scales = {name: "*fp32" for name in ("VMEAN", "INV", "PRESCALE")}
     signature, attrs = _signature(quant._quantize_kernel, constants, {**inputs, **scales})
@@ -125,10 +128,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="attn_mask element types to compile for (u8: a bool mask)")
     parser.add_argument("--v-quantizer", action="store_true",
                         help="compile the quantizer's V tiles instead: print their global stores")
+    parser.add_argument("--varlen", action="store_true", help="the kernels of packed batches (sage_attn_varlen)")
     args = parser.parse_args(argv)
     if args.v_quantizer:
         for capability, head_dim in itertools.product(args.capability, args.head_dim):
-            kernel = compile_v_quantizer(capability, head_dim=head_dim)
+            kernel = compile_v_quantizer(capability, head_dim=head_dim, varlen=args.varlen)
             print(json.dumps({"capability": capability, "head_dim": head_dim,
                               "global_stores": sorted(set(GLOBAL_STORE_PATTERN.findall(kernel.asm["ptx"])))}))
         return 0
@@ -136,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         for head_dim in args.head_dim:
             for pv_accum, mask in itertools.product(args.pv_accum, args.mask):
                 kernel = compile_attention(capability, head_dim=head_dim, pv_accum=pv_accum, is_causal=True,
-                                           mask=mask)
+                                           mask=mask, varlen=args.varlen)
                 print(json.dumps({"capability": capability, "head_dim": head_dim, "pv_accum": pv_accum,
                                   "mask": mask, "mma": sorted(mma_instructions(kernel.asm["ptx"])),
                                   "mma_warps": mma_warp_grids(kernel.asm["ttgir"]),

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from .launch import Launcher, check_grid_batch
+from .sequences import Q_START, PackedBatch, entry, field
 
 LSE_ROWS = 32  # rows per program
 LSE_WARPS = 4
@@ -25,11 +26,11 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def _smooth_k_term(Q, KM, batch, head, rows, dims, seq, head_dim, q_heads, kv_group, km_dim, softmax_scale,
-                   stride_qb, stride_qh, stride_qs):
-    """softmax_scale·q·km of ``rows`` of one (batch, query head), in float32 (``km`` padded to
-    ``km_dim``, its KV head ``head // kv_group``)."""
-    q = tl.load(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+def _smooth_k_term(Q, KM, batch, q_base, head, rows, dims, seq, head_dim, q_heads, kv_group, km_dim,
+                   softmax_scale, stride_qh, stride_qs):
+    """softmax_scale·q·km of ``rows`` of one (batch, query head), in float32 (the batch entry's
+    first token at ``q_base`` in Q; ``km`` padded to ``km_dim``, its KV head ``head // kv_group``)."""
+    q = tl.load(Q + q_base + head.to(tl.int64) * stride_qh
                 + rows[:, None].to(tl.int64) * stride_qs + dims[None, :],
                 mask=(rows < seq)[:, None] & (dims < head_dim)[None, :], other=0.0)
     km = tl.load(KM + (batch * (q_heads // kv_group) + head // kv_group).to(tl.int64) * km_dim + dims,
@@ -38,14 +39,21 @@ def _smooth_k_term(Q, KM, batch, head, rows, dims, seq, head_dim, q_heads, kv_gr
 
 
 @triton.jit
-def _add_smooth_k_kernel(LSE, Q, KM, seq, head_dim, q_heads, kv_group, km_dim, softmax_scale,
-                         stride_qb, stride_qh, stride_qs, D: tl.constexpr, ROWS: tl.constexpr):
-    """``LSE [B, Hq, seq]`` (contiguous) += `_smooth_k_term`, ROWS rows per program."""
+def _add_smooth_k_kernel(LSE, Q, KM, SEQS, seq, head_dim, q_heads, kv_group, km_dim, softmax_scale,
+                         stride_qb, stride_qh, stride_qs, D: tl.constexpr, ROWS: tl.constexpr,
+                         VARLEN: tl.constexpr):
+    """``LSE [B, Hq, seq]`` (contiguous) += `_smooth_k_term`, ROWS rows per program; with VARLEN
+    a packed batch's ``LSE [Hq, seq]`` (`sequences`: ``seq`` its token count, Q ``[1, Hq, seq, D]``)."""
     tile, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = tile * ROWS + tl.arange(0, ROWS)
-    at = LSE + (batch * q_heads + head).to(tl.int64) * seq + rows
-    term = _smooth_k_term(Q, KM, batch, head, rows, tl.arange(0, D), seq, head_dim, q_heads, kv_group, km_dim,
-                          softmax_scale, stride_qb, stride_qh, stride_qs)
+    tokens = seq
+    q_base, seq = entry(SEQS, batch, Q_START, seq, stride_qb, stride_qs, VARLEN)
+    if VARLEN:
+        at = LSE + head.to(tl.int64) * tokens + field(SEQS, batch, Q_START) + rows
+    else:
+        at = LSE + (batch * q_heads + head).to(tl.int64) * seq + rows
+    term = _smooth_k_term(Q, KM, batch, q_base, head, rows, tl.arange(0, D), seq, head_dim, q_heads, kv_group,
+                          km_dim, softmax_scale, stride_qh, stride_qs)
     tl.store(at, tl.load(at, mask=rows < seq) + term, mask=rows < seq)
 
 
@@ -67,8 +75,8 @@ def _merge_kernel(ACC, ACC_LSE, OUT, LSE, Q, KM, RESULT, seq, head_dim, q_heads,
     lse_at = (batch * q_heads + head).to(tl.int64) * seq + rows
     lse = tl.load(LSE + lse_at, mask=in_rows, other=0.0)
     if SMOOTH_K:
-        lse += _smooth_k_term(Q, KM, batch, head, rows, dims, seq, head_dim, q_heads, kv_group, km_dim,
-                              softmax_scale, stride_qb, stride_qh, stride_qs)
+        lse += _smooth_k_term(Q, KM, batch, batch.to(tl.int64) * stride_qb, head, rows, dims, seq, head_dim,
+                              q_heads, kv_group, km_dim, softmax_scale, stride_qh, stride_qs)
     part = tl.load(OUT + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
                    + rows[:, None].to(tl.int64) * stride_os + dims[None, :], mask=tile_mask, other=0.0)
     acc_at = (batch.to(tl.int64) * stride_ab + head.to(tl.int64) * stride_ah
@@ -126,15 +134,20 @@ def merge_attention(acc: torch.Tensor | None, acc_lse: torch.Tensor, out: torch.
         TO_RESULT=result is not None, num_warps=LSE_WARPS)
 
 
-def add_smooth_k_term(lse: torch.Tensor, q: torch.Tensor, km: torch.Tensor, softmax_scale: float) -> None:
+def add_smooth_k_term(lse: torch.Tensor, q: torch.Tensor, km: torch.Tensor, softmax_scale: float, *,
+                      packed: PackedBatch | None = None) -> None:
     """``lse [B, Hq, S]`` (contiguous float32) += `sageflash.reference.lse.smooth_k_term`, in place,
     in one launch: softmax_scale·q·km (``q [B, Hq, S, D]`` any strides with a unit last
-    one, ``km [B, Hk, padded]``)."""
+    one, ``km [B, Hk, padded]``). ``packed``: q is a packed batch's ``[1, Hq, T, D]``
+    (`sequences.PackedBatch`), km ``[entries, Hk, padded]`` and lse ``[Hq, T]``."""
     batch, q_heads, seq, head_dim = q.shape
+    longest = seq
+    if packed is not None:
+        batch, longest = packed.entries, packed.max_q
     check_grid_batch(batch)
-    _check_lse(lse, "lse", q.shape[:3])
+    _check_lse(lse, "lse", q.shape[:3] if packed is None else (q_heads, seq))
     km = km.contiguous()
     _launch_add_smooth_k(
-        (triton.cdiv(seq, LSE_ROWS), q_heads, batch), lse, q, km, seq, head_dim, q_heads,
-        q_heads // km.shape[1], km.shape[-1], float(softmax_scale), *q.stride()[:3],
-        D=triton.next_power_of_2(head_dim), ROWS=LSE_ROWS, num_warps=LSE_WARPS)
+        (triton.cdiv(longest, LSE_ROWS), q_heads, batch), lse, q, km, lse if packed is None else packed.table,
+        seq, head_dim, q_heads, q_heads // km.shape[1], km.shape[-1], float(softmax_scale), *q.stride()[:3],
+        D=triton.next_power_of_2(head_dim), ROWS=LSE_ROWS, VARLEN=packed is not None, num_warps=LSE_WARPS)

@@ -28,6 +28,7 @@ from .. import groups
 from ..params import PVAccum, QKGranularity
 from .launch import (Launcher, check_grid_batch, dependent_launch, e4m3_cast_in_ptx, let_next_launch_start,
                      wait_for_earlier_launch)
+from .sequences import K_LEN, K_START, Q_LEN, Q_START, V_START, PackedBatch, entry, field
 
 
 
@@ -46,6 +47,8 @@ v_kernel_token = _jit_rule(groups.v_kernel_token)
 
 # Kernel constants (constexpr: jitted code may read them; ``.value`` on the host).
 TILE_ROWS = tl.constexpr(groups.K_TILE)  # tokens per quantization program: whole Q and K groups
+Q_TILE = tl.constexpr(groups.Q_TILE)  # Q's groups cover whole Q_TILE blocks, padding included
+V_WINDOW = tl.constexpr(groups.V_WINDOW)
 STATS_ROWS = tl.constexpr(128)  # tokens per statistics program
 REDUCE_CHUNKS = tl.constexpr(32)  # partial statistics folded per step of the reduction
 # Warps per program, measured on an H200 over 1k-16k tokens, as the whole pass's time
@@ -170,21 +173,22 @@ def _quantize_group_rows(x, real_rows, GROUP_SHAPE: tl.constexpr, PER_THREAD: tl
 
 
 @triton.jit
-def _tile_offsets(batch, head, rows, cols, stride_b, stride_h, stride_s):
-    return (batch.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h
-            + rows[:, None].to(tl.int64) * stride_s + cols[None, :])
+def _tile_offsets(base, head, rows, cols, stride_h, stride_s):
+    """Offsets of a ``[rows, cols]`` tile of one head of a batch entry whose first token is at ``base``."""
+    return base + head.to(tl.int64) * stride_h + rows[:, None].to(tl.int64) * stride_s + cols[None, :]
 
 
 @triton.jit
-def _quantize_int8_tile(X, KM, X8, XS, batch, head, tile, seq, head_dim, num_heads, n_groups,
-                        stride_xb, stride_xh, stride_xs, stride_8b, stride_8h, stride_8s,
+def _quantize_int8_tile(X, KM, X8, XS, batch, x_base, x8_base, head, tile, seq, head_dim, num_heads, n_groups,
+                        stride_xh, stride_xs, stride_8h, stride_8s,
                         D: tl.constexpr, IS_KEY: tl.constexpr, PER_THREAD: tl.constexpr,
                         SMOOTH: tl.constexpr, GROUP_SHAPE: tl.constexpr, PDL: tl.constexpr):
-    """int8 payload and group scales of TILE_ROWS tokens of one (batch, head) of Q or K."""
+    """int8 payload and group scales of TILE_ROWS tokens of one (batch, head) of Q or K, the batch
+    entry's first token at ``x_base`` in X and ``x8_base`` in X8 (`sequences.entry`)."""
     rows = tile * TILE_ROWS + tl.arange(0, TILE_ROWS)
     cols = tl.arange(0, D)
     in_seq = rows < seq
-    x = tl.load(X + _tile_offsets(batch, head, rows, cols, stride_xb, stride_xh, stride_xs),
+    x = tl.load(X + _tile_offsets(x_base, head, rows, cols, stride_xh, stride_xs),
                 mask=in_seq[:, None] & (cols < head_dim)[None, :], other=0.0)
     xf = x.to(tl.float32)
     if SMOOTH:
@@ -199,7 +203,7 @@ def _quantize_int8_tile(X, KM, X8, XS, batch, head, tile, seq, head_dim, num_hea
     else:
         first_group = q_group(tile * TILE_ROWS, PER_THREAD)
     values, scale = _quantize_group_rows(xf, in_seq, GROUP_SHAPE, PER_THREAD)
-    tl.store(X8 + _tile_offsets(batch, head, rows, cols, stride_8b, stride_8h, stride_8s), values,
+    tl.store(X8 + _tile_offsets(x8_base, head, rows, cols, stride_8h, stride_8s), values,
              mask=in_seq[:, None])
     tl.store(XS + (batch * num_heads + head).to(tl.int64) * n_groups + first_group + tl.arange(0, scale.shape[0]),
              scale)
@@ -217,13 +221,13 @@ def to_e4m3(x, PTX_CAST: tl.constexpr):
 
 
 @triton.jit
-def _quantize_fp8_tile(V, VMEAN, INV, PRESCALE, V8, batch, head, tile, seq, head_dim, num_heads,
-                       stride_vb, stride_vh, stride_vs, stride_8b, stride_8h, stride_8d,
+def _quantize_fp8_tile(V, VMEAN, INV, PRESCALE, V8, batch, v_base, v8_base, head, tile, seq, head_dim,
+                       num_heads, stride_vh, stride_vs, stride_8h, stride_8d,
                        D: tl.constexpr, SMOOTH: tl.constexpr, KERNEL_ORDER: tl.constexpr,
                        PDL: tl.constexpr, PTX_CAST: tl.constexpr):
-    """fp8 payload of TILE_ROWS tokens of one (batch, head) of V, stored transposed ``[D, tokens]``:
-    the tokens in natural order, or with KERNEL_ORDER in the attention kernel's
-    (`groups.v_kernel_token`).
+    """fp8 payload of TILE_ROWS tokens of one (batch, head) of V, stored transposed ``[D, tokens]``
+    from ``v8_base`` (the batch entry's first token at ``v_base`` in V): the tokens in natural
+    order, or with KERNEL_ORDER in the attention kernel's (`groups.v_kernel_token`).
 
     The tile's rows are loaded in the order they are stored, so its positions are contiguous:
     Triton then stores 16 bytes of a channel per instruction (through a layout change in shared
@@ -233,7 +237,7 @@ def _quantize_fp8_tile(V, VMEAN, INV, PRESCALE, V8, batch, head, tile, seq, head
     rows = v_kernel_token(positions) if KERNEL_ORDER else positions
     cols = tl.arange(0, D)
     valid = (rows < seq)[:, None] & (cols < head_dim)[None, :]
-    x = tl.load(V + _tile_offsets(batch, head, rows, cols, stride_vb, stride_vh, stride_vs),
+    x = tl.load(V + _tile_offsets(v_base, head, rows, cols, stride_vh, stride_vs),
                 mask=valid, other=0.0).to(tl.float32)
     wait_for_earlier_launch(PDL)  # V's scales (and mean) come from the reduction
     if SMOOTH:
@@ -246,7 +250,7 @@ def _quantize_fp8_tile(V, VMEAN, INV, PRESCALE, V8, batch, head, tile, seq, head
     # only smooth_v's mean would move them.
     if SMOOTH:
         y = tl.where(valid, y, 0.0)
-    tl.store(V8 + batch.to(tl.int64) * stride_8b + head.to(tl.int64) * stride_8h
+    tl.store(V8 + v8_base + head.to(tl.int64) * stride_8h
              + cols[None, :].to(tl.int64) * stride_8d + positions[:, None], to_e4m3(y, PTX_CAST))
 
 
@@ -265,19 +269,25 @@ def _max_min(x):
 
 
 @triton.jit
-def _stats_kernel(K, V, STATS, stat_stride, seq, head_dim, kv_heads, n_chunks,
+def _stats_kernel(K, V, STATS, SEQS, stat_stride, seq, head_dim, kv_heads, n_chunks,
                   stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                   D: tl.constexpr, K_SUM: tl.constexpr, V_STATS: tl.constexpr, SMOOTH_V: tl.constexpr,
-                  PDL: tl.constexpr):
+                  VARLEN: tl.constexpr, PDL: tl.constexpr):
     """Pass 1: channel statistics of STATS_ROWS tokens of one (batch, kv head) of K or V: along
     grid axis 1 the K heads (K_SUM), then the V heads (V_STATS), one tensor per program.
 
     ``STATS`` holds four ``[B, Hk, n_chunks, D]`` float32 planes ``stat_stride`` apart: K's sum,
     V's max, min and (SMOOTH_V) sum (`_KSUM`, `_VMAX`, `_VMIN`, `_VSUM`); a channel past
     ``head_dim`` loads as zeros, so its statistics are 0 and its V scale 0, as the reference's.
+    With VARLEN (`sequences`) a batch entry has its own length, and chunks past it are not written.
     """
     let_next_launch_start(PDL)
     chunk, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    k_base, seq = entry(SEQS, batch, K_START, seq, stride_kb, stride_ks, VARLEN)
+    v_base, _ = entry(SEQS, batch, K_START, seq, stride_vb, stride_vs, VARLEN)
+    if VARLEN:
+        if chunk * STATS_ROWS >= seq:
+            return
     first_v = kv_heads if K_SUM else 0
     is_key = head < first_v
     if not is_key:
@@ -291,7 +301,7 @@ def _stats_kernel(K, V, STATS, stat_stride, seq, head_dim, kv_heads, n_chunks,
     # As a dependent launch (a chained chunk's) the stores wait: STATS may reuse memory the attention
     # kernel before still reads.
     if is_key:
-        k = tl.load(K + _tile_offsets(batch, head, rows, cols, stride_kb, stride_kh, stride_ks),
+        k = tl.load(K + _tile_offsets(k_base, head, rows, cols, stride_kh, stride_ks),
                     mask=in_seq[:, None] & in_head[None, :], other=0.0)
         k_sum = tl.sum(k.to(tl.float32), axis=0)
         wait_for_earlier_launch(PDL)
@@ -300,8 +310,7 @@ def _stats_kernel(K, V, STATS, stat_stride, seq, head_dim, kv_heads, n_chunks,
         # Rows past the sequence repeat its last token, which moves no maximum or minimum: no
         # select per element. With `_max_min` in fp16 a V program takes 832 instructions and 153
         # registers where float32 with selects took 2368 and 255 plus spills (sm_90, D=128).
-        v = tl.load(V + _tile_offsets(batch, head, tl.minimum(rows, seq - 1), cols,
-                                      stride_vb, stride_vh, stride_vs),
+        v = tl.load(V + _tile_offsets(v_base, head, tl.minimum(rows, seq - 1), cols, stride_vh, stride_vs),
                     mask=in_head[None, :], other=0.0)
         v_max, v_min = _max_min(v)
         if SMOOTH_V:
@@ -314,15 +323,24 @@ def _stats_kernel(K, V, STATS, stat_stride, seq, head_dim, kv_heads, n_chunks,
 
 
 @triton.jit
-def _reduce_kernel(STATS, stat_stride, KM, VSCALE, VMEAN, INV, PRESCALE, n_chunks, key_count, window,
-                   scale_max,
+def _reduce_kernel(STATS, SEQS, stat_stride, KM, VSCALE, VMEAN, INV, PRESCALE, n_chunks, key_count, window,
+                   scale_max, kv_heads,
                    D: tl.constexpr, K_SUM: tl.constexpr, V_STATS: tl.constexpr,
-                   PAD_IN_WINDOW: tl.constexpr, SMOOTH_V: tl.constexpr, PDL: tl.constexpr):
+                   PAD_IN_WINDOW: tl.constexpr, SMOOTH_V: tl.constexpr, VARLEN: tl.constexpr,
+                   PDL: tl.constexpr):
     """Pass 2, per (batch, kv head): K's mean in K's dtype; v_scale, v_mean, and scale_max / amax as
-    a prescale and an inverse scale (`groups.V_PRESCALE_BELOW`)."""
+    a prescale and an inverse scale (`groups.V_PRESCALE_BELOW`). With VARLEN the key count, the
+    window and the chunks are the batch entry's (`sequences`); an entry without keys gets K mean 0
+    (its queries see no key)."""
     wait_for_earlier_launch(PDL)
     let_next_launch_start(PDL)  # after the wait: the quantization's Q tiles do not wait
     bh = tl.program_id(0).to(tl.int64)
+    chunks_here = n_chunks
+    if VARLEN:
+        length = field(SEQS, bh // kv_heads, K_LEN)
+        chunks_here = tl.cdiv(length, STATS_ROWS)
+        key_count = length.to(tl.float32)
+        window = (tl.cdiv(length, V_WINDOW) * V_WINDOW).to(tl.float32)
     cols = tl.arange(0, D)
     chunks = tl.arange(0, REDUCE_CHUNKS)
     plane = stat_stride.to(tl.int64)
@@ -330,9 +348,9 @@ def _reduce_kernel(STATS, stat_stride, KM, VSCALE, VMEAN, INV, PRESCALE, n_chunk
     vmax = tl.full([D], -float("inf"), tl.float32)
     vmin = tl.full([D], float("inf"), tl.float32)
     vsum = tl.zeros([D], tl.float32)
-    for first in range(0, n_chunks, REDUCE_CHUNKS):
+    for first in range(0, chunks_here, REDUCE_CHUNKS):
         at = (bh * n_chunks + first + chunks[:, None]) * D + cols[None, :]
-        present = (first + chunks < n_chunks)[:, None]
+        present = (first + chunks < chunks_here)[:, None]
         if K_SUM:
             ksum += tl.sum(tl.load(STATS + _KSUM * plane + at, mask=present, other=0.0), axis=0)
         if V_STATS:
@@ -343,9 +361,15 @@ def _reduce_kernel(STATS, stat_stride, KM, VSCALE, VMEAN, INV, PRESCALE, n_chunk
             if SMOOTH_V:  # the statistics store V's sums for smooth_v only
                 vsum += tl.sum(tl.load(STATS + _VSUM * plane + at, mask=present, other=0.0), axis=0)
     if K_SUM:
-        tl.store(KM + bh * D + cols, tl.div_rn(ksum, key_count).to(KM.dtype.element_ty))
+        divisor = key_count
+        if VARLEN:  # an entry without keys: 0 / 1
+            divisor = tl.maximum(key_count, 1.0)
+        tl.store(KM + bh * D + cols, tl.div_rn(ksum, divisor).to(KM.dtype.element_ty))
     if V_STATS:
-        if PAD_IN_WINDOW:  # the ceil_16(Sk) window holds zero tokens too
+        if VARLEN:  # the ceil_16(Sk) window holds zero tokens too
+            vmax = tl.where(window > key_count, _max_keeping_nan(vmax, 0.0), vmax)
+            vmin = tl.where(window > key_count, _min_keeping_nan(vmin, 0.0), vmin)
+        elif PAD_IN_WINDOW:
             vmax = _max_keeping_nan(vmax, 0.0)
             vmin = _min_keeping_nan(vmin, 0.0)
         if SMOOTH_V:
@@ -363,7 +387,7 @@ def _reduce_kernel(STATS, stat_stride, KM, VSCALE, VMEAN, INV, PRESCALE, n_chunk
 
 
 @triton.jit
-def _quantize_kernel(Q, K, V, KM, Q8, QS, K8, KS, VMEAN, INV, PRESCALE, V8,
+def _quantize_kernel(Q, K, V, KM, Q8, QS, K8, KS, VMEAN, INV, PRESCALE, V8, SEQS,
                      seq_q, seq_k, head_dim, q_heads, kv_heads, q_tiles, q_groups, k_groups,
                      stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
                      stride_vb, stride_vh, stride_vs, stride_q8b, stride_q8h, stride_q8s,
@@ -371,28 +395,46 @@ def _quantize_kernel(Q, K, V, KM, Q8, QS, K8, KS, VMEAN, INV, PRESCALE, V8,
                      D: tl.constexpr, PER_THREAD: tl.constexpr, DO_Q: tl.constexpr,
                      DO_K: tl.constexpr, DO_V: tl.constexpr, SMOOTH_K: tl.constexpr,
                      SMOOTH_V: tl.constexpr, Q_GROUP_SHAPE: tl.constexpr, K_GROUP_SHAPE: tl.constexpr,
-                     V_KERNEL_ORDER: tl.constexpr, PDL: tl.constexpr, PTX_CAST: tl.constexpr):
+                     V_KERNEL_ORDER: tl.constexpr, VARLEN: tl.constexpr, PDL: tl.constexpr,
+                     PTX_CAST: tl.constexpr):
     """Pass 3: one tile per program; along grid axis 1 the Q heads (DO_Q), then the K heads (DO_K),
     then the V heads (DO_V), so a program holds one tensor's tile (fewer registers, more programs
-    in flight). Q's tiles need nothing from the passes before; K's and V's wait for them (PDL)."""
+    in flight). Q's tiles need nothing from the passes before; K's and V's wait for them (PDL).
+    With VARLEN each batch entry has its own lengths (`sequences`); V's payload then starts each
+    entry at its table's V_START column, ``stride_v8b`` unread."""
     let_next_launch_start(PDL)
     tile, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     first_k = q_heads if DO_Q else 0
     first_v = first_k + (kv_heads if DO_K else 0)
     if head < first_k:
+        if VARLEN:  # padding groups get scales too (`quantize_qkv`)
+            seq_q = field(SEQS, batch, Q_LEN)
+            q_tiles = tl.cdiv(seq_q, Q_TILE) * (Q_TILE // TILE_ROWS)
         if tile < q_tiles:
-            _quantize_int8_tile(Q, KM, Q8, QS, batch, head, tile, seq_q, head_dim, q_heads, q_groups,
-                                stride_qb, stride_qh, stride_qs, stride_q8b, stride_q8h, stride_q8s,
+            q_base, _ = entry(SEQS, batch, Q_START, seq_q, stride_qb, stride_qs, VARLEN)
+            q8_base, _ = entry(SEQS, batch, Q_START, seq_q, stride_q8b, stride_q8s, VARLEN)
+            _quantize_int8_tile(Q, KM, Q8, QS, batch, q_base, q8_base, head, tile, seq_q, head_dim, q_heads,
+                                q_groups, stride_qh, stride_qs, stride_q8h, stride_q8s,
                                 D, False, PER_THREAD, False, Q_GROUP_SHAPE, PDL)
-    elif tile * TILE_ROWS < seq_k:
-        if head < first_v:
-            _quantize_int8_tile(K, KM, K8, KS, batch, head - first_k, tile, seq_k, head_dim, kv_heads,
-                                k_groups, stride_kb, stride_kh, stride_ks, stride_k8b, stride_k8h,
-                                stride_k8s, D, True, PER_THREAD, SMOOTH_K, K_GROUP_SHAPE, PDL)
-        else:
-            _quantize_fp8_tile(V, VMEAN, INV, PRESCALE, V8, batch, head - first_v, tile, seq_k, head_dim,
-                               kv_heads, stride_vb, stride_vh, stride_vs, stride_v8b, stride_v8h,
-                               stride_v8d, D, SMOOTH_V, V_KERNEL_ORDER, PDL, PTX_CAST)
+    else:
+        if VARLEN:
+            seq_k = field(SEQS, batch, K_LEN)
+        if tile * TILE_ROWS < seq_k:
+            if head < first_v:
+                k_base, _ = entry(SEQS, batch, K_START, seq_k, stride_kb, stride_ks, VARLEN)
+                k8_base, _ = entry(SEQS, batch, K_START, seq_k, stride_k8b, stride_k8s, VARLEN)
+                _quantize_int8_tile(K, KM, K8, KS, batch, k_base, k8_base, head - first_k, tile, seq_k, head_dim,
+                                    kv_heads, k_groups, stride_kh, stride_ks, stride_k8h, stride_k8s,
+                                    D, True, PER_THREAD, SMOOTH_K, K_GROUP_SHAPE, PDL)
+            else:
+                v_base, _ = entry(SEQS, batch, K_START, seq_k, stride_vb, stride_vs, VARLEN)
+                if VARLEN:  # whole 64-key blocks (told to the compiler: 16-byte stores)
+                    v8_base = tl.multiple_of(field(SEQS, batch, V_START).to(tl.int64), TILE_ROWS)
+                else:
+                    v8_base = batch.to(tl.int64) * stride_v8b
+                _quantize_fp8_tile(V, VMEAN, INV, PRESCALE, V8, batch, v_base, v8_base, head - first_v, tile,
+                                   seq_k, head_dim, kv_heads, stride_vh, stride_vs, stride_v8h, stride_v8d,
+                                   D, SMOOTH_V, V_KERNEL_ORDER, PDL, PTX_CAST)
 
 
 _launch_stats = Launcher(_stats_kernel)
@@ -405,7 +447,8 @@ def _strides(x):
 
 
 def quantize_qkv(q, k, v, *, granularity, smooth_k: bool, km=None, pv_accum=None,
-                 smooth_v: bool = False, q_int8=None, v_kernel_order: bool = False, chained: bool = False):
+                 smooth_v: bool = False, q_int8=None, v_kernel_order: bool = False, chained: bool = False,
+                 packed: PackedBatch | None = None):
     """Any of Q, K (int8) and V (fp8) in at most three launches; None for a tensor not asked for.
 
     Returns ``(q_int8, q_scale, k_int8, k_scale, km, v_fp8, v_scale, v_mean)``: the payloads of
@@ -415,9 +458,16 @@ def quantize_qkv(q, k, v, *, granularity, smooth_k: bool, km=None, pv_accum=None
     e.g. of the output's bytes), else a new tensor.
     ``chained``: the launch before is the attention kernel of the same call (the previous KV-head
     chunk's), so the statistics may start during its tail (`launch.dependent_launch`).
+    ``packed``: q, k and v are packed batches (`sequences.PackedBatch`) seen as ``[1, H, T, D]``;
+    the payloads are then ``[1, H, T, D]`` too (V's ``[1, Hk, D, packed.v_columns]``, each entry
+    from its table's V_START column), the scales and statistics ``[entries, H, ...]`` sized for
+    the longest entry.
     """
     per_thread = QKGranularity.parse(granularity, "granularity") is QKGranularity.PER_THREAD
     batch, kv_heads, seq_k, head_dim = (k if k is not None else v).shape
+    tokens_k, v_columns = seq_k, groups.ceil_to(seq_k, groups.K_TILE)  # the K and V payloads' token axes
+    if packed is not None:
+        batch, seq_k, v_columns = packed.entries, packed.max_k, packed.v_columns
     check_grid_batch(batch)
     padded = groups.padded_head_dim(head_dim)
     device = (k if k is not None else v).device
@@ -429,9 +479,11 @@ def quantize_qkv(q, k, v, *, granularity, smooth_k: bool, km=None, pv_accum=None
     q_heads = seq_q = q_tiles = 0
     if q is not None:
         q_heads, seq_q = q.shape[1], q.shape[2]
-        q8 = new(batch, q_heads, seq_q, padded, dtype=torch.int8) if q_int8 is None else q_int8
+        q8 = new(*q.shape[:3], padded, dtype=torch.int8) if q_int8 is None else q_int8
+        if packed is not None:
+            seq_q = packed.max_q
         q_scale = new(batch, q_heads, groups.q_num_groups(seq_q, per_thread))
-        k8 = new(batch, kv_heads, seq_k, padded, dtype=torch.int8)
+        k8 = new(*k.shape[:2], tokens_k, padded, dtype=torch.int8)
         k_scale = new(batch, kv_heads, groups.k_num_groups(seq_k, per_thread))
         q_tiles = groups.ceil_to(seq_q, groups.Q_TILE) // TILE_ROWS.value  # padding groups get scales too
         if smooth_k and km is not None:
@@ -443,13 +495,14 @@ def quantize_qkv(q, k, v, *, granularity, smooth_k: bool, km=None, pv_accum=None
         km = None
     if v is not None:
         scale_max = PVAccum.parse(pv_accum, "pv_accum").v_scale_max
-        v8 = new(batch, kv_heads, padded, groups.ceil_to(seq_k, groups.K_TILE), dtype=torch.float8_e4m3fn)
+        v8 = new(v.shape[0], kv_heads, padded, v_columns, dtype=torch.float8_e4m3fn)
         v_scale = new(batch, kv_heads, padded)
         inv, prescale = new(2, batch, kv_heads, padded).unbind(0)
         v_mean = new(batch, kv_heads, padded) if smooth_v else None
 
     stand_in = k if k is not None else v  # the pointer argument of a tensor a pass does not use
     arg = lambda x: stand_in if x is None else x  # noqa: E731
+    table = stand_in if packed is None else packed.table
     pdl = dependent_launch(device)
     with_stats = k_sum or v is not None
     if with_stats:  # passes 1 and 2; the first launch of a call is a dependent one only when chained
@@ -458,28 +511,29 @@ def quantize_qkv(q, k, v, *, granularity, smooth_k: bool, km=None, pv_accum=None
         window = groups.ceil_to(seq_k, groups.V_WINDOW)
         k_in = k if k_sum else None
         _launch_stats(
-            (n_chunks, kv_heads * (k_sum + (v is not None)), batch), arg(k_in), arg(v), stats, stats.stride(0),
-            seq_k, head_dim, kv_heads, n_chunks, *_strides(arg(k_in)), *_strides(arg(v)), D=padded, K_SUM=k_sum,
-            V_STATS=v is not None, SMOOTH_V=smooth_v, PDL=pdl, num_warps=STATS_WARPS, launch_pdl=pdl and chained)
+            (n_chunks, kv_heads * (k_sum + (v is not None)), batch), arg(k_in), arg(v), stats, table,
+            stats.stride(0), seq_k, head_dim, kv_heads, n_chunks, *_strides(arg(k_in)), *_strides(arg(v)),
+            D=padded, K_SUM=k_sum, V_STATS=v is not None, SMOOTH_V=smooth_v, VARLEN=packed is not None, PDL=pdl,
+            num_warps=STATS_WARPS, launch_pdl=pdl and chained)
         _launch_reduce(
-            (batch * kv_heads, 1, 1), stats, stats.stride(0), arg(km if k_sum else None),
+            (batch * kv_heads, 1, 1), stats, table, stats.stride(0), arg(km if k_sum else None),
             arg(v_scale), arg(v_mean), arg(inv), arg(prescale), n_chunks, float(seq_k), float(window),
-            scale_max if v is not None else 1.0, D=padded,
-            K_SUM=k_sum, V_STATS=v is not None, PAD_IN_WINDOW=window > seq_k, SMOOTH_V=smooth_v, PDL=pdl,
-            launch_pdl=pdl)
+            scale_max if v is not None else 1.0, kv_heads, D=padded,
+            K_SUM=k_sum, V_STATS=v is not None, PAD_IN_WINDOW=window > seq_k, SMOOTH_V=smooth_v,
+            VARLEN=packed is not None, PDL=pdl, launch_pdl=pdl)
 
     grid = (max(q_tiles, groups.cdiv(seq_k, TILE_ROWS.value)),
             q_heads + (kv_heads if q is not None else 0) + (kv_heads if v is not None else 0), batch)
     _launch_quantize(
         grid, arg(q), arg(k), arg(v), arg(km), arg(q8), arg(q_scale), arg(k8), arg(k_scale),
-        arg(v_mean), arg(inv), arg(prescale), arg(v8), seq_q, seq_k, head_dim, q_heads, kv_heads, q_tiles,
+        arg(v_mean), arg(inv), arg(prescale), arg(v8), table, seq_q, seq_k, head_dim, q_heads, kv_heads, q_tiles,
         q_scale.shape[-1] if q is not None else 0, k_scale.shape[-1] if q is not None else 0,
         *_strides(arg(q)), *_strides(arg(k)), *_strides(arg(v)), *_strides(arg(q8)),
         *_strides(arg(k8)), *_strides(arg(v8)),
         D=padded, PER_THREAD=per_thread, DO_Q=q is not None, DO_K=q is not None,
         DO_V=v is not None, SMOOTH_K=km is not None, SMOOTH_V=smooth_v,
         Q_GROUP_SHAPE=_GROUP_SHAPES[per_thread][0], K_GROUP_SHAPE=_GROUP_SHAPES[per_thread][1],
-        V_KERNEL_ORDER=v_kernel_order, PDL=pdl, PTX_CAST=e4m3_cast_in_ptx(device), num_warps=QUANT_WARPS,
+        V_KERNEL_ORDER=v_kernel_order, VARLEN=packed is not None, PDL=pdl, PTX_CAST=e4m3_cast_in_ptx(device), num_warps=QUANT_WARPS,
         launch_pdl=pdl and with_stats,
         enable_fp_fusion=False)  # per_warp rounds x·(127/amax) as the reference does, not by an FMA
     return q8, q_scale, k8, k_scale, km, v8, v_scale, v_mean

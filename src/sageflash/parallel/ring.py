@@ -30,7 +30,7 @@ from .. import debug
 from ..op import as_hnd, check_attn_mask, check_call, quantize_for_attention, select_backend
 from ..params import SageParams, apply_overrides, warn_once
 from .agreement import agree, describe, device_of
-from .autograd import without_backward
+from ..autograd import without_backward
 from .sharding import RingPeers, check_cuttable, check_sharding, chunk_ids, group_rank_and_size
 
 _ALIGN = 16  # bytes: every payload in the buffer starts where a TMA descriptor may point
@@ -148,7 +148,7 @@ def ring_attention(q, k, v, softmax_scale=None, is_causal=False, smooth_k=True, 
     out = q.new_empty(q.shape)  # contiguous in the caller's layout, as the op's
     with torch.no_grad():  # the backends' LSE term reads q: no graph for a backward that raises anyway
         lse = ring_attend(call, group, rank, world_size, as_hnd(out, tensor_layout))
-    return without_backward("ring_attention", (out, lse) if return_lse else out, q, k, v)
+    return without_backward("sageflash.parallel.ring_attention", (out, lse) if return_lse else out, q, k, v)
 
 
 def _ring_steps(rank: int, world_size: int, sharding: str, is_causal: bool) -> list[tuple[tuple[int, ...], list]]:

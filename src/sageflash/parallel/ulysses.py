@@ -19,7 +19,7 @@ from .. import debug
 from ..op import as_hnd, check_attn_mask, check_call, sage_attn_sm89_fp16, select_backend
 from ..params import resolve_params
 from .agreement import agree, describe, describe_mask, device_of
-from .autograd import without_backward
+from ..autograd import without_backward
 from .sharding import group_rank_and_size
 
 
@@ -151,7 +151,7 @@ def ulysses_attention(q, k, v, softmax_scale=None, is_causal=False, smooth_k=Tru
         with torch.no_grad():
             result = sage_attn_sm89_fp16(q, k, v, *knobs, tensor_layout=tensor_layout, return_lse=lse_wanted,
                                          attn_mask=attn_mask, backend=backend)
-        return without_backward("ulysses_attention", result, q, k, v)
+        return without_backward("sageflash.parallel.ulysses_attention", result, q, k, v)
     exchange = HeadExchange(group, rank, world_size)
     out = q.new_empty(q.shape)  # contiguous in the caller's layout, as the op's
     with torch.no_grad():  # no autograd record of copies whose backward raises anyway
@@ -166,5 +166,5 @@ def ulysses_attention(q, k, v, softmax_scale=None, is_causal=False, smooth_k=Tru
         failure = err
     if call["debug toggles"]:  # the op's debug path can fail on one rank (a dump it cannot write): all stop
         agree([group], "ulysses_attention", {}, failure, device_of(q), failed="failed in the op")
-    return without_backward("ulysses_attention", exchange.to_sequence(result, lse_wanted, out, tensor_layout),
-                            q, k, v)
+    return without_backward("sageflash.parallel.ulysses_attention",
+                            exchange.to_sequence(result, lse_wanted, out, tensor_layout), q, k, v)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from ..op import as_hnd, check_attn_mask, check_call
 from .agreement import agree, describe, describe_mask, device_of
-from .autograd import without_backward
+from ..autograd import without_backward
 from .ring import check_ring_call, ring_attend
 from .sharding import check_sharding, group_rank_and_size
 from .ulysses import HeadExchange, check_heads
@@ -91,4 +91,5 @@ def usp_attention(q, k, v, softmax_scale=None, is_causal=False, smooth_k=True, s
         lse = ring_attend(call._replace(**{name: as_hnd(x, "NHD") for name, x in zip("qkv", heads)}), ring_group,
                           ring_rank, ring_size, as_hnd(heads_out, "NHD"))
     result = (heads_out, lse) if lse_wanted else heads_out
-    return without_backward("usp_attention", exchange.to_sequence(result, lse_wanted, out, tensor_layout), q, k, v)
+    return without_backward("sageflash.parallel.usp_attention",
+                            exchange.to_sequence(result, lse_wanted, out, tensor_layout), q, k, v)

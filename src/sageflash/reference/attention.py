@@ -139,3 +139,28 @@ def attention(q, k, v, params: SageParams, return_lse: bool = False, out=None, a
         q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_mean, params=params,
         seq_q=q.shape[2], seq_k=k.shape[2], head_dim=q.shape[-1], out_dtype=q.dtype,
         q=q, km=km, return_lse=return_lse, out=out, attn_mask=attn_mask)
+
+
+def attention_varlen(q, k, v, q_lens: list[int], k_lens: list[int], params: SageParams, return_lse: bool = False,
+                     out=None):
+    """A packed batch (q ``[Tq, Hq, D]``, k and v ``[Tk, Hk, D]``, sequence i ``q_lens[i]`` queries and
+    ``k_lens[i]`` keys, packed in order) by its definition: `attention` of each sequence alone, as
+    a batch of one; a sequence without keys gives zeros (LSE -inf). Into ``out`` (like q), and with
+    ``return_lse`` an LSE ``[Hq, Tq]``."""
+    if out is None:
+        out = q.new_empty(q.shape)
+    lse = torch.full((q.shape[1], q.shape[0]), -math.inf, device=q.device) if return_lse else None
+    q_start = k_start = 0
+    for q_len, k_len in zip(q_lens, k_lens, strict=True):
+        rows, keys = slice(q_start, q_start + q_len), slice(k_start, k_start + k_len)
+        q_start, k_start = rows.stop, keys.stop
+        if q_len == 0:
+            continue
+        if k_len == 0:
+            out[rows] = 0
+            continue
+        one = lambda x: x.transpose(0, 1).unsqueeze(0)  # noqa: E731  [T, H, D] -> [1, H, T, D]
+        result = attention(one(q[rows]), one(k[keys]), one(v[keys]), params, return_lse, out=one(out[rows]))
+        if return_lse:
+            lse[:, rows] = result[1][0]
+    return (out, lse) if return_lse else out

@@ -1,7 +1,8 @@
-"""No backward for the sequence-parallel calls, said where it matters: when autograd runs it.
+"""No backward for the calls outside the registered op, said where it matters: when autograd runs it.
 
-Their collectives do not record autograd, so without this a caller training through them would
-get an output detached from q, k and v and gradients silently missing (the op itself raises)."""
+The sequence-parallel calls' collectives and `sage_attn_varlen`'s kernels do not record autograd,
+so without this a caller training through them would get an output detached from q, k and v and
+gradients silently missing (the op itself raises)."""
 
 from __future__ import annotations
 
@@ -16,13 +17,14 @@ class _NoBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        raise NotImplementedError(f"sageflash.parallel.{ctx.name} has no backward: the 8-bit forward is for "
+        raise NotImplementedError(f"{ctx.name} has no backward: the 8-bit forward is for "
                                   "inference. Call it under torch.no_grad() or torch.inference_mode(), or on "
                                   "detached inputs")
 
 
 def without_backward(name: str, result, q, k, v):
-    """``result`` (a tensor, or ``(out, lse)``) tied to q, k and v by a backward that raises, when
+    """``result`` (a tensor, or ``(out, lse)``) tied to q, k and v by a backward that raises naming
+    ``name`` (e.g. ``sageflash.parallel.ring_attention``), when
     autograd would record the call; else ``result`` itself. In-place ops on it stay allowed."""
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         return result

@@ -1,0 +1,127 @@
+"""Packed variable-length batches: `sage_attn_varlen`, in flash-attn's varlen layout.
+
+A batch of sequences of different lengths, packed one after another along the token axis (no
+padding), with ``cu_seqlens`` marking where each starts: what flash-attn's
+``flash_attn_varlen_func`` and SageAttention's ``sageattn_varlen`` take (HunyuanVideo, diffusers'
+varlen backends, LLM prefill). Each sequence gets exactly what `sage_attn_sm89_fp16` gives it
+alone: its own K mean, V scales and quantization groups, causal alignment and LSE.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from . import debug
+from .autograd import without_backward
+from .op import DTYPES, check_backend, select_backend, validate_qk
+from .params import apply_overrides, check_bool, check_knobs, warn_once
+
+PACKED = "[T, H, D]"  # a packed tensor: T tokens of every sequence in order
+CU_SEQLENS_DTYPES = (torch.int32, torch.int64)
+
+
+def _check_packed(x, name: str) -> None:
+    """``x``: a fp16/bf16 ``[T, H, D]`` tensor with a unit last stride and at least one token."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"{name} must have rank 3 ({PACKED}: the sequences' tokens packed along T), "
+                         f"got shape {tuple(x.shape)}")
+    if x.dtype not in DTYPES:
+        raise TypeError(f"{name} must be float16 or bfloat16, got {x.dtype}")
+    if x.shape[-1] > 1 and x.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dim (stride 1), got strides {x.stride()}")
+    if 0 in x.shape:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
+
+
+def check_packed(q, k, v) -> None:
+    """q ``[Tq, Hq, D]``, k and v ``[Tk, Hk, D]``: dtypes, devices, heads (GQA) and head dim."""
+    for x, name in ((q, "q"), (k, "k"), (v, "v")):
+        _check_packed(x, name)
+    # As a batch of one [1, T, H, D] sequence, the op's own checks of everything but the tokens.
+    validate_qk(q[None], k[None], "NHD")
+    if v.dtype != k.dtype:
+        raise TypeError(f"v must have k's dtype {k.dtype}, got {v.dtype}")
+    if v.device != k.device:
+        raise ValueError(f"v must be on k's device {k.device}, got {v.device}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)} ([Tk, Hk, D]), got {tuple(v.shape)}")
+
+
+def sequence_lengths(cu_seqlens, name: str, tokens: int, device: torch.device) -> list[int]:
+    """The sequence lengths ``cu_seqlens`` marks: an int32/int64 tensor ``[N + 1]`` on the CPU or
+    ``device``, from 0, non-decreasing, ending at ``tokens``. Its values are read on the host (on a
+    GPU, one copy that waits for the work queued before it)."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in CU_SEQLENS_DTYPES:
+        raise TypeError(f"{name} must be int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(f"{name} must be a 1-D tensor [N + 1] of N >= 1 sequences' offsets, "
+                         f"got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device.type != "cpu" and cu_seqlens.device != device:
+        raise ValueError(f"{name} must be on the CPU or on q's device {device}, got {cu_seqlens.device}")
+    offsets = cu_seqlens.tolist()
+    lengths = [end - start for start, end in zip(offsets, offsets[1:])]
+    if offsets[0] != 0 or min(lengths) < 0 or offsets[-1] != tokens:
+        raise ValueError(f"{name} must rise from 0 to the {tokens} packed tokens without falling, "
+                         f"got {_abridged(offsets)}")
+    return lengths
+
+
+def _abridged(values: list[int], shown: int = 8) -> str:
+    return str(values) if len(values) <= shown else f"[{', '.join(map(str, values[:shown]))}, ...] ({len(values)})"
+
+
+def _check_max_seqlen(value, name: str, longest: int) -> None:
+    """None, or an int at least the longest sequence (flash-attn sizes its grid by it; here it is
+    checked, the grid sized by the sequences themselves)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
+    if value < longest:
+        raise ValueError(f"{name}={value} is below the longest sequence, {longest} tokens")
+
+
+def sage_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
+                     softmax_scale=None, is_causal=False, smooth_k=True, smooth_v=False, pv_accum="fp32+fp16",
+                     granularity="per_thread", *, return_lse=False, backend="auto"):
+    """`sage_attn_sm89_fp16` over a packed batch of sequences of different lengths.
+
+    q ``[Tq, Hq, D]``, k and v ``[Tk, Hk, D]`` (fp16 or bf16, any strides with a unit last one):
+    sequence i's queries are ``q[cu_seqlens_q[i]:cu_seqlens_q[i + 1]]``, its keys and values the
+    same rows of k and v by ``cu_seqlens_k`` (int32 or int64 ``[N + 1]``, on the CPU or q's device;
+    their values are read on the host). ``max_seqlen_q`` / ``max_seqlen_k`` (flash-attn's) may be
+    given: they must hold the longest sequence. The knobs, their ``GGML_SAGE_*`` overrides and
+    ``backend`` are the op's. Returns ``out [Tq, Hq, D]`` (contiguous), and with ``return_lse`` also
+    the float32 LSE ``[Hq, Tq]`` (flash-attn's varlen layout). Sequence i's rows are exactly what the
+    op gives ``q``, ``k`` and ``v``'s rows of it alone (``tensor_layout="NHD"``, a batch of one):
+    causal alignment bottom-right per sequence, a sequence without keys gives zeros (LSE -inf).
+    No backward, no ``attn_mask``, and the debug toggles do not apply (said once on the logger).
+    """
+    check_packed(q, k, v)
+    q_lens = sequence_lengths(cu_seqlens_q, "cu_seqlens_q", q.shape[0], q.device)
+    k_lens = sequence_lengths(cu_seqlens_k, "cu_seqlens_k", k.shape[0], q.device)
+    if len(q_lens) != len(k_lens):
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must mark as many sequences, got {len(q_lens)} and "
+                         f"{len(k_lens)}")
+    _check_max_seqlen(max_seqlen_q, "max_seqlen_q", max(q_lens))
+    _check_max_seqlen(max_seqlen_k, "max_seqlen_k", max(k_lens))
+    params = apply_overrides(check_knobs(softmax_scale, is_causal, smooth_k, smooth_v, pv_accum, granularity,
+                                         head_dim=q.shape[-1]))
+    return_lse = check_bool(return_lse, "return_lse")
+    check_backend(backend)
+    module = select_backend(backend, q.device)
+    toggles = debug.active()
+    if toggles:
+        warn_once(("varlen-debug",), "sage_attn_varlen runs without the debug toggles (%s set): to dump or trace "
+                  "a sequence, call sageflash.sage_attn_sm89_fp16 on it", ", ".join(toggles))
+    result = module.attention_varlen(q, k, v, q_lens, k_lens, params, return_lse=return_lse)
+    return without_backward("sageflash.sage_attn_varlen", result, q, k, v)
+
+
+__all__ = ["check_packed", "sage_attn_varlen", "sequence_lengths"]
