@@ -546,6 +546,28 @@ def test_benchmark_script_writes_csv(no_cuda, tmp_path, capsys):
     assert "sdpa-flash" in capsys.readouterr().out
 
 
+def test_varlen_benchmark_script_writes_csv(no_cuda, tmp_path, capsys):
+    """benchmarks/bench_varlen.py's smoke run: every provider a row (torch-varlen skipped off CUDA),
+    the ratios to the baseline it names, the CSV as printed."""
+    script = load_script("bench_varlen")
+    path = tmp_path / "varlen.csv"
+    argv = ["--allow-cpu", "--lengths", "5,70,1", "--causal", "on", "--heads", "2", "--kv-heads", "1",
+            "--head-dim", "32", "--warmup", "1", "--rep", "1", "--csv", str(path)]
+    assert script.main(argv) == 0
+    rows = {r["provider"]: r for r in csv.DictReader(path.open())}
+    assert list(rows) == list(script.PROVIDERS)
+    assert rows["torch-varlen"]["error"] == "skipped: not available here" and not rows["torch-varlen"]["ms"]
+    for name in ("sageflash-varlen", "sageflash-loop", "sdpa-loop"):
+        row = rows[name]
+        assert (row["batch"], row["sequences"], row["tokens"], row["longest"], row["causal"]) == (
+            "custom", "3", "76", "70", "True")
+        assert float(row["vs_baseline"]) == pytest.approx(float(rows["sdpa-loop"]["ms"]) / float(row["ms"]))
+        assert float(row["tops"]) == pytest.approx(4 * 2 * (25 + 4900 + 1) * 32 / 2 / float(row["ms"]) / 1e9)
+    assert "sageflash-varlen" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        script.main(["--allow-cpu", "--batches", "nope"])
+
+
 def test_plot_writes_png(cpu_run, tmp_path):
     pytest.importorskip("matplotlib")
     _, _, report, _ = cpu_run
@@ -559,6 +581,7 @@ def test_plot_writes_png(cpu_run, tmp_path):
 def load_script(name: str):
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     script = importlib.util.module_from_spec(spec)
+    sys.modules[name] = script  # registered first, as an import would: dataclasses look their module up
     spec.loader.exec_module(script)
     return script
 

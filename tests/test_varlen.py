@@ -162,6 +162,18 @@ def test_bad_input_is_named(change, error, message):
         sageflash.sage_attn_varlen(**args)
 
 
+def test_sageattn_varlen_takes_flash_attn_spellings(caplog):
+    q_lens = k_lens = [6, 2]
+    q, k, v = packed_qkv(q_lens, k_lens, seed=6)
+    cu = cu_seqlens(q_lens)
+    with caplog.at_level(logging.WARNING, logger="sageflash"):
+        out = sageflash.sageattn_varlen(q, k, v, cu, cu, 6, 6, causal=True, softmax_scale=0.3, backend="reference")
+    assert torch.equal(out, sageflash.sage_attn_varlen(q, k, v, cu, cu, softmax_scale=0.3, is_causal=True,
+                                                       backend="reference"))
+    said = [r.getMessage() for r in caplog.records if "sageattn_varlen(): taking flash-attn's" in r.getMessage()]
+    assert len(said) <= 2 and not any("tensor_layout" in message for message in said)
+
+
 def test_sageattn_varlen_refuses_what_packed_tensors_lack():
     q = k = v = torch.randn(8, 2, 64, dtype=torch.float16)
     for keyword in ("tensor_layout", "attn_mask"):

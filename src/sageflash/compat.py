@@ -4,7 +4,7 @@ parameter names and defaults (``sageattention/core.py``), both running `sage_att
 `sageattn_varlen`, running `sage_attn_varlen`.
 
 Keywords beyond the official ones: flash-attn's spellings ``causal`` and ``softmax_scale`` (one
-warning per process, none inside ``torch.compile``), what SDPA-style callers pass (``attn_mask``, ``dropout_p=0``) and
+warning per function and spelling per process, none inside ``torch.compile``), what SDPA-style callers pass (``attn_mask``, ``dropout_p=0``) and
 sageflash's ``backend``. Any other keyword is a TypeError (the official functions swallow them).
 """
 
@@ -87,10 +87,15 @@ def _sort_keywords(function: str, official: dict, extra: dict, packed: bool = Fa
             spelled[name] = flash_name
             if args[name] != _DEFAULTS[name]:
                 raise TypeError(f"{function}() got both {name!r} and its flash-attn spelling {flash_name!r}")
-            if not torch.compiler.is_compiling():  # Dynamo cannot trace logging: silent when compiled
-                warn_once(("compat-spelling", flash_name), "%s(): taking flash-attn's %r as SageAttention's %r; "
-                          "tensors are read as tensor_layout=%r (flash-attn's [B, S, H, D] is 'NHD')",
-                          function, flash_name, name, args["tensor_layout"])
+            if torch.compiler.is_compiling():  # Dynamo cannot trace logging: silent when compiled
+                pass
+            elif packed:
+                warn_once(("compat-spelling", function, flash_name), "%s(): taking flash-attn's %r as "
+                          "SageAttention's %r", function, flash_name, name)
+            else:
+                warn_once(("compat-spelling", function, flash_name), "%s(): taking flash-attn's %r as "
+                          "SageAttention's %r; tensors are read as tensor_layout=%r (flash-attn's [B, S, H, D] is "
+                          "'NHD')", function, flash_name, name, args["tensor_layout"])
             args[name] = extra.pop(flash_name)
     attn_mask = None if packed else extra.pop("attn_mask", None)
     dropout_p = extra.pop("dropout_p", 0.0)

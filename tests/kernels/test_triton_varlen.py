@@ -7,6 +7,8 @@ a CUDA device of capability >= 8.9.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -58,15 +60,28 @@ def test_triton_agrees_with_reference(case):
     torch.testing.assert_close(lse.cpu(), ref_lse, rtol=0, atol=1e-4, equal_nan=False)
 
 
-def test_more_sequences_than_a_grid_holds(monkeypatch):
-    """Past `launch.MAX_GRID_BATCH` sequences the launches take slices of them (here 2 per slice,
-    one slice holding only sequences without keys), with the same result."""
-    case = ([4, 9, 3, 5, 7], [0, 0, 70, 2, 65], 2, 1, 64, torch.float16, dict(is_causal=True))
+def test_grids_are_the_sequences_tiles_only(monkeypatch):
+    """Each launch's grid holds each sequence's own tiles, not the sequences times the longest one's
+    (a 100k sequence beside 10,000 of 1k would make hundreds of millions of idle programs), and no
+    axis holds the sequences: more of them than CUDA's 65535 (the limit lowered to 2 here) run as
+    well."""
+    launch_config = sys.modules["sageflash.kernels.attention"].launch_config
+    case = ([4, 9, 300, 5, 7], [0, 0, 70, 2, 200], 2, 1, 64, torch.float16, dict(is_causal=True))
     _, want_out, want_lse = run_case(case)
+    grids = {}
+    launch_as_before = launch.Launcher.__call__
+    monkeypatch.setattr(launch.Launcher, "__call__", lambda self, grid, *args, **meta: grids.setdefault(
+        self.kernel.fn.__name__, grid) and launch_as_before(self, grid, *args, **meta))
     monkeypatch.setattr(launch, "MAX_GRID_BATCH", 2)
     _, out, lse = run_case(case)
     assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
-    assert (out[:13] == 0).all() and torch.isneginf(lse[:, :13]).all()
+    block_m = launch_config(64, launch.device_capability(out.device), 2, True, 200).block_m
+    assert grids == {  # (tiles, heads, 1); the reduction: one program per (sequence, KV head)
+        "_stats_kernel": (1 + 1 + 2, 2, 1), "_reduce_kernel": (5, 1, 1),
+        "_quantize_kernel": (2 + 2 + 6 + 2 + 4, 2 + 1 + 1, 1),
+        "_attention_kernel": (sum(-(-n // block_m) for n in (4, 9, 300, 5, 7)), 2, 1),
+        "_add_smooth_k_kernel": (1 + 1 + 10 + 1 + 1, 2, 1)}
+    assert (out[:13] == 0).all() and torch.isneginf(lse[:, :13]).all()  # the sequences without keys
 
 
 @pytest.mark.gpu
@@ -99,8 +114,46 @@ def test_gpu_offsets_past_32_bits():
 
 def test_table_refuses_what_int32_cannot_hold():
     from sageflash.kernels.sequences import PackedBatch
-    ok = PackedBatch.build([3, 0], [64, 1], torch.device("cpu"))
-    assert ok.table.tolist() == [[0, 3, 0, 64, 0], [3, 0, 64, 1, 64]] and (ok.max_q, ok.max_k, ok.v_columns) == (
-        3, 64, 128)
+    ok = PackedBatch.build([3, 0, 129], [64, 1, 0], torch.device("cpu"))
+    # the padded starts: queries to whole 128-row blocks, keys to whole 128-key steps
+    assert ok.table.tolist() == [[0, 3, 0, 64, 0, 0], [3, 0, 64, 1, 128, 128], [3, 129, 65, 0, 256, 128]]
+    assert (ok.max_q, ok.max_k, ok.q_padded, ok.k_padded) == (129, 64, 384, 256)
     with pytest.raises(ValueError, match="past the 2147483647 tokens the sequence table holds"):
-        PackedBatch.build([1, 1], [2 ** 31 - 64, 1], torch.device("cpu"))  # V's payload: 2**31 + 64 columns
+        PackedBatch.build([1, 1], [2 ** 31 - 100, 1], torch.device("cpu"))  # V's payload: 2**31 + 128 columns
+    with pytest.raises(ValueError, match="past the 2147483647 tokens"):
+        PackedBatch.build([2 ** 30, 1, 2 ** 30 - 200], [1, 1, 1], torch.device("cpu"))  # Q padded: 2**31 + 128
+
+
+def test_scales_and_payloads_are_packed_not_sized_by_the_longest():
+    """Many short sequences beside a long one: the scales and V's payload hold each sequence padded
+    to whole blocks, not the longest times their number (10,000 short sequences beside a 100k one
+    would have taken gigabytes)."""
+    from sageflash import kernels
+    from sageflash.groups import k_num_groups, q_num_groups
+    from sageflash.kernels.sequences import PackedBatch
+    q_lens, k_lens = [300] + [1] * 20, [5] * 20 + [300]
+    q, k, v = (x.transpose(0, 1)[None] for x in packed_qkv(q_lens, k_lens, 2, 1, 64, seed=9, device=DEVICE))
+    packed = PackedBatch.build(q_lens, k_lens, q.device)
+    q8, q_scale, k8, k_scale, km, v8, v_scale, _ = kernels.quantize_qkv(
+        q, k, v, granularity="per_thread", smooth_k=True, pv_accum="fp32+fp16", v_kernel_order=True, packed=packed)
+    assert q_scale.shape == (2, q_num_groups(384 + 20 * 128, True))  # 21 x 32 groups, not 21 x 3 x 32
+    assert k_scale.shape == (1, k_num_groups(20 * 128 + 384, True)) and v8.shape == (1, 1, 64, 20 * 128 + 384)
+    assert q8.shape == (1, 2, 320, 64) and k8.shape == (1, 1, 400, 64) and km.shape == v_scale.shape == (21, 1, 64)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # the NaN sequence's own arithmetic
+@pytest.mark.parametrize("tma", [False, True])
+def test_a_nan_stays_in_its_sequence(monkeypatch, tma):
+    """A NaN in one sequence's V reaches that sequence's rows only, through Hopper's launch (TMA
+    loads, 128-key steps; forced here) too: its second 64-key block of a masked step reads columns
+    of the next sequence's V payload, which P's zeros would turn into NaN unless zeroed."""
+    attention = sys.modules["sageflash.kernels.attention"]  # the module (the package's `attention` is a function)
+    monkeypatch.setattr(attention, "launch_config", lambda *args, **kwargs: attention.LaunchConfig(64, 128, 4, 3, tma=tma))
+    case = ([16, 16, 5], [50, 64, 70], 1, 1, 64, torch.float16, dict())
+    q_lens, k_lens, *_ = case
+    q, k, v = packed_qkv(q_lens, k_lens, 1, 1, 64, seed=12, device=DEVICE)
+    v[60, 0, 3] = float("nan")  # token 10 of the second sequence
+    out = sageflash.sage_attn_varlen(q, k, v, cu_seqlens(q_lens), cu_seqlens(k_lens), backend="triton")
+    want, _ = per_sequence(q, k, v, q_lens, k_lens, backend="triton")
+    assert not out[:16].isnan().any() and out[16:32].isnan().any() and not out[32:].isnan().any()
+    assert torch.equal(out.nan_to_num(), want.nan_to_num()) and torch.equal(out.isnan(), want.isnan())

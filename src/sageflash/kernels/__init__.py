@@ -188,53 +188,32 @@ def _quantize_and_attend(q, k, v, params, return_lse, out, attn_mask, chained):
         q=q, km=km, return_lse=return_lse, out=out, attn_mask=attn_mask, v_kernel_order=True)
 
 
+@_on_tensor_device
 def attention_varlen(q, k, v, q_lens: list[int], k_lens: list[int], params, return_lse: bool = False, out=None):
     """`attention` of a packed batch: q ``[Tq, Hq, D]``, k and v ``[Tk, Hk, D]`` (any strides with a
     unit last one), sequence i ``q_lens[i]`` queries and ``k_lens[i]`` keys, packed in order; into
     ``out`` (like q) and, with ``return_lse``, an LSE ``[Hq, Tq]``. Each sequence gets what
     `attention` gives it alone, its own quantization statistics and groups, in four launches for
-    all of them (`sequences`); more sequences than a grid holds (`launch.MAX_GRID_BATCH`) in slices."""
+    all of them (`sequences`)."""
     if out is None:
         out = q.new_empty(q.shape)
     q_heads, kv_heads = q.shape[1], k.shape[1]
     if q_heads + 2 * kv_heads > launch.MAX_GRID_HEADS:
         raise ValueError(f"{q_heads} query and {kv_heads} KV heads are more than a packed batch's launch holds "
                          f"(q heads + 2 * k heads <= {launch.MAX_GRID_HEADS})")
-    lse = q.new_empty(q_heads, q.shape[0], dtype=torch.float32) if return_lse else None
-    q_start = k_start = 0
-    for first in range(0, len(q_lens), launch.MAX_GRID_BATCH):
-        some_q, some_k = q_lens[first:first + launch.MAX_GRID_BATCH], k_lens[first:first + launch.MAX_GRID_BATCH]
-        rows, keys = slice(q_start, q_start + sum(some_q)), slice(k_start, k_start + sum(some_k))
-        q_start, k_start = rows.stop, keys.stop
-        if rows.stop == rows.start:  # keys without queries: nothing to write
-            continue
-        if keys.stop == keys.start:  # queries without keys (a slice of such sequences only)
-            out[rows] = 0
-            part_lse = -torch.inf
-        else:
-            part_lse = _attend_packed(q[rows], k[keys], v[keys], PackedBatch.build(some_q, some_k, q.device),
-                                      params, return_lse, out[rows])
-        if return_lse:
-            lse[:, rows] = part_lse
-    return (out, lse) if return_lse else out
-
-
-@_on_tensor_device
-def _attend_packed(q, k, v, packed: PackedBatch, params, return_lse: bool, out):
-    """`attention_varlen` of at most `launch.MAX_GRID_BATCH` sequences: the quantization and the
-    attention kernel over `[1, H, T, D]` views; returns the LSE (None without ``return_lse``)."""
-    q, k, v, out = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v, out))
+    packed = PackedBatch.build(q_lens, k_lens, q.device)
+    q, k, v, out_hnd = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v, out))  # [1, H, T, D] views
     q_int8 = None
     if q_payload_in_output(q.shape[-1]):
-        q_int8 = out.view(torch.int8)[..., : groups.padded_head_dim(q.shape[-1])]
+        q_int8 = out_hnd.view(torch.int8)[..., : groups.padded_head_dim(q.shape[-1])]
     q_int8, q_scale, k_int8, k_scale, km, v_fp8, v_scale, v_mean = _quant.quantize_qkv(
         q, k, v, granularity=params.granularity, smooth_k=params.smooth_k, pv_accum=params.pv_accum,
         smooth_v=params.smooth_v, q_int8=q_int8, v_kernel_order=True, packed=packed)
     result = _attention.attention_from_payloads(
         q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_mean, params=params,
         seq_q=q.shape[2], seq_k=k.shape[2], head_dim=q.shape[-1], out_dtype=q.dtype,
-        q=q, km=km, return_lse=return_lse, out=out, v_kernel_order=True, packed=packed)
-    return result[1] if return_lse else None
+        q=q, km=km, return_lse=return_lse, out=out_hnd, v_kernel_order=True, packed=packed)
+    return (out, result[1]) if return_lse else out
 
 
 __all__ = ["UnsupportedDeviceError", "attention", "attention_from_payloads", "attention_varlen", "check_device",

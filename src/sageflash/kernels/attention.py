@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -23,7 +24,7 @@ from .launch import (Launcher, check_grid_batch, dependent_launch, device_capabi
                      let_next_launch_start, wait_for_earlier_launch)
 from .lse import add_smooth_k_term
 from .quant import k_group, q_group, to_e4m3
-from .sequences import K_START, Q_START, V_START, PackedBatch, entry, field
+from .sequences import K_PADDED, K_START, Q_PADDED, Q_START, PackedBatch, entry, field, head_offset, program
 
 BLOCK_N = tl.constexpr(groups.K_TILE)  # keys per running-max block (SPEC §5)
 LOG2E = tl.constexpr(groups.LOG2E)  # additive attn_mask values are natural-log offsets
@@ -102,7 +103,8 @@ def _load_v_block(v_src, v_row, v_col, start, dims, seq_k, stride_vd, MASKED: tl
 
     With USE_TMA, ``v_src`` is a TMA descriptor of the payload seen as ``[B·Hk·D, ceil_64(Sk)]``
     and ``v_row`` this head's first row, ``v_col`` the batch entry's first column (a packed batch's,
-    `sequences`; else 0); keys past the padded end read as zeros.
+    `sequences`, which pads each entry to whole 128-key steps; else 0); keys past the padded end
+    read as zeros.
     """
     if USE_TMA:
         v = tl.trans(v_src.load([v_row, v_col + start]))
@@ -186,7 +188,7 @@ def _attend_block(acc, m_i, l_i, q, row_scale, rows, start, k_src, k_row, ks_bas
 
 
 @triton.jit
-def _attention_kernel(Q8, QS, K8, KS, V8, VS, VM, Out, LSE, Mask, SEQS,
+def _attention_kernel(Q8, QS, K8, KS, V8, VS, VM, Out, LSE, Mask, SEQS, TILES,
                       seq_q, seq_k, causal_offset, log2_scale, head_dim, kv_group,
                       q_heads, kv_heads, q_groups, k_groups,
                       stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
@@ -197,11 +199,12 @@ def _attention_kernel(Q8, QS, K8, KS, V8, VS, VM, Out, LSE, Mask, SEQS,
                       SMOOTH_V: tl.constexpr, WRITE_LSE: tl.constexpr, HAS_MASK: tl.constexpr,
                       MASK_BOOL: tl.constexpr, USE_TMA: tl.constexpr, VARLEN: tl.constexpr,
                       PDL: tl.constexpr, PTX_CAST: tl.constexpr):
-    """One tile of BLOCK_M query rows of one (batch entry, head); with VARLEN the entries of a packed
-    batch (`sequences`), whose lengths the table gives (``seq_q`` and ``seq_k`` are then the
-    packed token counts, and the causal offset the entry's)."""
-    tile, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    if IS_CAUSAL:  # the longest rows first, for a better tail
+    """One tile of BLOCK_M query rows of one (batch entry, head); with VARLEN a tile map's, of the
+    entries of a packed batch (`sequences`), whose lengths the table gives (``seq_q`` and ``seq_k``
+    are then the packed token counts, and the causal offset the entry's)."""
+    tile, batch = program(TILES, VARLEN)
+    head = tl.program_id(1)
+    if IS_CAUSAL and not VARLEN:  # the longest rows first, for a better tail (a tile map orders its own)
         tile = tl.num_programs(0) - 1 - tile
     kv_head = head // kv_group
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -211,8 +214,6 @@ def _attention_kernel(Q8, QS, K8, KS, V8, VS, VM, Out, LSE, Mask, SEQS,
     o_base, _ = entry(SEQS, batch, Q_START, seq_q, stride_ob, stride_os, VARLEN)
     k_base, seq_k = entry(SEQS, batch, K_START, seq_k, stride_kb, stride_ks, VARLEN)
     if VARLEN:
-        if tile * BLOCK_M >= seq_q:
-            return
         causal_offset = seq_k - seq_q
     wait_for_earlier_launch(PDL)  # launched while the quantizer may still run: its payloads are complete past this
     let_next_launch_start(PDL)  # the next KV-head chunk's statistics (`quant`)
@@ -220,12 +221,13 @@ def _attention_kernel(Q8, QS, K8, KS, V8, VS, VM, Out, LSE, Mask, SEQS,
     q = tl.load(Q8 + q_base + head.to(tl.int64) * stride_qh
                 + rows[:, None].to(tl.int64) * stride_qs + dims[None, :],
                 mask=(rows < seq_q)[:, None], other=0)
-    qs_base = QS + (batch * q_heads + head).to(tl.int64) * q_groups
+    # the scales' [B, H, groups], or a packed batch's [H, groups] from its padded starts (`sequences`)
+    first_q_group = q_group(field(SEQS, batch, Q_PADDED), PER_THREAD) if VARLEN else 0
+    qs_base = QS + head_offset(batch, head, q_heads, q_groups, first_q_group, VARLEN)
     row_scale = tl.load(qs_base + q_group(rows, PER_THREAD)) * log2_scale
-    ks_base = KS + (batch * kv_heads + kv_head).to(tl.int64) * k_groups
-    v_col = 0
-    if VARLEN:  # the packed payloads: K [1, Hk, tokens_k, D], V [1, Hk, D, columns] from V_START
-        v_col = field(SEQS, batch, V_START)
+    v_col = field(SEQS, batch, K_PADDED) if VARLEN else 0  # V's first payload column
+    ks_base = KS + head_offset(batch, kv_head, kv_heads, k_groups, k_group(v_col, PER_THREAD), VARLEN)
+    if VARLEN:  # the packed payloads: K [1, Hk, tokens_k, D], V [1, Hk, D, columns] from K_PADDED
         if USE_TMA:
             k_src, v_src = K8, V8
             k_row, v_row = kv_head * tokens_k + field(SEQS, batch, K_START), kv_head * D
@@ -420,6 +422,19 @@ def _tma_addressable(*payloads) -> bool:
                for p in payloads)
 
 
+def _tile_map(packed: PackedBatch, block_m: int, is_causal: bool) -> torch.Tensor:
+    """The attention grid of a packed batch: every entry's tiles of ``block_m`` query rows, the ones
+    that see the most keys first (the tail of a grid is its longest programs)."""
+    counts = -(-packed.q_lens // block_m)
+    entry = np.repeat(np.arange(len(counts)), counts)
+    last_row = np.minimum((np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + 1) * block_m,
+                          packed.q_lens[entry]) - 1
+    keys = packed.k_lens[entry]
+    if is_causal:  # bottom-right: row t sees keys j <= t + Sk - Sq
+        keys = np.clip(last_row + 1 + keys - packed.q_lens[entry], 0, keys)
+    return packed.tile_map(counts, work=keys)
+
+
 def v_in_kernel_order(v_fp8: torch.Tensor) -> torch.Tensor:
     """A V payload in natural token order (SPEC §4) rewritten in the kernel's
     (`groups.v_kernel_token`), as `quant.quantize_qkv` writes it with ``v_kernel_order``."""
@@ -445,17 +460,18 @@ def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_
     """
     batch, q_heads = q_int8.shape[:2]
     kv_heads, padded = k_int8.shape[1], k_int8.shape[-1]
-    longest_q, longest_k = (seq_q, seq_k) if packed is None else (packed.max_q, packed.max_k)
-    if packed is not None:
-        batch = packed.entries
-    check_grid_batch(batch)
+    if packed is not None and attn_mask is not None:
+        raise ValueError("attn_mask: a packed batch takes none (its packing is its mask)")
+    longest_k = seq_k if packed is None else packed.max_k
+    if packed is None:  # a packed batch's entries are on no grid axis of their own (`sequences.program`)
+        check_grid_batch(batch)
     if not v_kernel_order:
         v_fp8 = v_in_kernel_order(v_fp8)
     if out is None:
-        out = torch.empty(*q_int8.shape[:3], head_dim, dtype=out_dtype, device=q_int8.device)
+        out = torch.empty(*q_int8.shape[:2], seq_q, head_dim, dtype=out_dtype, device=q_int8.device)
     lse = out
     if return_lse:
-        lse = torch.empty(*q_int8.shape[:3] if packed is None else (q_heads, seq_q), dtype=torch.float32,
+        lse = torch.empty(*q_int8.shape[:2] if packed is None else (q_heads,), seq_q, dtype=torch.float32,
                           device=q_int8.device)
     arch = device_capability(q_int8.device)
     config = launch or launch_config(padded, arch, params.pv_accum.code, params.is_causal, longest_k,
@@ -474,11 +490,14 @@ def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_
     if config.tma:
         k_src = TensorDescriptor.from_tensor(k_int8.view(-1, padded), [config.keys, padded])
         v_src = TensorDescriptor.from_tensor(v_fp8.view(-1, v_fp8.shape[-1]), [padded, BLOCK_N.value])
-    grid = (groups.cdiv(longest_q, config.block_m), q_heads, batch)
+    grid, table, tiles = (groups.cdiv(seq_q, config.block_m), q_heads, batch), out, out
+    if packed is not None:
+        table, tiles = packed.table, _tile_map(packed, config.block_m, params.is_causal)
+        grid = (tiles.shape[0], q_heads, 1)
     pdl = dependent_launch(q_int8.device)  # the kernel waits before its first load
     _launch_attention(
         grid, q_int8, q_scale, k_src, k_scale, v_src, v_scale, v_mean if v_mean is not None else v_scale,
-        out, lse, mask, out if packed is None else packed.table, seq_q, seq_k, groups.causal_offset(seq_q, seq_k),
+        out, lse, mask, table, tiles, seq_q, seq_k, groups.causal_offset(seq_q, seq_k),
         params.softmax_scale * groups.LOG2E, head_dim, q_heads // kv_heads, q_heads, kv_heads,
         q_scale.shape[-1], k_scale.shape[-1],
         q_int8.stride(0), q_int8.stride(1), q_int8.stride(2),

@@ -27,7 +27,7 @@ from .launch import PDL_MIN_CAPABILITY, TRITON_E4M3_CAST_MIN_CAPABILITY
 LONG_SEQUENCE = 4096  # the launch compiled is the one of a call with this many keys
 
 _POINTER_TYPES = {"Q8": "*i8", "K8": "*i8", "V8": "*fp8e4nv", "QS": "*fp32", "KS": "*fp32",
-                  "VS": "*fp32", "VM": "*fp32", "LSE": "*fp32", "SEQS": "*i32"}
+                  "VS": "*fp32", "VM": "*fp32", "LSE": "*fp32", "SEQS": "*i32", "TILES": "*i32"}
 _FLOAT_ARGS = {"log2_scale"}
 _MASK_ITEMSIZE = {"none": 0, "u8": 1, "fp16": 2, "bf16": 2, "fp32": 4}
 # Integer arguments a typical launch passes as multiples of 16 (Triton specialises on that).

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .launch import Launcher, check_grid_batch
-from .sequences import Q_START, PackedBatch, entry, field
+from .sequences import Q_START, PackedBatch, entry, field, program
 
 LSE_ROWS = 32  # rows per program
 LSE_WARPS = 4
@@ -39,12 +39,14 @@ def _smooth_k_term(Q, KM, batch, q_base, head, rows, dims, seq, head_dim, q_head
 
 
 @triton.jit
-def _add_smooth_k_kernel(LSE, Q, KM, SEQS, seq, head_dim, q_heads, kv_group, km_dim, softmax_scale,
+def _add_smooth_k_kernel(LSE, Q, KM, SEQS, TILES, seq, head_dim, q_heads, kv_group, km_dim, softmax_scale,
                          stride_qb, stride_qh, stride_qs, D: tl.constexpr, ROWS: tl.constexpr,
                          VARLEN: tl.constexpr):
     """``LSE [B, Hq, seq]`` (contiguous) += `_smooth_k_term`, ROWS rows per program; with VARLEN
-    a packed batch's ``LSE [Hq, seq]`` (`sequences`: ``seq`` its token count, Q ``[1, Hq, seq, D]``)."""
-    tile, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    a packed batch's ``LSE [Hq, seq]`` (`sequences`: ``seq`` its token count, Q ``[1, Hq, seq, D]``,
+    the programs a tile map's)."""
+    tile, batch = program(TILES, VARLEN)
+    head = tl.program_id(1)
     rows = tile * ROWS + tl.arange(0, ROWS)
     tokens = seq
     q_base, seq = entry(SEQS, batch, Q_START, seq, stride_qb, stride_qs, VARLEN)
@@ -141,13 +143,14 @@ def add_smooth_k_term(lse: torch.Tensor, q: torch.Tensor, km: torch.Tensor, soft
     one, ``km [B, Hk, padded]``). ``packed``: q is a packed batch's ``[1, Hq, T, D]``
     (`sequences.PackedBatch`), km ``[entries, Hk, padded]`` and lse ``[Hq, T]``."""
     batch, q_heads, seq, head_dim = q.shape
-    longest = seq
-    if packed is not None:
-        batch, longest = packed.entries, packed.max_q
     check_grid_batch(batch)
     _check_lse(lse, "lse", q.shape[:3] if packed is None else (q_heads, seq))
     km = km.contiguous()
+    grid, table, tiles = (triton.cdiv(seq, LSE_ROWS), q_heads, batch), lse, lse
+    if packed is not None:  # an entry's rows only
+        table, tiles = packed.table, packed.tile_map(-(-packed.q_lens // LSE_ROWS))
+        grid = (tiles.shape[0], q_heads, 1)
     _launch_add_smooth_k(
-        (triton.cdiv(longest, LSE_ROWS), q_heads, batch), lse, q, km, lse if packed is None else packed.table,
-        seq, head_dim, q_heads, q_heads // km.shape[1], km.shape[-1], float(softmax_scale), *q.stride()[:3],
+        grid, lse, q, km, table, tiles, seq, head_dim, q_heads, q_heads // km.shape[1], km.shape[-1],
+        float(softmax_scale), *q.stride()[:3],
         D=triton.next_power_of_2(head_dim), ROWS=LSE_ROWS, VARLEN=packed is not None, num_warps=LSE_WARPS)

@@ -28,7 +28,8 @@ from .. import groups
 from ..params import PVAccum, QKGranularity
 from .launch import (Launcher, check_grid_batch, dependent_launch, e4m3_cast_in_ptx, let_next_launch_start,
                      wait_for_earlier_launch)
-from .sequences import K_LEN, K_START, Q_LEN, Q_START, V_START, PackedBatch, entry, field
+from .sequences import (KEY_BLOCK, K_LEN, K_PADDED, K_START, Q_LEN, Q_PADDED, Q_START, PackedBatch, entry, field,
+                        head_offset, program)
 
 
 
@@ -47,9 +48,11 @@ v_kernel_token = _jit_rule(groups.v_kernel_token)
 
 # Kernel constants (constexpr: jitted code may read them; ``.value`` on the host).
 TILE_ROWS = tl.constexpr(groups.K_TILE)  # tokens per quantization program: whole Q and K groups
-Q_TILE = tl.constexpr(groups.Q_TILE)  # Q's groups cover whole Q_TILE blocks, padding included
+# Q's groups cover whole Q_TILE blocks, padding included: a block is this many quantization tiles
+Q_BLOCK_TILES = tl.constexpr(groups.Q_TILE // groups.K_TILE)
+V_BLOCK_TILES = tl.constexpr(KEY_BLOCK // groups.K_TILE)  # ... and a packed entry's V (`sequences.KEY_BLOCK`)
 V_WINDOW = tl.constexpr(groups.V_WINDOW)
-STATS_ROWS = tl.constexpr(128)  # tokens per statistics program
+STATS_ROWS = tl.constexpr(128)  # tokens per statistics program (a packed entry's KEY_BLOCK holds whole ones)
 REDUCE_CHUNKS = tl.constexpr(32)  # partial statistics folded per step of the reduction
 # Warps per program, measured on an H200 over 1k-16k tokens, as the whole pass's time
 # (benchmarks/NOTES.md v9): quantization (one [64, D] tile) with 4 warps took 4-9% less than with
@@ -179,12 +182,13 @@ def _tile_offsets(base, head, rows, cols, stride_h, stride_s):
 
 
 @triton.jit
-def _quantize_int8_tile(X, KM, X8, XS, batch, x_base, x8_base, head, tile, seq, head_dim, num_heads, n_groups,
+def _quantize_int8_tile(X, KM, X8, XS, batch, x_base, x8_base, xs_base, head, tile, seq, head_dim, num_heads,
                         stride_xh, stride_xs, stride_8h, stride_8s,
                         D: tl.constexpr, IS_KEY: tl.constexpr, PER_THREAD: tl.constexpr,
                         SMOOTH: tl.constexpr, GROUP_SHAPE: tl.constexpr, PDL: tl.constexpr):
     """int8 payload and group scales of TILE_ROWS tokens of one (batch, head) of Q or K, the batch
-    entry's first token at ``x_base`` in X and ``x8_base`` in X8 (`sequences.entry`)."""
+    entry's first token at ``x_base`` in X and ``x8_base`` in X8 (`sequences.entry`), its head's
+    first scale at ``xs_base`` in XS (`sequences.head_offset`)."""
     rows = tile * TILE_ROWS + tl.arange(0, TILE_ROWS)
     cols = tl.arange(0, D)
     in_seq = rows < seq
@@ -205,8 +209,7 @@ def _quantize_int8_tile(X, KM, X8, XS, batch, x_base, x8_base, head, tile, seq, 
     values, scale = _quantize_group_rows(xf, in_seq, GROUP_SHAPE, PER_THREAD)
     tl.store(X8 + _tile_offsets(x8_base, head, rows, cols, stride_8h, stride_8s), values,
              mask=in_seq[:, None])
-    tl.store(XS + (batch * num_heads + head).to(tl.int64) * n_groups + first_group + tl.arange(0, scale.shape[0]),
-             scale)
+    tl.store(XS + xs_base + first_group + tl.arange(0, scale.shape[0]), scale)
 
 
 @triton.jit
@@ -269,7 +272,16 @@ def _max_min(x):
 
 
 @triton.jit
-def _stats_kernel(K, V, STATS, SEQS, stat_stride, seq, head_dim, kv_heads, n_chunks,
+def _first_chunk(SEQS, batch, VARLEN: tl.constexpr):
+    """A packed batch entry's first chunk in the statistics: its keys padded to whole KEY_BLOCKs
+    (`sequences.K_PADDED`) are whole STATS_ROWS chunks."""
+    if VARLEN:
+        return field(SEQS, batch, K_PADDED) // STATS_ROWS
+    return 0
+
+
+@triton.jit
+def _stats_kernel(K, V, STATS, SEQS, TILES, stat_stride, seq, head_dim, kv_heads, n_chunks,
                   stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                   D: tl.constexpr, K_SUM: tl.constexpr, V_STATS: tl.constexpr, SMOOTH_V: tl.constexpr,
                   VARLEN: tl.constexpr, PDL: tl.constexpr):
@@ -279,15 +291,14 @@ def _stats_kernel(K, V, STATS, SEQS, stat_stride, seq, head_dim, kv_heads, n_chu
     ``STATS`` holds four ``[B, Hk, n_chunks, D]`` float32 planes ``stat_stride`` apart: K's sum,
     V's max, min and (SMOOTH_V) sum (`_KSUM`, `_VMAX`, `_VMIN`, `_VSUM`); a channel past
     ``head_dim`` loads as zeros, so its statistics are 0 and its V scale 0, as the reference's.
-    With VARLEN (`sequences`) a batch entry has its own length, and chunks past it are not written.
+    With VARLEN (`sequences`) the programs are a tile map's, a batch entry has its own length,
+    and the planes are packed ``[Hk, n_chunks, D]``: an entry's chunks from slot `_first_chunk`.
     """
     let_next_launch_start(PDL)
-    chunk, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    chunk, batch = program(TILES, VARLEN)
+    head = tl.program_id(1)
     k_base, seq = entry(SEQS, batch, K_START, seq, stride_kb, stride_ks, VARLEN)
     v_base, _ = entry(SEQS, batch, K_START, seq, stride_vb, stride_vs, VARLEN)
-    if VARLEN:
-        if chunk * STATS_ROWS >= seq:
-            return
     first_v = kv_heads if K_SUM else 0
     is_key = head < first_v
     if not is_key:
@@ -296,7 +307,7 @@ def _stats_kernel(K, V, STATS, SEQS, stat_stride, seq, head_dim, kv_heads, n_chu
     cols = tl.arange(0, D)
     in_seq = rows < seq
     in_head = cols < head_dim
-    out = ((batch * kv_heads + head).to(tl.int64) * n_chunks + chunk) * D + cols
+    out = (head_offset(batch, head, kv_heads, n_chunks, _first_chunk(SEQS, batch, VARLEN), VARLEN) + chunk) * D + cols
     plane = stat_stride.to(tl.int64)
     # As a dependent launch (a chained chunk's) the stores wait: STATS may reuse memory the attention
     # kernel before still reads.
@@ -336,8 +347,11 @@ def _reduce_kernel(STATS, SEQS, stat_stride, KM, VSCALE, VMEAN, INV, PRESCALE, n
     let_next_launch_start(PDL)  # after the wait: the quantization's Q tiles do not wait
     bh = tl.program_id(0).to(tl.int64)
     chunks_here = n_chunks
+    first_chunk = bh * n_chunks
     if VARLEN:
-        length = field(SEQS, bh // kv_heads, K_LEN)
+        batch, head = bh // kv_heads, bh % kv_heads
+        first_chunk = head_offset(batch, head, kv_heads, n_chunks, _first_chunk(SEQS, batch, VARLEN), VARLEN)
+        length = field(SEQS, batch, K_LEN)
         chunks_here = tl.cdiv(length, STATS_ROWS)
         key_count = length.to(tl.float32)
         window = (tl.cdiv(length, V_WINDOW) * V_WINDOW).to(tl.float32)
@@ -349,7 +363,7 @@ def _reduce_kernel(STATS, SEQS, stat_stride, KM, VSCALE, VMEAN, INV, PRESCALE, n
     vmin = tl.full([D], float("inf"), tl.float32)
     vsum = tl.zeros([D], tl.float32)
     for first in range(0, chunks_here, REDUCE_CHUNKS):
-        at = (bh * n_chunks + first + chunks[:, None]) * D + cols[None, :]
+        at = (first_chunk + first + chunks[:, None]) * D + cols[None, :]
         present = (first + chunks < chunks_here)[:, None]
         if K_SUM:
             ksum += tl.sum(tl.load(STATS + _KSUM * plane + at, mask=present, other=0.0), axis=0)
@@ -387,7 +401,7 @@ def _reduce_kernel(STATS, SEQS, stat_stride, KM, VSCALE, VMEAN, INV, PRESCALE, n
 
 
 @triton.jit
-def _quantize_kernel(Q, K, V, KM, Q8, QS, K8, KS, VMEAN, INV, PRESCALE, V8, SEQS,
+def _quantize_kernel(Q, K, V, KM, Q8, QS, K8, KS, VMEAN, INV, PRESCALE, V8, SEQS, TILES,
                      seq_q, seq_k, head_dim, q_heads, kv_heads, q_tiles, q_groups, k_groups,
                      stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
                      stride_vb, stride_vh, stride_vs, stride_q8b, stride_q8h, stride_q8s,
@@ -400,36 +414,45 @@ def _quantize_kernel(Q, K, V, KM, Q8, QS, K8, KS, VMEAN, INV, PRESCALE, V8, SEQS
     """Pass 3: one tile per program; along grid axis 1 the Q heads (DO_Q), then the K heads (DO_K),
     then the V heads (DO_V), so a program holds one tensor's tile (fewer registers, more programs
     in flight). Q's tiles need nothing from the passes before; K's and V's wait for them (PDL).
-    With VARLEN each batch entry has its own lengths (`sequences`); V's payload then starts each
-    entry at its table's V_START column, ``stride_v8b`` unread."""
+    With VARLEN the programs are a tile map's and each batch entry has its own lengths
+    (`sequences`); V's payload then starts each entry at its table's K_PADDED column,
+    ``stride_v8b`` unread."""
     let_next_launch_start(PDL)
-    tile, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    tile, batch = program(TILES, VARLEN)
+    head = tl.program_id(1)
     first_k = q_heads if DO_Q else 0
     first_v = first_k + (kv_heads if DO_K else 0)
     if head < first_k:
         if VARLEN:  # padding groups get scales too (`quantize_qkv`)
             seq_q = field(SEQS, batch, Q_LEN)
-            q_tiles = tl.cdiv(seq_q, Q_TILE) * (Q_TILE // TILE_ROWS)
+            q_tiles = tl.cdiv(seq_q, Q_BLOCK_TILES * TILE_ROWS) * Q_BLOCK_TILES
         if tile < q_tiles:
             q_base, _ = entry(SEQS, batch, Q_START, seq_q, stride_qb, stride_qs, VARLEN)
             q8_base, _ = entry(SEQS, batch, Q_START, seq_q, stride_q8b, stride_q8s, VARLEN)
-            _quantize_int8_tile(Q, KM, Q8, QS, batch, q_base, q8_base, head, tile, seq_q, head_dim, q_heads,
-                                q_groups, stride_qh, stride_qs, stride_q8h, stride_q8s,
+            first_group = q_group(field(SEQS, batch, Q_PADDED), PER_THREAD) if VARLEN else 0
+            qs_base = head_offset(batch, head, q_heads, q_groups, first_group, VARLEN)
+            _quantize_int8_tile(Q, KM, Q8, QS, batch, q_base, q8_base, qs_base, head, tile, seq_q, head_dim,
+                                q_heads, stride_qh, stride_qs, stride_q8h, stride_q8s,
                                 D, False, PER_THREAD, False, Q_GROUP_SHAPE, PDL)
     else:
-        if VARLEN:
+        last_tile = seq_k
+        if VARLEN:  # V's padding to whole KEY_BLOCKs is written too (`sequences.KEY_BLOCK`)
             seq_k = field(SEQS, batch, K_LEN)
-        if tile * TILE_ROWS < seq_k:
+            last_tile = tl.where(head < first_v, seq_k, tl.cdiv(seq_k, V_BLOCK_TILES * TILE_ROWS) * V_BLOCK_TILES
+                                 * TILE_ROWS)
+        if tile * TILE_ROWS < last_tile:
             if head < first_v:
                 k_base, _ = entry(SEQS, batch, K_START, seq_k, stride_kb, stride_ks, VARLEN)
                 k8_base, _ = entry(SEQS, batch, K_START, seq_k, stride_k8b, stride_k8s, VARLEN)
-                _quantize_int8_tile(K, KM, K8, KS, batch, k_base, k8_base, head - first_k, tile, seq_k, head_dim,
-                                    kv_heads, k_groups, stride_kh, stride_ks, stride_k8h, stride_k8s,
+                first_group = k_group(field(SEQS, batch, K_PADDED), PER_THREAD) if VARLEN else 0
+                ks_base = head_offset(batch, head - first_k, kv_heads, k_groups, first_group, VARLEN)
+                _quantize_int8_tile(K, KM, K8, KS, batch, k_base, k8_base, ks_base, head - first_k, tile, seq_k,
+                                    head_dim, kv_heads, stride_kh, stride_ks, stride_k8h, stride_k8s,
                                     D, True, PER_THREAD, SMOOTH_K, K_GROUP_SHAPE, PDL)
             else:
                 v_base, _ = entry(SEQS, batch, K_START, seq_k, stride_vb, stride_vs, VARLEN)
                 if VARLEN:  # whole 64-key blocks (told to the compiler: 16-byte stores)
-                    v8_base = tl.multiple_of(field(SEQS, batch, V_START).to(tl.int64), TILE_ROWS)
+                    v8_base = tl.multiple_of(field(SEQS, batch, K_PADDED).to(tl.int64), TILE_ROWS)
                 else:
                     v8_base = batch.to(tl.int64) * stride_v8b
                 _quantize_fp8_tile(V, VMEAN, INV, PRESCALE, V8, batch, v_base, v8_base, head - first_v, tile,
@@ -458,17 +481,19 @@ def quantize_qkv(q, k, v, *, granularity, smooth_k: bool, km=None, pv_accum=None
     e.g. of the output's bytes), else a new tensor.
     ``chained``: the launch before is the attention kernel of the same call (the previous KV-head
     chunk's), so the statistics may start during its tail (`launch.dependent_launch`).
-    ``packed``: q, k and v are packed batches (`sequences.PackedBatch`) seen as ``[1, H, T, D]``;
-    the payloads are then ``[1, H, T, D]`` too (V's ``[1, Hk, D, packed.v_columns]``, each entry
-    from its table's V_START column), the scales and statistics ``[entries, H, ...]`` sized for
-    the longest entry.
+    ``packed``: q, k and v are a packed batch (`sequences.PackedBatch`) seen as ``[1, H, T, D]``;
+    the payloads are then ``[1, H, T, D]`` too, V's ``[1, Hk, D, packed.k_padded]``, the scales
+    ``[H, n_groups]`` and K's mean and V's scales ``[entries, Hk, D]`` (`sequences`).
     """
     per_thread = QKGranularity.parse(granularity, "granularity") is QKGranularity.PER_THREAD
     batch, kv_heads, seq_k, head_dim = (k if k is not None else v).shape
-    tokens_k, v_columns = seq_k, groups.ceil_to(seq_k, groups.K_TILE)  # the K and V payloads' token axes
-    if packed is not None:
-        batch, seq_k, v_columns = packed.entries, packed.max_k, packed.v_columns
-    check_grid_batch(batch)
+    tokens_k = seq_k  # the K payload's token axis
+    # per entry (batch, [], or a packed batch's [] and its padded token counts): scales and statistics
+    lead, q_padded, k_padded = (batch,), None, groups.ceil_to(seq_k, groups.K_TILE)
+    if packed is not None:  # its entries are on no grid axis of their own (`sequences.program`)
+        batch, seq_k, lead, q_padded, k_padded = packed.entries, packed.max_k, (), packed.q_padded, packed.k_padded
+    else:
+        check_grid_batch(batch)
     padded = groups.padded_head_dim(head_dim)
     device = (k if k is not None else v).device
     if (q is None) != (k is None):
@@ -482,10 +507,10 @@ def quantize_qkv(q, k, v, *, granularity, smooth_k: bool, km=None, pv_accum=None
         q8 = new(*q.shape[:3], padded, dtype=torch.int8) if q_int8 is None else q_int8
         if packed is not None:
             seq_q = packed.max_q
-        q_scale = new(batch, q_heads, groups.q_num_groups(seq_q, per_thread))
+        q_scale = new(*lead, q_heads, groups.q_num_groups(q_padded or seq_q, per_thread))
         k8 = new(*k.shape[:2], tokens_k, padded, dtype=torch.int8)
-        k_scale = new(batch, kv_heads, groups.k_num_groups(seq_k, per_thread))
-        q_tiles = groups.ceil_to(seq_q, groups.Q_TILE) // TILE_ROWS.value  # padding groups get scales too
+        k_scale = new(*lead, kv_heads, groups.k_num_groups(k_padded, per_thread))
+        q_tiles = groups.cdiv(seq_q, groups.Q_TILE) * Q_BLOCK_TILES.value  # padding groups get scales too
         if smooth_k and km is not None:
             km = torch.nn.functional.pad(km[..., :head_dim].to(k.dtype), (0, padded - head_dim)).contiguous()
     k_sum = q is not None and smooth_k and km is None
@@ -495,7 +520,7 @@ def quantize_qkv(q, k, v, *, granularity, smooth_k: bool, km=None, pv_accum=None
         km = None
     if v is not None:
         scale_max = PVAccum.parse(pv_accum, "pv_accum").v_scale_max
-        v8 = new(v.shape[0], kv_heads, padded, v_columns, dtype=torch.float8_e4m3fn)
+        v8 = new(v.shape[0], kv_heads, padded, k_padded, dtype=torch.float8_e4m3fn)
         v_scale = new(batch, kv_heads, padded)
         inv, prescale = new(2, batch, kv_heads, padded).unbind(0)
         v_mean = new(batch, kv_heads, padded) if smooth_v else None
@@ -506,35 +531,44 @@ def quantize_qkv(q, k, v, *, granularity, smooth_k: bool, km=None, pv_accum=None
     pdl = dependent_launch(device)
     with_stats = k_sum or v is not None
     if with_stats:  # passes 1 and 2; the first launch of a call is a dependent one only when chained
-        n_chunks = groups.cdiv(seq_k, STATS_ROWS.value)
-        stats = new(4, batch, kv_heads, n_chunks, padded)
+        n_chunks = groups.cdiv(seq_k, STATS_ROWS.value)  # per entry (a packed batch's longest)
+        slots = n_chunks if packed is None else k_padded // STATS_ROWS.value  # a packed batch's (`_first_chunk`)
+        stats = new(4, *lead, kv_heads, slots, padded)
         window = groups.ceil_to(seq_k, groups.V_WINDOW)
         k_in = k if k_sum else None
+        grid, tiles = (n_chunks, 1, batch), stand_in
+        if packed is not None:  # an entry's chunks only
+            tiles = packed.tile_map(-(-packed.k_lens // STATS_ROWS.value))
+            grid = (tiles.shape[0], 1, 1)
         _launch_stats(
-            (n_chunks, kv_heads * (k_sum + (v is not None)), batch), arg(k_in), arg(v), stats, table,
-            stats.stride(0), seq_k, head_dim, kv_heads, n_chunks, *_strides(arg(k_in)), *_strides(arg(v)),
+            (grid[0], kv_heads * (k_sum + (v is not None)), grid[2]), arg(k_in), arg(v), stats, table, tiles,
+            stats.stride(0), seq_k, head_dim, kv_heads, slots, *_strides(arg(k_in)), *_strides(arg(v)),
             D=padded, K_SUM=k_sum, V_STATS=v is not None, SMOOTH_V=smooth_v, VARLEN=packed is not None, PDL=pdl,
             num_warps=STATS_WARPS, launch_pdl=pdl and chained)
         _launch_reduce(
             (batch * kv_heads, 1, 1), stats, table, stats.stride(0), arg(km if k_sum else None),
-            arg(v_scale), arg(v_mean), arg(inv), arg(prescale), n_chunks, float(seq_k), float(window),
+            arg(v_scale), arg(v_mean), arg(inv), arg(prescale), slots, float(seq_k), float(window),
             scale_max if v is not None else 1.0, kv_heads, D=padded,
             K_SUM=k_sum, V_STATS=v is not None, PAD_IN_WINDOW=window > seq_k, SMOOTH_V=smooth_v,
             VARLEN=packed is not None, PDL=pdl, launch_pdl=pdl)
 
-    grid = (max(q_tiles, groups.cdiv(seq_k, TILE_ROWS.value)),
-            q_heads + (kv_heads if q is not None else 0) + (kv_heads if v is not None else 0), batch)
+    heads = q_heads + (kv_heads if q is not None else 0) + (kv_heads if v is not None else 0)
+    grid, tiles = (max(q_tiles, groups.cdiv(seq_k, TILE_ROWS.value)), heads, batch), stand_in
+    if packed is not None:  # an entry's Q, K and V tiles only
+        q_counts = -(-packed.q_lens // groups.Q_TILE) * Q_BLOCK_TILES.value if q is not None else 0
+        tiles = packed.tile_map(np.maximum(q_counts, -(-packed.k_lens // KEY_BLOCK) * V_BLOCK_TILES.value))
+        grid = (tiles.shape[0], heads, 1)
     _launch_quantize(
         grid, arg(q), arg(k), arg(v), arg(km), arg(q8), arg(q_scale), arg(k8), arg(k_scale),
-        arg(v_mean), arg(inv), arg(prescale), arg(v8), table, seq_q, seq_k, head_dim, q_heads, kv_heads, q_tiles,
+        arg(v_mean), arg(inv), arg(prescale), arg(v8), table, tiles, seq_q, seq_k, head_dim, q_heads, kv_heads, q_tiles,
         q_scale.shape[-1] if q is not None else 0, k_scale.shape[-1] if q is not None else 0,
         *_strides(arg(q)), *_strides(arg(k)), *_strides(arg(v)), *_strides(arg(q8)),
         *_strides(arg(k8)), *_strides(arg(v8)),
         D=padded, PER_THREAD=per_thread, DO_Q=q is not None, DO_K=q is not None,
         DO_V=v is not None, SMOOTH_K=km is not None, SMOOTH_V=smooth_v,
         Q_GROUP_SHAPE=_GROUP_SHAPES[per_thread][0], K_GROUP_SHAPE=_GROUP_SHAPES[per_thread][1],
-        V_KERNEL_ORDER=v_kernel_order, VARLEN=packed is not None, PDL=pdl, PTX_CAST=e4m3_cast_in_ptx(device), num_warps=QUANT_WARPS,
-        launch_pdl=pdl and with_stats,
+        V_KERNEL_ORDER=v_kernel_order, VARLEN=packed is not None, PDL=pdl, PTX_CAST=e4m3_cast_in_ptx(device),
+        num_warps=QUANT_WARPS, launch_pdl=pdl and with_stats,
         enable_fp_fusion=False)  # per_warp rounds x·(127/amax) as the reference does, not by an FMA
     return q8, q_scale, k8, k_scale, km, v8, v_scale, v_mean
 
