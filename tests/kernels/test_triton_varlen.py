@@ -157,3 +157,17 @@ def test_a_nan_stays_in_its_sequence(monkeypatch, tma):
     want, _ = per_sequence(q, k, v, q_lens, k_lens, backend="triton")
     assert not out[:16].isnan().any() and out[16:32].isnan().any() and not out[32:].isnan().any()
     assert torch.equal(out.nan_to_num(), want.nan_to_num()) and torch.equal(out.isnan(), want.isnan())
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_sequence_without_keys_keeps_lse_minus_inf(bad):
+    """A sequence without keys gives zeros and LSE -inf on both backends, whatever its queries hold
+    (smooth_k's term q·km, with no K mean to undo, made inf·0 = NaN of a non-finite q)."""
+    q_lens, k_lens = [3, 4], [0, 10]
+    q, k, v = packed_qkv(q_lens, k_lens, 2, 1, 64, seed=13, device=DEVICE)
+    q[1, 0, 5] = bad
+    for backend, device in (("triton", DEVICE), ("reference", "cpu")):
+        out, lse = sageflash.sage_attn_varlen(*(x.to(device) for x in (q, k, v)), cu_seqlens(q_lens),
+                                              cu_seqlens(k_lens), return_lse=True, backend=backend)
+        assert (out[:3] == 0).all() and torch.isneginf(lse[:, :3]).all() and torch.isfinite(lse[:, 3:]).all(), backend

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .launch import Launcher, check_grid_batch
-from .sequences import Q_START, PackedBatch, entry, field, program
+from .sequences import K_LEN, Q_START, PackedBatch, entry, field, program
 
 LSE_ROWS = 32  # rows per program
 LSE_WARPS = 4
@@ -47,6 +47,9 @@ def _add_smooth_k_kernel(LSE, Q, KM, SEQS, TILES, seq, head_dim, q_heads, kv_gro
     the programs a tile map's)."""
     tile, batch = program(TILES, VARLEN)
     head = tl.program_id(1)
+    if VARLEN:
+        if field(SEQS, batch, K_LEN) == 0:  # no keys, no K mean: the LSE stays -inf (q may be non-finite)
+            return
     rows = tile * ROWS + tl.arange(0, ROWS)
     tokens = seq
     q_base, seq = entry(SEQS, batch, Q_START, seq, stride_qb, stride_qs, VARLEN)
