@@ -4,8 +4,9 @@ parameter names and defaults (``sageattention/core.py``), both running `sage_att
 `sageattn_varlen`, running `sage_attn_varlen`.
 
 Keywords beyond the official ones: flash-attn's spellings ``causal`` and ``softmax_scale`` (one
-warning per function and spelling per process, none inside ``torch.compile``), what SDPA-style callers pass (``attn_mask``, ``dropout_p=0``) and
-sageflash's ``backend``. Any other keyword is a TypeError (the official functions swallow them).
+warning per function and spelling per process, none inside ``torch.compile``), what SDPA-style
+callers pass (``attn_mask``, ``dropout_p=0``) and sageflash's ``backend``. Any other keyword is a
+TypeError (the official functions swallow them).
 """
 
 from __future__ import annotations

@@ -97,12 +97,17 @@ def as_hnd(x: torch.Tensor, tensor_layout: str) -> torch.Tensor:
 
 
 def _check_tensor(x, name: str, tensor_layout: str) -> None:
+    ggml = ", ggml's [D, S, H, B]" if tensor_layout == "HND" else ""
+    check_tensor(x, name, 4, f"{LAYOUTS[tensor_layout]} for tensor_layout={tensor_layout!r}{ggml}")
+
+
+def check_tensor(x, name: str, rank: int, layout: str) -> None:
+    """``x``: a fp16/bf16 tensor of ``rank`` dims (``layout`` says which, for the message) with a
+    unit last stride and no empty dim; else a TypeError/ValueError naming ``name``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        ggml = ", ggml's [D, S, H, B]" if tensor_layout == "HND" else ""
-        raise ValueError(f"{name} must have rank 4 ({LAYOUTS[tensor_layout]} for tensor_layout="
-                         f"{tensor_layout!r}{ggml}), got shape {tuple(x.shape)}")
+    if x.dim() != rank:
+        raise ValueError(f"{name} must have rank {rank} ({layout}), got shape {tuple(x.shape)}")
     if x.dtype not in DTYPES:
         raise TypeError(f"{name} must be float16 or bfloat16, got {x.dtype}")
     if x.shape[-1] > 1 and x.stride(-1) != 1:

@@ -15,32 +15,17 @@ import torch
 
 from . import debug
 from .autograd import without_backward
-from .op import DTYPES, check_backend, select_backend, validate_qk
+from .op import check_backend, check_tensor, select_backend, validate_qk
 from .params import apply_overrides, check_bool, check_knobs, warn_once
 
 PACKED = "[T, H, D]"  # a packed tensor: T tokens of every sequence in order
 CU_SEQLENS_DTYPES = (torch.int32, torch.int64)
 
 
-def _check_packed(x, name: str) -> None:
-    """``x``: a fp16/bf16 ``[T, H, D]`` tensor with a unit last stride and at least one token."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 3:
-        raise ValueError(f"{name} must have rank 3 ({PACKED}: the sequences' tokens packed along T), "
-                         f"got shape {tuple(x.shape)}")
-    if x.dtype not in DTYPES:
-        raise TypeError(f"{name} must be float16 or bfloat16, got {x.dtype}")
-    if x.shape[-1] > 1 and x.stride(-1) != 1:
-        raise ValueError(f"{name} must have a contiguous last dim (stride 1), got strides {x.stride()}")
-    if 0 in x.shape:
-        raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
-
-
 def check_packed(q, k, v) -> None:
     """q ``[Tq, Hq, D]``, k and v ``[Tk, Hk, D]``: dtypes, devices, heads (GQA) and head dim."""
     for x, name in ((q, "q"), (k, "k"), (v, "v")):
-        _check_packed(x, name)
+        check_tensor(x, name, 3, f"{PACKED}: the sequences' tokens packed along T")
     # As a batch of one [1, T, H, D] sequence, the op's own checks of everything but the tokens.
     validate_qk(q[None], k[None], "NHD")
     if v.dtype != k.dtype:

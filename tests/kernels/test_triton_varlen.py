@@ -148,7 +148,8 @@ def test_a_nan_stays_in_its_sequence(monkeypatch, tma):
     loads, 128-key steps; forced here) too: its second 64-key block of a masked step reads columns
     of the next sequence's V payload, which P's zeros would turn into NaN unless zeroed."""
     attention = sys.modules["sageflash.kernels.attention"]  # the module (the package's `attention` is a function)
-    monkeypatch.setattr(attention, "launch_config", lambda *args, **kwargs: attention.LaunchConfig(64, 128, 4, 3, tma=tma))
+    hopper = attention.LaunchConfig(64, 128, 4, 3, tma=tma)
+    monkeypatch.setattr(attention, "launch_config", lambda *args, **kwargs: hopper)
     case = ([16, 16, 5], [50, 64, 70], 1, 1, 64, torch.float16, dict())
     q_lens, k_lens, *_ = case
     q, k, v = packed_qkv(q_lens, k_lens, 1, 1, 64, seed=12, device=DEVICE)

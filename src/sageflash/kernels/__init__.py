@@ -169,10 +169,11 @@ def _attend_heads(q, k, v, params, return_lse, out, attn_mask, chained):
     return out
 
 
-def _quantize_and_attend(q, k, v, params, return_lse, out, attn_mask, chained):
+def _quantize_and_attend(q, k, v, params, return_lse, out, attn_mask, chained, packed=None):
     """Quantize Q, K and V together (three launches), then run the attention kernel; the payloads
     are freed on return. ``chained``: the previous launch is the attention of the call's previous
-    KV-head chunk.
+    KV-head chunk. ``packed``: q, k, v and out are a packed batch's ``[1, H, T, D]`` views
+    (`sequences.PackedBatch`).
 
     Q's payload goes into the output's bytes where it fits (`q_payload_in_output`): the program
     that reads a tile of it is the one that writes the output over that tile, and after the read."""
@@ -181,11 +182,12 @@ def _quantize_and_attend(q, k, v, params, return_lse, out, attn_mask, chained):
         q_int8 = out.view(torch.int8)[..., : groups.padded_head_dim(q.shape[-1])]
     q_int8, q_scale, k_int8, k_scale, km, v_fp8, v_scale, v_mean = _quant.quantize_qkv(
         q, k, v, granularity=params.granularity, smooth_k=params.smooth_k, pv_accum=params.pv_accum,
-        smooth_v=params.smooth_v, q_int8=q_int8, v_kernel_order=True, chained=chained)
+        smooth_v=params.smooth_v, q_int8=q_int8, v_kernel_order=True, chained=chained, packed=packed)
     return _attention.attention_from_payloads(
         q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_mean, params=params,
         seq_q=q.shape[2], seq_k=k.shape[2], head_dim=q.shape[-1], out_dtype=q.dtype,
-        q=q, km=km, return_lse=return_lse, out=out, attn_mask=attn_mask, v_kernel_order=True)
+        q=q, km=km, return_lse=return_lse, out=out, attn_mask=attn_mask, v_kernel_order=True,
+        packed=packed)
 
 
 @_on_tensor_device
@@ -203,16 +205,7 @@ def attention_varlen(q, k, v, q_lens: list[int], k_lens: list[int], params, retu
                          f"(q heads + 2 * k heads <= {launch.MAX_GRID_HEADS})")
     packed = PackedBatch.build(q_lens, k_lens, q.device)
     q, k, v, out_hnd = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v, out))  # [1, H, T, D] views
-    q_int8 = None
-    if q_payload_in_output(q.shape[-1]):
-        q_int8 = out_hnd.view(torch.int8)[..., : groups.padded_head_dim(q.shape[-1])]
-    q_int8, q_scale, k_int8, k_scale, km, v_fp8, v_scale, v_mean = _quant.quantize_qkv(
-        q, k, v, granularity=params.granularity, smooth_k=params.smooth_k, pv_accum=params.pv_accum,
-        smooth_v=params.smooth_v, q_int8=q_int8, v_kernel_order=True, packed=packed)
-    result = _attention.attention_from_payloads(
-        q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_mean, params=params,
-        seq_q=q.shape[2], seq_k=k.shape[2], head_dim=q.shape[-1], out_dtype=q.dtype,
-        q=q, km=km, return_lse=return_lse, out=out_hnd, v_kernel_order=True, packed=packed)
+    result = _quantize_and_attend(q, k, v, params, return_lse, out_hnd, None, chained=False, packed=packed)
     return (out, result[1]) if return_lse else out
 
 

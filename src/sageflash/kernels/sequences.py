@@ -147,5 +147,5 @@ def program(TILES, VARLEN: tl.constexpr):
     return tl.program_id(0), tl.program_id(2)
 
 
-__all__ = ["KEY_BLOCK", "K_LEN", "K_PADDED", "K_START", "PackedBatch", "Q_LEN", "Q_PADDED", "Q_START", "TABLE_FIELDS", "entry",
-           "field", "head_offset", "program"]
+__all__ = ["KEY_BLOCK", "K_LEN", "K_PADDED", "K_START", "PackedBatch", "Q_LEN", "Q_PADDED", "Q_START",
+           "TABLE_FIELDS", "entry", "field", "head_offset", "program"]
