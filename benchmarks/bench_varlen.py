@@ -4,8 +4,10 @@
     python benchmarks/bench_varlen.py --batches llm,mixed --causal on --heads 32 --kv-heads 8
     python benchmarks/bench_varlen.py --lengths 4096,77,1000 --causal off
 
-Providers: ``sageflash-varlen`` (one packed call: four launches for the batch), ``sageflash-loop``
-(the op on each sequence, its outputs concatenated: what a caller without varlen does),
+Providers: ``sageflash-varlen`` (one packed call, its ``cu_seqlens`` on the GPU as video and LLM
+callers pass them: one host read that waits for the queue), ``sageflash-varlen-host`` (the same
+with ``cu_seqlens`` on the CPU: no wait), ``sageflash-loop`` (the op on each sequence, its outputs
+concatenated: what a caller without varlen does),
 ``torch-varlen`` (``torch.nn.attention.varlen.varlen_attn``, torch's FlashAttention on packed
 batches, when this torch has it; the baseline of the ratios then) and ``sdpa-loop`` (SDPA's flash
 backend per sequence, the baseline otherwise). Batches (``--batches``): ``video`` (two prompts of
@@ -37,7 +39,7 @@ BATCHES = {
     "mixed": [16384] + [128] * 256,
 }
 CPU_BATCHES = {"smoke": [37, 130, 1, 64]}
-PROVIDERS = ("sageflash-varlen", "sageflash-loop", "torch-varlen", "sdpa-loop")
+PROVIDERS = ("sageflash-varlen", "sageflash-varlen-host", "sageflash-loop", "torch-varlen", "sdpa-loop")
 
 
 def _torch_varlen():
@@ -74,8 +76,9 @@ def build(provider: str, q, k, v, lengths: list[int], causal: bool, backend: str
     """A call of ``provider`` on the packed batch, or None where it cannot run here."""
     cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
     bounds = list(itertools.pairwise(cu.tolist()))
-    if provider == "sageflash-varlen":
-        return lambda: sage_attn_varlen(q, k, v, cu, cu, is_causal=causal, backend=backend)
+    if provider.startswith("sageflash-varlen"):
+        cu_where = cu if provider.endswith("-host") else cu.to(q.device)
+        return lambda: sage_attn_varlen(q, k, v, cu_where, cu_where, is_causal=causal, backend=backend)
     if provider == "sageflash-loop":
         return lambda: torch.cat([sage_attn_sm89_fp16(q[None, s:e], k[None, s:e], v[None, s:e], is_causal=causal,
                                                       tensor_layout="NHD", backend=backend)[0] for s, e in bounds])
@@ -149,13 +152,15 @@ def format_row(row: Row) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("--batches", type=lambda s: s.split(","), default=None,
-                        help=f"comma-separated, of {', '.join(BATCHES)} (default: all; without a GPU: smoke)")
+                        help=f"comma-separated, of {', '.join([*BATCHES, *CPU_BATCHES])} (default: all but smoke; "
+                             "without a GPU: smoke)")
     parser.add_argument("--lengths", type=lambda s: [int(n) for n in s.split(",")], default=None,
                         help="comma-separated sequence lengths: one batch of them instead of --batches")
-    parser.add_argument("--providers", type=lambda s: s.split(","), default=list(PROVIDERS))
+    parser.add_argument("--providers", type=lambda s: s.split(","), default=list(PROVIDERS),
+                        help=f"comma-separated, of {', '.join(PROVIDERS)} (default: all)")
     parser.add_argument("--causal", choices=["on", "off", "both"], default="both")
     parser.add_argument("--heads", type=int, default=24)
-    parser.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
+    parser.add_argument("--kv-heads", type=int, default=None, help="a divisor of --heads (default: --heads)")
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--warmup", type=float, default=25.0, help="ms, as do_bench's")
     parser.add_argument("--rep", type=float, default=100.0, help="ms, as do_bench's")
@@ -168,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--batches: unknown {', '.join(sorted(unknown))}; choose from {', '.join(BATCHES)}")
     if args.lengths is not None and (args.batches or min(args.lengths) < 1):
         parser.error("--lengths: positive lengths, instead of --batches")
+    args.kv_heads = args.heads if args.kv_heads is None else args.kv_heads
+    if min(args.heads, args.head_dim, args.kv_heads) < 1 or args.heads % args.kv_heads:
+        parser.error("--heads, --kv-heads, --head-dim: positive, --kv-heads a divisor of --heads")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.allow_cpu:
         print("bench_varlen: no CUDA device (pass --allow-cpu for a smoke run)", file=sys.stderr)
@@ -175,7 +183,6 @@ def main(argv: list[str] | None = None) -> int:
     args.batches = (["custom"] if args.lengths else args.batches
                     or (list(BATCHES) if device.type == "cuda" else list(CPU_BATCHES)))
     args.causal = {"on": [True], "off": [False], "both": [False, True]}[args.causal]
-    args.kv_heads = args.kv_heads or args.heads
     rows = run(args, device)
     Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
     with open(args.csv, "w", newline="") as f:

@@ -557,15 +557,16 @@ def test_varlen_benchmark_script_writes_csv(no_cuda, tmp_path, capsys):
     rows = {r["provider"]: r for r in csv.DictReader(path.open())}
     assert list(rows) == list(script.PROVIDERS)
     assert rows["torch-varlen"]["error"] == "skipped: not available here" and not rows["torch-varlen"]["ms"]
-    for name in ("sageflash-varlen", "sageflash-loop", "sdpa-loop"):
+    for name in ("sageflash-varlen", "sageflash-varlen-host", "sageflash-loop", "sdpa-loop"):
         row = rows[name]
         assert (row["batch"], row["sequences"], row["tokens"], row["longest"], row["causal"]) == (
             "custom", "3", "76", "70", "True")
         assert float(row["vs_baseline"]) == pytest.approx(float(rows["sdpa-loop"]["ms"]) / float(row["ms"]))
         assert float(row["tops"]) == pytest.approx(4 * 2 * (25 + 4900 + 1) * 32 / 2 / float(row["ms"]) / 1e9)
     assert "sageflash-varlen" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        script.main(["--allow-cpu", "--batches", "nope"])
+    for bad in (["--batches", "nope"], ["--kv-heads", "0"], ["--heads", "4", "--kv-heads", "3"]):
+        with pytest.raises(SystemExit):
+            script.main(["--allow-cpu", *bad])
 
 
 def test_plot_writes_png(cpu_run, tmp_path):

@@ -142,9 +142,9 @@ CU = cu_seqlens([3, 5])
     (dict(cu_seqlens_q=CU.float()), TypeError, "cu_seqlens_q must be int32 or int64"),
     (dict(cu_seqlens_k=CU[None]), ValueError, r"cu_seqlens_k must be a 1-D tensor \[N \+ 1\]"),
     (dict(cu_seqlens_k=CU[:1]), ValueError, r"cu_seqlens_k must be a 1-D tensor \[N \+ 1\]"),
-    (dict(cu_seqlens_q=torch.tensor([1, 3, 8])), ValueError, "cu_seqlens_q must rise from 0 to the 8 packed tokens"),
-    (dict(cu_seqlens_q=torch.tensor([0, 6, 5, 8])), ValueError, "cu_seqlens_q must rise from 0"),
-    (dict(cu_seqlens_k=torch.tensor([0, 3, 9])), ValueError, "cu_seqlens_k must rise from 0 to the 8 packed"),
+    (dict(cu_seqlens_q=torch.tensor([1, 3, 8])), ValueError, "cu_seqlens_q must rise from 0 without falling and end"),
+    (dict(cu_seqlens_q=torch.tensor([0, 6, 5, 8])), ValueError, "cu_seqlens_q must rise from 0 without falling"),
+    (dict(cu_seqlens_k=torch.tensor([0, 3, 9])), ValueError, "cu_seqlens_k .* end within the 8 packed tokens"),
     (dict(cu_seqlens_k=torch.tensor([0, 3, 4, 8])), ValueError, "must mark as many sequences, got 2 and 3"),
     (dict(max_seqlen_q=4), ValueError, "max_seqlen_q=4 is below the longest sequence, 5 tokens"),
     (dict(max_seqlen_k=5.0), TypeError, "max_seqlen_k must be an int or None"),
@@ -160,6 +160,46 @@ def test_bad_input_is_named(change, error, message):
     args.update(change)
     with pytest.raises(error, match=message):
         sageflash.sage_attn_varlen(**args)
+
+
+def test_rows_past_the_last_offset_and_batches_without_keys():
+    """Packed into longer buffers (flash-attn's callers may): rows of q past cu_seqlens_q's end give
+    zeros and LSE -inf, keys past cu_seqlens_k's end are not read; a batch whose sequences have no
+    key at all (a fully masked diffusers row) gives zeros."""
+    q_lens, k_lens = [5, 20], [30, 9]
+    q, k, v = packed_qkv([*q_lens, 7], [*k_lens, 11], seed=7)
+    k[39:] = float("nan")  # past cu_seqlens_k's end: must not be read
+    out, lse = sageflash.sage_attn_varlen(q, k, v, cu_seqlens(q_lens), cu_seqlens(k_lens), return_lse=True,
+                                          backend="reference")
+    want_out, want_lse = per_sequence(q[:25], k[:39], v[:39], q_lens, k_lens, backend="reference")
+    assert torch.equal(out[:25], want_out) and torch.equal(lse[:, :25], want_lse)
+    assert (out[25:] == 0).all() and torch.isneginf(lse[:, 25:]).all() and out.is_contiguous()
+    out, lse = sageflash.sage_attn_varlen(q, k, v, cu_seqlens(q_lens), torch.tensor([0, 0, 0]), return_lse=True,
+                                          backend="reference")
+    assert (out == 0).all() and torch.isneginf(lse).all()
+
+
+def test_torch_compile_runs_it_eagerly():
+    """Under torch.compile the call breaks the graph and runs as it does eagerly (its cu_seqlens,
+    graph inputs here, are read on the host)."""
+    q_lens, k_lens = [20, 30], [40, 30]
+    q, k, v = packed_qkv(q_lens, k_lens, seed=8)
+
+    def model(q, k, v, cu_q, cu_k):
+        return sageflash.sage_attn_varlen(q * 2, k, v, cu_q, cu_k, is_causal=True, backend="reference") + 1
+
+    graphs = []
+
+    def backend(graph_module, example_inputs):  # records what Dynamo traced, runs it as traced
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    want = model(q, k, v, cu_seqlens(q_lens), cu_seqlens(k_lens))
+    got = torch.compile(model, backend=backend)(q, k, v, cu_seqlens(q_lens), cu_seqlens(k_lens))
+    assert torch.equal(got, want)
+    # the caller's q * 2 and + 1 only (traced into, the reference made a graph of ~400 nodes that
+    # inductor could not compile)
+    assert graphs and sum(len(g.graph.nodes) for g in graphs) < 20
 
 
 def test_sageattn_varlen_takes_flash_attn_spellings(caplog):

@@ -5,8 +5,8 @@ parameter names and defaults (``sageattention/core.py``), both running `sage_att
 
 Keywords beyond the official ones: flash-attn's spellings ``causal`` and ``softmax_scale`` (one
 warning per function and spelling per process, none inside ``torch.compile``), what SDPA-style
-callers pass (``attn_mask``, ``dropout_p=0``) and sageflash's ``backend``. Any other keyword is a
-TypeError (the official functions swallow them).
+callers pass (``attn_mask``, except to `sageattn_varlen`, and ``dropout_p=0``) and sageflash's
+``backend``. Any other keyword is a TypeError (the official functions swallow them).
 """
 
 from __future__ import annotations

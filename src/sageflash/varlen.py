@@ -9,6 +9,7 @@ alone: its own K mean, V scales and quantization groups, causal alignment and LS
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -38,8 +39,9 @@ def check_packed(q, k, v) -> None:
 
 def sequence_lengths(cu_seqlens, name: str, tokens: int, device: torch.device) -> list[int]:
     """The sequence lengths ``cu_seqlens`` marks: an int32/int64 tensor ``[N + 1]`` on the CPU or
-    ``device``, from 0, non-decreasing, ending at ``tokens``. Its values are read on the host (on a
-    GPU, one copy that waits for the work queued before it)."""
+    ``device``, from 0, non-decreasing, ending within the ``tokens`` packed (flash-attn's callers
+    may pack into a longer buffer). Its values are read on the host (on a GPU, one copy that waits
+    for the work queued before it)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype not in CU_SEQLENS_DTYPES:
@@ -51,8 +53,8 @@ def sequence_lengths(cu_seqlens, name: str, tokens: int, device: torch.device) -
         raise ValueError(f"{name} must be on the CPU or on q's device {device}, got {cu_seqlens.device}")
     offsets = cu_seqlens.tolist()
     lengths = [end - start for start, end in zip(offsets, offsets[1:])]
-    if offsets[0] != 0 or min(lengths) < 0 or offsets[-1] != tokens:
-        raise ValueError(f"{name} must rise from 0 to the {tokens} packed tokens without falling, "
+    if offsets[0] != 0 or min(lengths) < 0 or offsets[-1] > tokens:
+        raise ValueError(f"{name} must rise from 0 without falling and end within the {tokens} packed tokens, "
                          f"got {_abridged(offsets)}")
     return lengths
 
@@ -72,6 +74,7 @@ def _check_max_seqlen(value, name: str, longest: int) -> None:
         raise ValueError(f"{name}={value} is below the longest sequence, {longest} tokens")
 
 
+@torch.compiler.disable  # host reads of cu_seqlens and host-built tables: a graph break, run eagerly
 def sage_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
                      softmax_scale=None, is_causal=False, smooth_k=True, smooth_v=False, pv_accum="fp32+fp16",
                      granularity="per_thread", *, return_lse=False, backend="auto"):
@@ -80,13 +83,15 @@ def sage_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     q ``[Tq, Hq, D]``, k and v ``[Tk, Hk, D]`` (fp16 or bf16, any strides with a unit last one):
     sequence i's queries are ``q[cu_seqlens_q[i]:cu_seqlens_q[i + 1]]``, its keys and values the
     same rows of k and v by ``cu_seqlens_k`` (int32 or int64 ``[N + 1]``, on the CPU or q's device;
-    their values are read on the host). ``max_seqlen_q`` / ``max_seqlen_k`` (flash-attn's) may be
-    given: they must hold the longest sequence. The knobs, their ``GGML_SAGE_*`` overrides and
-    ``backend`` are the op's. Returns ``out [Tq, Hq, D]`` (contiguous), and with ``return_lse`` also
-    the float32 LSE ``[Hq, Tq]`` (flash-attn's varlen layout). Sequence i's rows are exactly what the
-    op gives ``q``, ``k`` and ``v``'s rows of it alone (``tensor_layout="NHD"``, a batch of one):
-    causal alignment bottom-right per sequence, a sequence without keys gives zeros (LSE -inf).
-    No backward, no ``attn_mask``, and the debug toggles do not apply (said once on the logger).
+    their values are read on the host; rows past their last offset are not read). ``max_seqlen_q``
+    / ``max_seqlen_k`` (flash-attn's) may be given: they must hold the longest sequence. The knobs,
+    their ``GGML_SAGE_*`` overrides and ``backend`` are the op's. Returns ``out [Tq, Hq, D]``
+    (contiguous), and with ``return_lse`` also the float32 LSE ``[Hq, Tq]`` (flash-attn's varlen
+    layout). Sequence i's rows are exactly what the op gives ``q``, ``k`` and ``v``'s rows of it
+    alone (``tensor_layout="NHD"``, a batch of one): causal alignment bottom-right per sequence; a
+    sequence without keys, and rows past ``cu_seqlens_q``'s last offset, give zeros (LSE -inf).
+    No backward, no ``attn_mask``, no CUDA graph capture (its tables are built on the host per
+    call); under ``torch.compile`` it runs eagerly; the debug toggles do not apply (said once).
     """
     check_packed(q, k, v)
     q_lens = sequence_lengths(cu_seqlens_q, "cu_seqlens_q", q.shape[0], q.device)
@@ -101,12 +106,29 @@ def sage_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     return_lse = check_bool(return_lse, "return_lse")
     check_backend(backend)
     module = select_backend(backend, q.device)
+    if q.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("sage_attn_varlen cannot be captured in a CUDA graph: it reads cu_seqlens and builds "
+                           "its tables on the host at every call (capture sage_attn_sm89_fp16 per sequence instead)")
     toggles = debug.active()
     if toggles:
         warn_once(("varlen-debug",), "sage_attn_varlen runs without the debug toggles (%s set): to dump or trace "
                   "a sequence, call sageflash.sage_attn_sm89_fp16 on it", ", ".join(toggles))
-    result = module.attention_varlen(q, k, v, q_lens, k_lens, params, return_lse=return_lse)
-    return without_backward("sageflash.sage_attn_varlen", result, q, k, v)
+    out = q.new_empty(q.shape)
+    lse = q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32) if return_lse else None
+    rows, keys = sum(q_lens), sum(k_lens)  # the rows past them are not the batch's
+    out[rows:] = 0
+    if return_lse:
+        lse[:, rows:] = -math.inf
+    if rows and keys:
+        result = module.attention_varlen(q[:rows], k[:keys], v[:keys], q_lens, k_lens, params,
+                                         return_lse=return_lse, out=out[:rows])
+        if return_lse:
+            lse[:, :rows] = result[1]
+    else:  # no query, or no key in any sequence
+        out[:rows] = 0
+        if return_lse:
+            lse[:, :rows] = -math.inf
+    return without_backward("sageflash.sage_attn_varlen", (out, lse) if return_lse else out, q, k, v)
 
 
 __all__ = ["check_packed", "sage_attn_varlen", "sequence_lengths"]

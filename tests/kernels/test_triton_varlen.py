@@ -172,3 +172,15 @@ def test_a_sequence_without_keys_keeps_lse_minus_inf(bad):
         out, lse = sageflash.sage_attn_varlen(*(x.to(device) for x in (q, k, v)), cu_seqlens(q_lens),
                                               cu_seqlens(k_lens), return_lse=True, backend=backend)
         assert (out[:3] == 0).all() and torch.isneginf(lse[:, :3]).all() and torch.isfinite(lse[:, 3:]).all(), backend
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture_is_refused():
+    """Its tables are built on the host per call: a captured replay would read stale ones."""
+    q, k, v = packed_qkv([64], [64], seed=14, device="cuda")
+    cu = cu_seqlens([64])
+    sageflash.sage_attn_varlen(q, k, v, cu, cu)  # compiled before the capture
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        with torch.cuda.graph(graph):
+            sageflash.sage_attn_varlen(q, k, v, cu, cu)

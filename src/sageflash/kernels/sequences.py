@@ -3,9 +3,9 @@
 Every kernel puts the batch on its grid's z axis and finds an entry's tokens at ``batch ·
 stride_b``. In a packed batch the entries' tokens follow one another along the token axis: a
 kernel compiled with VARLEN reads the entry's first token and its length from a sequence table,
-one int32 row per entry (`TABLE_FIELDS`), and its programs past the entry's length do nothing.
-Without VARLEN, `entry` compiles to the plain ``batch · stride_b`` (the same code as before the
-table existed).
+one int32 row per entry (`TABLE_FIELDS`), and its program's entry and tile from the grid's tile
+map (`program`). Without VARLEN, `entry` and `program` compile to the plain ``batch · stride_b``
+and program ids (the same code as before the table existed).
 
 The payloads, scales and statistics of a packed batch are packed too, never sized by its longest
 entry (10,000 short sequences beside one long one would otherwise take gigabytes): per head, the
