@@ -148,6 +148,7 @@ CU = cu_seqlens([3, 5])
     (dict(cu_seqlens_k=torch.tensor([0, 3, 4, 8])), ValueError, "must mark as many sequences, got 2 and 3"),
     (dict(max_seqlen_q=4), ValueError, "max_seqlen_q=4 is below the longest sequence, 5 tokens"),
     (dict(max_seqlen_k=5.0), TypeError, "max_seqlen_k must be an int or None"),
+    (dict(max_seqlen_q=True), TypeError, "max_seqlen_q must be an int or None, got bool"),
     (dict(is_causal="yes"), TypeError, "is_causal must be a bool"),
     (dict(return_lse=2), TypeError, "return_lse must be a bool"),
     (dict(pv_accum="fp16"), ValueError, "pv_accum"),
@@ -202,6 +203,17 @@ def test_torch_compile_runs_it_eagerly():
     assert graphs and sum(len(g.graph.nodes) for g in graphs) < 20
 
 
+def test_max_seqlen_is_checked_against_its_own_side():
+    q_lens, k_lens = [3, 5], [3, 9]
+    q, k, v = packed_qkv(q_lens, k_lens, seed=10)
+    cu_q, cu_k = cu_seqlens(q_lens), cu_seqlens(k_lens)
+    want = sageflash.sage_attn_varlen(q, k, v, cu_q, cu_k, backend="reference")
+    assert torch.equal(sageflash.sage_attn_varlen(q, k, v, cu_q, cu_k, 5, 9, backend="reference"), want)
+    assert torch.equal(sageflash.sageattn_varlen(q, k, v, cu_q, cu_k, 5, 9, backend="reference"), want)
+    with pytest.raises(ValueError, match="max_seqlen_k=5 is below the longest sequence, 9 tokens"):
+        sageflash.sageattn_varlen(q, k, v, cu_q, cu_k, 9, 5, backend="reference")
+
+
 def test_sageattn_varlen_takes_flash_attn_spellings(caplog):
     q_lens = k_lens = [6, 2]
     q, k, v = packed_qkv(q_lens, k_lens, seed=6)
@@ -212,6 +224,19 @@ def test_sageattn_varlen_takes_flash_attn_spellings(caplog):
                                                        backend="reference"))
     said = [r.getMessage() for r in caplog.records if "sageattn_varlen(): taking flash-attn's" in r.getMessage()]
     assert len(said) <= 2 and not any("tensor_layout" in message for message in said)
+
+
+def test_each_function_says_its_own_spelling_warning(monkeypatch, caplog):
+    """sageattn's warning (which names a tensor_layout) does not silence sageattn_varlen's."""
+    from sageflash import params
+    monkeypatch.setattr(params, "_said_once", set())
+    q, k, v = packed_qkv([4], [4], seed=11)
+    cu = cu_seqlens([4])
+    with caplog.at_level(logging.WARNING, logger="sageflash"):
+        sageflash.sageattn(q[None], k[None], v[None], tensor_layout="NHD", causal=True, backend="reference")
+        sageflash.sageattn_varlen(q, k, v, cu, cu, 4, 4, causal=True, backend="reference")
+    said = [r.getMessage() for r in caplog.records if "taking flash-attn's 'causal'" in r.getMessage()]
+    assert [m.split("(")[0] for m in said] == ["sageattn", "sageattn_varlen"], said
 
 
 def test_sageattn_varlen_refuses_what_packed_tensors_lack():

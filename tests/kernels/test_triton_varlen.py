@@ -66,7 +66,7 @@ def test_grids_are_the_sequences_tiles_only(monkeypatch):
     axis holds the sequences: more of them than CUDA's 65535 (the limit lowered to 2 here) run as
     well."""
     launch_config = sys.modules["sageflash.kernels.attention"].launch_config
-    case = ([4, 9, 300, 5, 7], [0, 0, 70, 2, 200], 2, 1, 64, torch.float16, dict(is_causal=True))
+    case = ([4, 9, 300, 5, 128], [0, 0, 70, 2, 200], 2, 1, 64, torch.float16, dict(is_causal=True))
     _, want_out, want_lse = run_case(case)
     grids = {}
     launch_as_before = launch.Launcher.__call__
@@ -79,8 +79,8 @@ def test_grids_are_the_sequences_tiles_only(monkeypatch):
     assert grids == {  # (tiles, heads, 1); the reduction: one program per (sequence, KV head)
         "_stats_kernel": (1 + 1 + 2, 2, 1), "_reduce_kernel": (5, 1, 1),
         "_quantize_kernel": (2 + 2 + 6 + 2 + 4, 2 + 1 + 1, 1),
-        "_attention_kernel": (sum(-(-n // block_m) for n in (4, 9, 300, 5, 7)), 2, 1),
-        "_add_smooth_k_kernel": (1 + 1 + 10 + 1 + 1, 2, 1)}
+        "_attention_kernel": (sum(-(-n // block_m) for n in (4, 9, 300, 5, 128)), 2, 1),
+        "_add_smooth_k_kernel": (1 + 1 + 10 + 1 + 4, 2, 1)}
     assert (out[:13] == 0).all() and torch.isneginf(lse[:, :13]).all()  # the sequences without keys
 
 
@@ -184,3 +184,66 @@ def test_gpu_cuda_graph_capture_is_refused():
     with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
         with torch.cuda.graph(graph):
             sageflash.sage_attn_varlen(q, k, v, cu, cu)
+
+
+@pytest.fixture
+def poisoned_cpu_empty(monkeypatch):
+    """torch.empty filled with 0xFF bytes (NaN in every float type, fp8's too) on the CPU, as
+    `poisoned_cuda_allocator` does on a GPU: what a kernel leaves unwritten shows."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        tensor = empty(*args, **kwargs)
+        if tensor.device.type == "cpu":
+            tensor.view(torch.uint8).fill_(0xFF)  # a new tensor: contiguous, its bytes a view
+        return tensor
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_hoppers_launch_on_a_poisoned_packed_batch(monkeypatch, poisoned_cpu_empty):
+    """Hopper's launch (TMA, 128-key steps; forced here) over several KV heads, with every new
+    buffer poisoned: each sequence is still the op's alone, so every padding column the TMA loads
+    read (V's, to whole 128-key steps) was written, and each head's K rows are found."""
+    attention = sys.modules["sageflash.kernels.attention"]
+    hopper = attention.LaunchConfig(64, 128, 4, 3, tma=True)
+    monkeypatch.setattr(attention, "launch_config", lambda *args, **kwargs: hopper)
+    q_lens, k_lens = [16, 40, 5], [50, 130, 64]
+    q, k, v = packed_qkv(q_lens, k_lens, 4, 2, 64, seed=15, device=DEVICE)
+    out, lse = sageflash.sage_attn_varlen(q, k, v, cu_seqlens(q_lens), cu_seqlens(k_lens), return_lse=True,
+                                          backend="triton")
+    want_out, want_lse = per_sequence(q, k, v, q_lens, k_lens, backend="triton")
+    assert torch.isfinite(out).all() and torch.equal(out, want_out) and torch.equal(lse.cpu(), want_lse)
+
+
+def test_smooth_v_windows_of_each_sequence():
+    """smooth_v's V statistics per sequence: channels of one sign, lengths not multiples of 16, so
+    that the zero tokens of each sequence's ceil_16 window move its max or min."""
+    q_lens, k_lens = [20, 9], [70, 5]
+    q, k, v = packed_qkv(q_lens, k_lens, 2, 1, 64, seed=16, device=DEVICE)
+    v += torch.tensor([1.5, -1.5], device=v.device, dtype=v.dtype).repeat(32)  # channels of one sign each
+    knobs = dict(smooth_v=True, pv_accum="fp32")
+    out = sageflash.sage_attn_varlen(q, k, v, cu_seqlens(q_lens), cu_seqlens(k_lens), backend="triton", **knobs)
+    assert torch.equal(out, per_sequence(q, k, v, q_lens, k_lens, backend="triton", **knobs)[0])
+
+
+def test_heads_past_a_packed_launch_are_refused(monkeypatch):
+    q, k, v = packed_qkv([4], [4], 4, 2, 64, seed=17, device=DEVICE)
+    cu = cu_seqlens([4])
+    monkeypatch.setattr(launch, "MAX_GRID_HEADS", 8)  # q heads + 2 * kv heads = 8: holds
+    sageflash.sage_attn_varlen(q, k, v, cu, cu, backend="triton")
+    monkeypatch.setattr(launch, "MAX_GRID_HEADS", 7)
+    with pytest.raises(ValueError, match=r"4 query and 2 KV heads are more than a packed batch's launch holds"):
+        sageflash.sage_attn_varlen(q, k, v, cu, cu, backend="triton")
+
+
+def test_payload_attention_of_a_packed_batch_takes_no_mask():
+    from sageflash.kernels.sequences import PackedBatch
+    from sageflash.params import resolve_params
+    attention = sys.modules["sageflash.kernels.attention"]
+    payload = torch.zeros(1, 1, 4, 64, dtype=torch.int8, device=DEVICE)
+    with pytest.raises(ValueError, match="attn_mask: a packed batch takes none"):
+        attention.attention_from_payloads(
+            payload, None, payload, None, None, None, None, params=resolve_params(head_dim=64), seq_q=4, seq_k=4,
+            head_dim=64, out_dtype=torch.float16, attn_mask=torch.ones(4, 4, dtype=torch.bool, device=DEVICE),
+            packed=PackedBatch.build([4], [4], payload.device))
