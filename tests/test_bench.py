@@ -564,6 +564,11 @@ def test_varlen_benchmark_script_writes_csv(no_cuda, tmp_path, capsys):
         assert float(row["vs_baseline"]) == pytest.approx(float(rows["sdpa-loop"]["ms"]) / float(row["ms"]))
         assert float(row["tops"]) == pytest.approx(4 * 2 * (25 + 4900 + 1) * 32 / 2 / float(row["ms"]) / 1e9)
     assert "sageflash-varlen" in capsys.readouterr().out
+    q, k, v = (torch.randn(76, h, 32, dtype=torch.float16) for h in (2, 1, 1))  # the providers compute one thing
+    outputs = [script.build(name, q, k, v, [5, 70, 1], True, "reference")() for name in script.PROVIDERS
+               if name != "torch-varlen"]
+    assert all(torch.equal(o, outputs[0]) for o in outputs[1:3])  # sageflash's three: bit for bit
+    assert (outputs[3] - outputs[0]).abs().max() < 0.2  # SDPA: 8-bit attention's error (not causal: ~1)
     for bad in (["--batches", "nope"], ["--kv-heads", "0"], ["--heads", "4", "--kv-heads", "3"]):
         with pytest.raises(SystemExit):
             script.main(["--allow-cpu", *bad])
