@@ -143,7 +143,7 @@ CU = cu_seqlens([3, 5])
     (dict(cu_seqlens_k=CU[None]), ValueError, r"cu_seqlens_k must be a 1-D tensor \[N \+ 1\]"),
     (dict(cu_seqlens_k=CU[:1]), ValueError, r"cu_seqlens_k must be a 1-D tensor \[N \+ 1\]"),
     (dict(cu_seqlens_q=torch.tensor([1, 3, 8])), ValueError, "cu_seqlens_q must rise from 0 without falling and end"),
-    (dict(cu_seqlens_q=torch.tensor([0, 6, 5, 8])), ValueError, "cu_seqlens_q must rise from 0 without falling"),
+    (dict(cu_seqlens_q=torch.tensor([0, 6, 5])), ValueError, "cu_seqlens_q must rise from 0 without falling"),
     (dict(cu_seqlens_k=torch.tensor([0, 3, 9])), ValueError, "cu_seqlens_k .* end within the 8 packed tokens"),
     (dict(cu_seqlens_k=torch.tensor([0, 3, 4, 8])), ValueError, "must mark as many sequences, got 2 and 3"),
     (dict(max_seqlen_q=4), ValueError, "max_seqlen_q=4 is below the longest sequence, 5 tokens"),
@@ -180,9 +180,9 @@ def test_rows_past_the_last_offset_and_batches_without_keys():
     assert (out == 0).all() and torch.isneginf(lse).all()
 
 
-def test_torch_compile_runs_it_eagerly():
-    """Under torch.compile the call breaks the graph and runs as it does eagerly (its cu_seqlens,
-    graph inputs here, are read on the host)."""
+def test_torch_compile_traces_it_as_one_op():
+    """``torch.compile(fullgraph=True)`` traces a call as one node, the registered op, which reads
+    its cu_seqlens (graph inputs here) when the graph runs; a backward through it raises, naming it."""
     q_lens, k_lens = [20, 30], [40, 30]
     q, k, v = packed_qkv(q_lens, k_lens, seed=8)
 
@@ -196,11 +196,16 @@ def test_torch_compile_runs_it_eagerly():
         return graph_module.forward
 
     want = model(q, k, v, cu_seqlens(q_lens), cu_seqlens(k_lens))
-    got = torch.compile(model, backend=backend)(q, k, v, cu_seqlens(q_lens), cu_seqlens(k_lens))
-    assert torch.equal(got, want)
-    # the caller's q * 2 and + 1 only (traced into, the reference made a graph of ~400 nodes that
-    # inductor could not compile)
-    assert graphs and sum(len(g.graph.nodes) for g in graphs) < 20
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    assert torch.equal(compiled(q, k, v, cu_seqlens(q_lens), cu_seqlens(k_lens)), want)
+    assert len(graphs) == 1
+    assert [str(n.target) for n in graphs[0].graph.nodes if "sageflash" in str(n.target)] == [
+        "sageflash.sage_attn_varlen"]
+    other_lengths = compiled(q, k, v, cu_seqlens([25, 25]), cu_seqlens(k_lens))  # values read at run time
+    assert torch.equal(other_lengths, model(q, k, v, cu_seqlens([25, 25]), cu_seqlens(k_lens)))
+    out = compiled(q.requires_grad_(), k, v, cu_seqlens(q_lens), cu_seqlens(k_lens))
+    with pytest.raises(NotImplementedError, match="sageflash.sage_attn_varlen has no backward"):
+        out.float().sum().backward()
 
 
 def test_max_seqlen_is_checked_against_its_own_side():

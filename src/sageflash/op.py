@@ -232,15 +232,15 @@ def _sage_attn_sm89_fake(q, k, v, softmax_scale, is_causal, smooth_k, smooth_v, 
 # No backward (the quantized forward is for inference), but a formula all the same: without one,
 # torch.compile refuses even the forward of a call whose inputs require grad (a model compiled
 # outside no_grad). The backward is an opaque op, so only running it raises, with a clear error.
-@torch.library.custom_op("sageflash::sage_attn_sm89_backward", mutates_args=())
-def _no_backward(grad_out: torch.Tensor, q_shape: list[int], kv_shape: list[int]) -> tuple[
+@torch.library.custom_op("sageflash::no_backward", mutates_args=())
+def _no_backward(grad_out: torch.Tensor, q_shape: list[int], kv_shape: list[int], name: str) -> tuple[
         torch.Tensor, torch.Tensor, torch.Tensor]:
-    raise NotImplementedError("sageflash.sage_attn_sm89 has no backward: the 8-bit forward is for inference. "
+    raise NotImplementedError(f"{name} has no backward: the 8-bit forward is for inference. "
                               "Call it under torch.no_grad() or torch.inference_mode(), or on detached inputs")
 
 
 @_no_backward.register_fake
-def _no_backward_fake(grad_out, q_shape, kv_shape):
+def _no_backward_fake(grad_out, q_shape, kv_shape, name):
     return grad_out.new_empty(q_shape), grad_out.new_empty(kv_shape), grad_out.new_empty(kv_shape)
 
 
@@ -248,12 +248,16 @@ def _save_shapes(ctx, inputs, output):
     ctx.q_shape, ctx.kv_shape = list(inputs[0].shape), list(inputs[1].shape)
 
 
-def _backward(ctx, grad_out, grad_lse):
-    return (*torch.ops.sageflash.sage_attn_sm89_backward(grad_out, ctx.q_shape, ctx.kv_shape),
-            *[None] * 10)
+def register_no_backward(op, name: str, other_inputs: int) -> None:
+    """Give the registered ``op`` (inputs q, k, v and ``other_inputs`` more; outputs out and lse) a
+    backward that raises naming ``name`` when it runs."""
+    def backward(ctx, grad_out, grad_lse):
+        grads = torch.ops.sageflash.no_backward(grad_out, ctx.q_shape, ctx.kv_shape, name)
+        return (*grads, *[None] * other_inputs)
+    op.register_autograd(backward, setup_context=_save_shapes)
 
 
-_sage_attn_sm89.register_autograd(_backward, setup_context=_save_shapes)
+register_no_backward(_sage_attn_sm89, "sageflash.sage_attn_sm89", 10)
 
 
 def sage_attn_sm89_fp16(q, k, v, softmax_scale=None, is_causal=False, smooth_k=True, smooth_v=False,
