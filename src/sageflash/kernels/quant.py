@@ -307,7 +307,8 @@ def _stats_kernel(K, V, STATS, SEQS, TILES, stat_stride, seq, head_dim, kv_heads
     cols = tl.arange(0, D)
     in_seq = rows < seq
     in_head = cols < head_dim
-    out = (head_offset(batch, head, kv_heads, n_chunks, _first_chunk(SEQS, batch, VARLEN), VARLEN) + chunk) * D + cols
+    first_chunk = head_offset(batch, head, kv_heads, n_chunks, _first_chunk(SEQS, batch, VARLEN), VARLEN)
+    out = (first_chunk + chunk) * D + cols
     plane = stat_stride.to(tl.int64)
     # As a dependent launch (a chained chunk's) the stores wait: STATS may reuse memory the attention
     # kernel before still reads.
