@@ -91,7 +91,7 @@ def test_reference_is_close_to_exact_attention():
 def test_strided_views_and_sageattn_varlen():
     """q, k and v as views of one packed qkv tensor (what a fused projection gives), through
     SageAttention's name and its knob names."""
-    q_lens = k_lens = [20, 45]
+    q_lens = [20, 45]  # k and v: the same rows
     qkv = torch.randn(sum(q_lens), 3, 4, 64, dtype=torch.bfloat16)
     q, k, v = qkv.unbind(1)
     assert not q.is_contiguous()
