@@ -137,19 +137,16 @@ def _attend_resolved(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                   "a sequence, call sageflash.sage_attn_sm89_fp16 on it", ", ".join(toggles))
     out = q.new_empty(q.shape)
     lse = q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32) if return_lse else None
-    rows, keys = sum(q_lens), sum(k_lens)  # the rows past them are not the batch's
+    keys = sum(k_lens)
+    rows = sum(q_lens) if keys else 0  # attended; the rest (past the batch, or no key anywhere) is zeros
     out[rows:] = 0
     if return_lse:
         lse[:, rows:] = -math.inf
-    if rows and keys:
+    if rows:
         result = module.attention_varlen(q[:rows], k[:keys], v[:keys], q_lens, k_lens, params,
                                          return_lse=return_lse, out=out[:rows])
         if return_lse:
             lse[:, :rows] = result[1]
-    else:  # no query, or no key in any sequence
-        out[:rows] = 0
-        if return_lse:
-            lse[:, :rows] = -math.inf
     return out, lse
 
 

@@ -425,14 +425,14 @@ def _tma_addressable(*payloads) -> bool:
 def _tile_map(packed: PackedBatch, block_m: int, is_causal: bool) -> torch.Tensor:
     """The attention grid of a packed batch: every entry's tiles of ``block_m`` query rows, the ones
     that see the most keys first (the tail of a grid is its longest programs)."""
-    counts = -(-packed.q_lens // block_m)
-    entry = np.repeat(np.arange(len(counts)), counts)
-    last_row = np.minimum((np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + 1) * block_m,
-                          packed.q_lens[entry]) - 1
-    keys = packed.k_lens[entry]
-    if is_causal:  # bottom-right: row t sees keys j <= t + Sk - Sq
-        keys = np.clip(last_row + 1 + keys - packed.q_lens[entry], 0, keys)
-    return packed.tile_map(counts, work=keys)
+    def keys_seen(entry, tile):
+        keys = packed.k_lens[entry]
+        if not is_causal:
+            return keys
+        rows = np.minimum((tile + 1) * block_m, packed.q_lens[entry])  # the tile's last row + 1
+        return np.clip(rows + keys - packed.q_lens[entry], 0, keys)  # bottom-right: row t sees j <= t + Sk - Sq
+
+    return packed.tile_map(-(-packed.q_lens // block_m), work=keys_seen)
 
 
 def v_in_kernel_order(v_fp8: torch.Tensor) -> torch.Tensor:

@@ -106,16 +106,18 @@ class PackedBatch(NamedTuple):
         table = np.stack([_starts(q_lens), q_lens, _starts(k_lens), k_lens, k_padded[:-1], q_padded[:-1]], axis=1)
         return cls(_to_device(table, device), q_lens, k_lens, int(q_padded[-1]), int(k_padded[-1]))
 
-    def tile_map(self, counts: np.ndarray, work: np.ndarray | None = None) -> torch.Tensor:
+    def tile_map(self, counts: np.ndarray, work=None) -> torch.Tensor:
         """A grid's programs as ``(entry, tile)`` int32 pairs ``[P, 2]`` on the table's device (`program`):
         ``counts[i]`` tiles of entry i, so that no program of the grid idles (a grid of entries ×
         the longest entry's tiles would be mostly idle programs beside one long entry); with
-        ``work`` (one value per pair, entry-major), the heaviest first, for a shorter tail."""
+        ``work(entry, tile)`` (the pairs' columns, entry-major, to one value per pair), the heaviest
+        first, for a shorter tail."""
         counts = np.asarray(counts, dtype=np.int64)
-        pairs = np.stack([np.repeat(np.arange(len(counts)), counts),
-                          np.arange(counts.sum()) - np.repeat(_starts(counts), counts)], axis=1)
+        entry = np.repeat(np.arange(len(counts)), counts)
+        tile = np.arange(counts.sum()) - np.repeat(_starts(counts), counts)
+        pairs = np.stack([entry, tile], axis=1)
         if work is not None:
-            pairs = pairs[np.argsort(-work, kind="stable")]
+            pairs = pairs[np.argsort(-work(entry, tile), kind="stable")]
         return _to_device(pairs, self.table.device)
 
 

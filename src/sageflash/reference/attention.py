@@ -150,6 +150,7 @@ def attention_varlen(q, k, v, q_lens: list[int], k_lens: list[int], params: Sage
     if out is None:
         out = q.new_empty(q.shape)
     lse = torch.full((q.shape[1], q.shape[0]), -math.inf, device=q.device) if return_lse else None
+    one = lambda x: x.transpose(0, 1).unsqueeze(0)  # noqa: E731  [T, H, D] -> [1, H, T, D]
     q_start = k_start = 0
     for q_len, k_len in zip(q_lens, k_lens, strict=True):
         rows, keys = slice(q_start, q_start + q_len), slice(k_start, k_start + k_len)
@@ -159,7 +160,6 @@ def attention_varlen(q, k, v, q_lens: list[int], k_lens: list[int], params: Sage
         if k_len == 0:
             out[rows] = 0
             continue
-        one = lambda x: x.transpose(0, 1).unsqueeze(0)  # noqa: E731  [T, H, D] -> [1, H, T, D]
         result = attention(one(q[rows]), one(k[keys]), one(v[keys]), params, return_lse, out=one(out[rows]))
         if return_lse:
             lse[:, rows] = result[1][0]
