@@ -6,6 +6,8 @@ it), where shapes stay small. Tests marked ``gpu`` need a CUDA device of capabil
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import triton
@@ -338,6 +340,10 @@ ATTENTION_SHAPES = [  # batch, q heads, kv heads, seq_q, seq_k, head dim, causal
     (2, 4, 2, 77, 131, 40, False),
     (1, 3, 3, 130, 70, 96, True),   # Sq > Sk, causal: bottom-right, first rows see nothing
     (1, 2, 1, 50, 190, 128, True),  # Sq < Sk, causal: bottom-right
+    # Lengths of 1, which Triton compiles as constants (an int argument equal to 1 is specialised):
+    (2, 4, 1, 1, 300, 128, True),   # decoding: one query, GQA
+    (1, 4, 1, 64, 1, 128, False),   # one key
+    (1, 2, 2, 1, 1, 64, True),      # one query, one key
 ]
 
 
@@ -353,6 +359,24 @@ def test_attention_matches_reference(pv_accum, shape):
     assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
     assert torch.isfinite(out).all()
     assert nmse(out, ref) <= 1e-5
+
+
+def test_one_key_takes_the_build_with_seq_k_at_run_time(monkeypatch):
+    """A single key launches the attention kernel built without Triton's constant for seq_k == 1
+    (`attention._launch_attention_one_key`: the constant build gave NaN rows on an H200); any other
+    length the one the launch table was measured with."""
+    attention = sys.modules["sageflash.kernels.attention"]
+    launched = []
+    for name in ("_launch_attention", "_launch_attention_one_key"):
+        launcher = getattr(attention, name)
+        monkeypatch.setattr(attention, name, lambda *args, _launcher=launcher, _name=name, **meta: (
+            launched.append(_name), _launcher(*args, **meta)))
+    for seq_k in (1, 2):
+        q, k, v = random_qkv(seq_k, 1, 2, 1, 17, seq_k, 64, torch.float16)
+        out = sageflash.sage_attn_sm89_fp16(q, k, v, backend="triton")
+        ref = sageflash.sage_attn_sm89_fp16(q.cpu(), k.cpu(), v.cpu(), backend="reference")
+        assert nmse(out, ref) <= 1e-5
+    assert launched == ["_launch_attention_one_key", "_launch_attention"]
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's, under the interpreter: the NaNs are the point

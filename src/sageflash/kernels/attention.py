@@ -289,6 +289,13 @@ def _attention_kernel(Q8, QS, K8, KS, V8, VS, VM, Out, LSE, Mask, SEQS, TILES,
 
 
 _launch_attention = Launcher(_attention_kernel)
+# Triton compiles an int argument equal to 1 as a constant. With seq_k == 1 the masked key step of
+# `_attention_kernel` then folds into constant tiles, and the kernel built that way put NaN in random
+# rows, a different set at each call, on Hopper's and Ada's code paths (an H200, Triton 3.6;
+# compute-sanitizer's initcheck found no read of uninitialised global memory: benchmarks/NOTES.md
+# v29). A single key takes a build that keeps seq_k a runtime value; every other length keeps the
+# kernel the launch table was measured with.
+_launch_attention_one_key = Launcher(triton.jit(_attention_kernel.fn, do_not_specialize=["seq_k"]))
 
 
 class LaunchConfig(NamedTuple):
@@ -495,7 +502,8 @@ def attention_from_payloads(q_int8, q_scale, k_int8, k_scale, v_fp8, v_scale, v_
         table, tiles = packed.table, _tile_map(packed, config.block_m, params.is_causal)
         grid = (tiles.shape[0], q_heads, 1)
     pdl = dependent_launch(q_int8.device)  # the kernel waits before its first load
-    _launch_attention(
+    launcher = _launch_attention_one_key if seq_k == 1 else _launch_attention
+    launcher(
         grid, q_int8, q_scale, k_src, k_scale, v_src, v_scale, v_mean if v_mean is not None else v_scale,
         out, lse, mask, table, tiles, seq_q, seq_k, groups.causal_offset(seq_q, seq_k),
         params.softmax_scale * groups.LOG2E, head_dim, q_heads // kv_heads, q_heads, kv_heads,
