@@ -354,11 +354,15 @@ def test_attention_matches_reference(pv_accum, shape):
     q, k, v = random_qkv(sum(shape), batch, hq, hk, sq, sk, d, torch.float16)
     knobs = dict(is_causal=causal, pv_accum=pv_accum, granularity="per_thread",
                  smooth_v=pv_accum == "fp32")
-    out = sageflash.sage_attn_sm89_fp16(q, k, v, backend="triton", **knobs)
-    ref = sageflash.sage_attn_sm89_fp16(q.cpu(), k.cpu(), v.cpu(), backend="reference", **knobs)
+    out, lse = sageflash.sage_attn_sm89_fp16(q, k, v, backend="triton", return_lse=True, **knobs)
+    ref, ref_lse = sageflash.sage_attn_sm89_fp16(q.cpu(), k.cpu(), v.cpu(), backend="reference", return_lse=True,
+                                                 **knobs)
     assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
     assert torch.isfinite(out).all()
     assert nmse(out, ref) <= 1e-5
+    visible = torch.isfinite(ref_lse)  # causal rows with no key have LSE -inf
+    assert torch.equal(torch.isfinite(lse.cpu()), visible)
+    torch.testing.assert_close(lse.cpu()[visible], ref_lse[visible], rtol=0, atol=1e-4)
 
 
 def test_one_key_takes_the_build_with_seq_k_at_run_time(monkeypatch):
