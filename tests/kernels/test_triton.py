@@ -347,34 +347,44 @@ ATTENTION_SHAPES = [  # batch, q heads, kv heads, seq_q, seq_k, head dim, causal
 ]
 
 
+@pytest.mark.parametrize("return_lse", [False, True])  # two builds of the kernel (WRITE_LSE)
 @pytest.mark.parametrize("pv_accum", MODES)
 @pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_attention_matches_reference(pv_accum, shape):
+def test_attention_matches_reference(pv_accum, shape, return_lse):
     batch, hq, hk, sq, sk, d, causal = shape
     q, k, v = random_qkv(sum(shape), batch, hq, hk, sq, sk, d, torch.float16)
     knobs = dict(is_causal=causal, pv_accum=pv_accum, granularity="per_thread",
-                 smooth_v=pv_accum == "fp32")
-    out, lse = sageflash.sage_attn_sm89_fp16(q, k, v, backend="triton", return_lse=True, **knobs)
-    ref, ref_lse = sageflash.sage_attn_sm89_fp16(q.cpu(), k.cpu(), v.cpu(), backend="reference", return_lse=True,
-                                                 **knobs)
+                 smooth_v=pv_accum == "fp32", return_lse=return_lse)
+    out = sageflash.sage_attn_sm89_fp16(q, k, v, backend="triton", **knobs)
+    ref = sageflash.sage_attn_sm89_fp16(q.cpu(), k.cpu(), v.cpu(), backend="reference", **knobs)
+    if return_lse:  # -inf where a causal row sees no key; a NaN anywhere fails
+        (out, lse), (ref, ref_lse) = out, ref
+        torch.testing.assert_close(lse.cpu(), ref_lse, rtol=0, atol=1e-4)
     assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
     assert torch.isfinite(out).all()
     assert nmse(out, ref) <= 1e-5
-    visible = torch.isfinite(ref_lse)  # causal rows with no key have LSE -inf
-    assert torch.equal(torch.isfinite(lse.cpu()), visible)
-    torch.testing.assert_close(lse.cpu()[visible], ref_lse[visible], rtol=0, atol=1e-4)
 
 
 def test_one_key_takes_the_build_with_seq_k_at_run_time(monkeypatch):
-    """A single key launches the attention kernel built without Triton's constant for seq_k == 1
-    (`attention._launch_attention_one_key`: the constant build gave NaN rows on an H200); any other
-    length the one the launch table was measured with."""
+    """A single key launches `attention._launch_attention_one_key`, the kernel built with seq_k a
+    runtime value (Triton's build with the constant 1 gave NaN rows on an H200); any other length
+    the build the launch table was measured with."""
     attention = sys.modules["sageflash.kernels.attention"]
+    if not kernels.INTERPRETED:  # the interpreter's kernels keep no specialisation settings
+        assert "seq_k" in attention._launch_attention_one_key.kernel.do_not_specialize
+    monkeypatch.setattr(kernels, "_REPLAYS", kernels.replay.Replays())  # no replay skips the launchers
     launched = []
-    for name in ("_launch_attention", "_launch_attention_one_key"):
+
+    def recording(name):
         launcher = getattr(attention, name)
-        monkeypatch.setattr(attention, name, lambda *args, _launcher=launcher, _name=name, **meta: (
-            launched.append(_name), _launcher(*args, **meta)))
+
+        def launch(*args, **meta):
+            launched.append(name)
+            launcher(*args, **meta)
+        return launch
+
+    for name in ("_launch_attention", "_launch_attention_one_key"):
+        monkeypatch.setattr(attention, name, recording(name))
     for seq_k in (1, 2):
         q, k, v = random_qkv(seq_k, 1, 2, 1, 17, seq_k, 64, torch.float16)
         out = sageflash.sage_attn_sm89_fp16(q, k, v, backend="triton")

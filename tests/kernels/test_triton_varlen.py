@@ -251,8 +251,8 @@ def test_payload_attention_of_a_packed_batch_takes_no_mask():
 
 @pytest.mark.gpu
 def test_gpu_the_op_with_one_key_is_finite():
-    """The op alone with a single key (Sk=1), fp16, D=128, no smooth_k: NaN rows on an H200 from
-    the attention kernel Triton built with seq_k == 1 a constant (`attention._launch_attention_one_key`)."""
+    """The op alone with a single key (Sk=1), fp16, D=128, no smooth_k: NaN rows on an H200 until a
+    single key took a build with seq_k a runtime value (`attention._launch_attention_one_key`)."""
     for _ in range(3):  # a different set of rows at each call
         torch.empty(1 << 30, dtype=torch.uint8, device="cuda").fill_(0xFF)
         q, k, v = packed_qkv([64], [1], 4, 1, 128, seed=18, device="cuda")

@@ -289,12 +289,9 @@ def _attention_kernel(Q8, QS, K8, KS, V8, VS, VM, Out, LSE, Mask, SEQS, TILES,
 
 
 _launch_attention = Launcher(_attention_kernel)
-# Triton compiles an int argument equal to 1 as a constant. With seq_k == 1 the masked key step of
-# `_attention_kernel` then folds into constant tiles, and the kernel built that way put NaN in random
-# rows, a different set at each call, on Hopper's and Ada's code paths (an H200, Triton 3.6;
-# compute-sanitizer's initcheck found no read of uninitialised global memory: benchmarks/NOTES.md
-# v29). A single key takes a build that keeps seq_k a runtime value; every other length keeps the
-# kernel the launch table was measured with.
+# Triton compiles an int argument equal to 1 as a constant: built so for seq_k == 1, the kernel gave
+# NaN rows at random on Hopper's and Ada's code paths (Triton 3.6, benchmarks/NOTES.md v29). A
+# single key takes this build, seq_k a runtime value; other lengths the one the table was measured with.
 _launch_attention_one_key = Launcher(triton.jit(_attention_kernel.fn, do_not_specialize=["seq_k"]))
 
 
