@@ -88,15 +88,11 @@ def _sort_keywords(function: str, official: dict, extra: dict, packed: bool = Fa
             spelled[name] = flash_name
             if args[name] != _DEFAULTS[name]:
                 raise TypeError(f"{function}() got both {name!r} and its flash-attn spelling {flash_name!r}")
-            if torch.compiler.is_compiling():  # Dynamo cannot trace logging: silent when compiled
-                pass
-            elif packed:
+            if not torch.compiler.is_compiling():  # Dynamo cannot trace logging: silent when compiled
+                layout = "" if packed else (f"; tensors are read as tensor_layout={args['tensor_layout']!r} "
+                                            "(flash-attn's [B, S, H, D] is 'NHD')")
                 warn_once(("compat-spelling", function, flash_name), "%s(): taking flash-attn's %r as "
-                          "SageAttention's %r", function, flash_name, name)
-            else:
-                warn_once(("compat-spelling", function, flash_name), "%s(): taking flash-attn's %r as "
-                          "SageAttention's %r; tensors are read as tensor_layout=%r (flash-attn's [B, S, H, D] is "
-                          "'NHD')", function, flash_name, name, args["tensor_layout"])
+                          "SageAttention's %r%s", function, flash_name, name, layout)
             args[name] = extra.pop(flash_name)
     attn_mask = None if packed else extra.pop("attn_mask", None)
     dropout_p = extra.pop("dropout_p", 0.0)
